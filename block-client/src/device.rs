@@ -1,0 +1,160 @@
+//! The `BlockDevice` trait and its error type.
+
+use std::fmt;
+use std::io;
+
+/// Flags for a write.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriteFlags {
+    /// Force unit access: the write is durable when it completes.
+    pub fua: bool,
+}
+
+impl WriteFlags {
+    /// A write with force-unit-access set.
+    pub const FUA: WriteFlags = WriteFlags { fua: true };
+}
+
+/// Why a block operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    /// The path to the LUN is gone: connection lost, refused or timed out. The device
+    /// itself may be fine; another path (redirected I/O) may still reach it.
+    #[error("path to the LUN lost during {op}")]
+    PathLost {
+        /// The operation that was in flight.
+        op: &'static str,
+        /// What broke.
+        #[source]
+        source: io::Error,
+    },
+    /// The device answered and reported an error for this request.
+    #[error("device error during {op} at byte {offset_bytes} ({len_bytes} bytes)")]
+    Device {
+        /// The operation.
+        op: &'static str,
+        /// Byte offset of the request.
+        offset_bytes: u64,
+        /// Length of the request.
+        len_bytes: u64,
+        /// The error the device reported (errno where known).
+        #[source]
+        source: io::Error,
+    },
+    /// The request reaches past the end of the device or is otherwise malformed.
+    #[error("{op} of {len_bytes} bytes at byte {offset_bytes} is outside the device of {size_bytes} bytes")]
+    OutOfRange {
+        /// The operation.
+        op: &'static str,
+        /// Byte offset of the request.
+        offset_bytes: u64,
+        /// Length of the request.
+        len_bytes: u64,
+        /// Size of the device.
+        size_bytes: u64,
+    },
+    /// The device does not support this operation.
+    #[error("{op} is not supported by this device")]
+    Unsupported {
+        /// The operation.
+        op: &'static str,
+    },
+    /// Opening or negotiating with the device failed.
+    #[error("open {target}")]
+    Open {
+        /// What was being opened (path or URI).
+        target: String,
+        /// Why it failed.
+        #[source]
+        source: io::Error,
+    },
+    /// The device was closed and refuses further work.
+    #[error("device is closed")]
+    Closed,
+}
+
+impl BlockError {
+    /// True when the failure is the loss of the path to the LUN rather than a device error.
+    pub fn is_path_lost(&self) -> bool {
+        matches!(self, BlockError::PathLost { .. } | BlockError::Closed)
+    }
+}
+
+/// One shared block device (the LUN). Implementations are usable at the same time from
+/// many threads; async callers use `tokio::task::spawn_blocking` or an implementation's
+/// own async methods. Offsets and lengths are in bytes.
+pub trait BlockDevice: Send + Sync + fmt::Debug {
+    /// Size of the device in bytes.
+    fn size_bytes(&self) -> u64;
+
+    /// Preferred I/O block size in bytes (a power of two, at least 512).
+    fn block_size_bytes(&self) -> u32 {
+        4096
+    }
+
+    /// Largest single request in bytes; larger requests are split by the implementation.
+    fn max_request_bytes(&self) -> u32 {
+        32 << 20
+    }
+
+    /// Reads `buf.len()` bytes starting at `offset_bytes`.
+    fn read_at(&self, buf: &mut [u8], offset_bytes: u64) -> Result<(), BlockError>;
+
+    /// Writes `buf` at `offset_bytes`. With `flags.fua` the data is durable on return.
+    fn write_at(&self, buf: &[u8], offset_bytes: u64, flags: WriteFlags) -> Result<(), BlockError>;
+
+    /// Makes every completed write durable.
+    fn flush(&self) -> Result<(), BlockError>;
+
+    /// Writes zeros over a range (may deallocate it).
+    fn write_zeroes(&self, offset_bytes: u64, len_bytes: u64) -> Result<(), BlockError>;
+
+    /// Discards a range; its contents become unspecified.
+    fn trim(&self, offset_bytes: u64, len_bytes: u64) -> Result<(), BlockError>;
+
+    /// Checks that a request lies inside the device.
+    fn check_range(
+        &self,
+        op: &'static str,
+        offset_bytes: u64,
+        len_bytes: u64,
+    ) -> Result<(), BlockError> {
+        let size_bytes = self.size_bytes();
+        match offset_bytes.checked_add(len_bytes) {
+            Some(end) if end <= size_bytes => Ok(()),
+            _ => Err(BlockError::OutOfRange {
+                op,
+                offset_bytes,
+                len_bytes,
+                size_bytes,
+            }),
+        }
+    }
+}
+
+impl<T: BlockDevice + ?Sized> BlockDevice for std::sync::Arc<T> {
+    fn size_bytes(&self) -> u64 {
+        (**self).size_bytes()
+    }
+    fn block_size_bytes(&self) -> u32 {
+        (**self).block_size_bytes()
+    }
+    fn max_request_bytes(&self) -> u32 {
+        (**self).max_request_bytes()
+    }
+    fn read_at(&self, buf: &mut [u8], offset_bytes: u64) -> Result<(), BlockError> {
+        (**self).read_at(buf, offset_bytes)
+    }
+    fn write_at(&self, buf: &[u8], offset_bytes: u64, flags: WriteFlags) -> Result<(), BlockError> {
+        (**self).write_at(buf, offset_bytes, flags)
+    }
+    fn flush(&self) -> Result<(), BlockError> {
+        (**self).flush()
+    }
+    fn write_zeroes(&self, offset_bytes: u64, len_bytes: u64) -> Result<(), BlockError> {
+        (**self).write_zeroes(offset_bytes, len_bytes)
+    }
+    fn trim(&self, offset_bytes: u64, len_bytes: u64) -> Result<(), BlockError> {
+        (**self).trim(offset_bytes, len_bytes)
+    }
+}

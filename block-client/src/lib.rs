@@ -1,0 +1,12 @@
+//! Block layer to the shared LUN. Owns the [`BlockDevice`] trait that every other crate
+//! uses to reach the volume, and its implementations: a pipelined NBD client (TCP and Unix
+//! sockets, many requests in flight, reconnect), a local file or kernel block-device
+//! backend, an NBD server that exports a file to many clients at once, and, behind the
+//! `testing` feature, fault-injecting devices. It does not know what is stored on the LUN.
+//! Errors tell "the path to the LUN is gone" ([`BlockError::PathLost`]) from "the device
+//! returned an error" ([`BlockError::Device`]); redirected I/O keys on that difference.
+//! Spec: ../shared/DESIGN.md (block-client); NBD: the NBD protocol document.
+
+mod device;
+
+pub use device::{BlockDevice, BlockError, WriteFlags};

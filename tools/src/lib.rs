@@ -1,0 +1,3 @@
+//! csvfs administration tools: `mkfs.csvfs`, `fsck.csvfs`, and `csvfs-bench`, which prints
+//! measured figures side by side with a baseline from the same run.
+#![forbid(unsafe_code)]
