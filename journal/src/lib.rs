@@ -3,3 +3,7 @@
 //! a crash or a coordinator failover. It does not interpret record payloads.
 //! Format: metadata-server/FORMAT.md (journal).
 #![forbid(unsafe_code)]
+
+mod ids;
+
+pub use ids::{Epoch, Lsn};

@@ -1,5 +1,23 @@
 //! csvfs metadata: the on-disk format (`format`, spec in FORMAT.md), the node-to-coordinator
-//! protocol (`proto`, spec in PROTOCOL.md), the journaled metadata store that applies
+//! protocol ([`proto`], spec in PROTOCOL.md), the journaled metadata store that applies
 //! namespace and allocation changes, the coordinator lease, and the TCP server hosted by
 //! the node that holds the lease, with its client stub. `format` and `proto` do no I/O.
 #![forbid(unsafe_code)]
+
+pub mod proto;
+pub mod types;
+
+use proto::{Caller, Request, Response};
+use types::{FsError, NodeId};
+
+/// The coordinator's metadata engine as the server sees it: executes one request on behalf
+/// of a caller, durably (journaled) before it returns. A request whose `(node, request)` was
+/// already executed returns the recorded answer without running again.
+pub trait MetadataStore: Send + Sync {
+    /// Executes `req` for `caller`.
+    fn execute(&self, caller: &Caller, req: &Request) -> Result<Response, FsError>;
+
+    /// A node is gone for good (crashed or cut off past its lease): drop its opens, so that
+    /// unlinked inodes it held open are freed.
+    fn node_gone(&self, node: NodeId) -> Result<(), FsError>;
+}
