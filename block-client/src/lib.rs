@@ -5,8 +5,15 @@
 //! `testing` feature, fault-injecting devices. It does not know what is stored on the LUN.
 //! Errors tell "the path to the LUN is gone" ([`BlockError::PathLost`]) from "the device
 //! returned an error" ([`BlockError::Device`]); redirected I/O keys on that difference.
-//! Spec: ../shared/DESIGN.md (block-client); NBD: the NBD protocol document.
+//! Unsafe code lives only in `sys` (aligned buffers, ioctls, fallocate, flock).
+//! Spec: ../shared/DESIGN.md (block-client); NBD: the NBD protocol document
+//! (`doc/proto.md` of the NBD project).
 
 mod device;
+mod file;
+mod sys;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 
 pub use device::{BlockDevice, BlockError, WriteFlags};
+pub use file::{FileDevice, FileOptions};

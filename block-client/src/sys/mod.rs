@@ -1,0 +1,138 @@
+//! The only unsafe code of the block layer: aligned buffers for `O_DIRECT`, the
+//! `BLKGETSIZE64` ioctl, `fallocate` and `flock`. Everything here is wrapped in safe types
+//! and functions; callers outside this module never see a raw pointer.
+
+use std::alloc::{self, Layout};
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+
+/// A heap buffer whose address and length are multiples of its alignment, for `O_DIRECT`.
+pub struct AlignedBuf {
+    ptr: std::ptr::NonNull<u8>,
+    layout: Layout,
+}
+
+// SAFETY: `AlignedBuf` owns its allocation exclusively (like `Vec<u8>`); no aliasing pointer
+// escapes except through `&self`/`&mut self` borrows.
+unsafe impl Send for AlignedBuf {}
+// SAFETY: shared access only hands out `&[u8]`, which is `Sync`.
+unsafe impl Sync for AlignedBuf {}
+
+impl AlignedBuf {
+    /// Allocates a zeroed buffer of `len` bytes aligned to `align` (a power of two). `len`
+    /// is rounded up to a multiple of `align`, and at least one `align` is allocated.
+    pub fn new_zeroed(len: usize, align: usize) -> io::Result<AlignedBuf> {
+        let rounded = len
+            .max(1)
+            .checked_next_multiple_of(align)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let layout = Layout::from_size_align(rounded, align)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        // SAFETY: `layout` has a non-zero size (rounded >= align >= 1) and a valid
+        // power-of-two alignment, checked by `Layout::from_size_align`.
+        let raw = unsafe { alloc::alloc_zeroed(layout) };
+        let ptr = std::ptr::NonNull::new(raw)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::OutOfMemory))?;
+        Ok(AlignedBuf { ptr, layout })
+    }
+
+    /// The whole buffer, mutably.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: `ptr` points to a live allocation of `layout.size()` initialized (zeroed)
+        // bytes owned by `self`; `&mut self` guarantees exclusive access for the borrow.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.layout.size()) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: `ptr` was returned by `alloc_zeroed` with exactly `layout` and is freed once.
+        unsafe { alloc::dealloc(self.ptr.as_ptr(), self.layout) }
+    }
+}
+
+impl std::fmt::Debug for AlignedBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AlignedBuf")
+            .field("len", &self.layout.size())
+            .field("align", &self.layout.align())
+            .finish()
+    }
+}
+
+/// `_IOR(0x12, 114, u64)` from <linux/fs.h>; not exported by the libc crate.
+const BLKGETSIZE64: libc::Ioctl = 0x8008_1272;
+
+/// Size in bytes of the kernel block device open as `file` (ioctl `BLKGETSIZE64`).
+pub fn block_device_size(file: &File) -> io::Result<u64> {
+    let mut size: u64 = 0;
+    // SAFETY: `file` keeps the descriptor open for the call; BLKGETSIZE64 writes exactly one
+    // u64 through the pointer, which points to the live local `size`.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64, &mut size as *mut u64) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(size)
+}
+
+/// Logical sector size of a kernel block device (ioctl `BLKSSZGET`).
+pub fn block_device_sector_size(file: &File) -> io::Result<u32> {
+    let mut size: libc::c_int = 0;
+    // SAFETY: `file` keeps the descriptor open; BLKSSZGET writes one c_int through the
+    // pointer to the live local `size`.
+    let rc = unsafe {
+        libc::ioctl(
+            file.as_raw_fd(),
+            libc::BLKSSZGET,
+            &mut size as *mut libc::c_int,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    u32::try_from(size).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+/// How `fallocate` should change a range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FallocMode {
+    /// Deallocate the range, keeping the file size (`PUNCH_HOLE | KEEP_SIZE`).
+    PunchHole,
+    /// Zero the range, keeping the file size (`ZERO_RANGE | KEEP_SIZE`).
+    ZeroRange,
+}
+
+/// Calls `fallocate(2)` on `file`.
+pub fn fallocate(
+    file: &File,
+    mode: FallocMode,
+    offset_bytes: u64,
+    len_bytes: u64,
+) -> io::Result<()> {
+    let flags = match mode {
+        FallocMode::PunchHole => libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+        FallocMode::ZeroRange => libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+    };
+    let off = libc::off_t::try_from(offset_bytes)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let len = libc::off_t::try_from(len_bytes)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: plain syscall on a descriptor kept open by `file`; no memory is passed.
+    let rc = unsafe { libc::fallocate(file.as_raw_fd(), flags, off, len) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Takes a non-blocking exclusive `flock` on `file`. Fails with `WouldBlock` when another
+/// open file description holds it.
+pub fn try_lock_exclusive(file: &File) -> io::Result<()> {
+    // SAFETY: plain syscall on a descriptor kept open by `file`; no memory is passed.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
