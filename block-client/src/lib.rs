@@ -11,9 +11,12 @@
 
 mod device;
 mod file;
+pub mod nbd;
 mod sys;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 
 pub use device::{BlockDevice, BlockError, WriteFlags};
 pub use file::{FileDevice, FileOptions};
+pub use nbd::client::open_device;
+pub use nbd::{NbdClient, NbdClientOptions};

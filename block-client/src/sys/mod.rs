@@ -136,3 +136,43 @@ pub fn try_lock_exclusive(file: &File) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// SIGINT and SIGTERM, blocked in the calling thread (and every thread it starts later) so
+/// that [`TerminationSignals::wait`] can receive them synchronously.
+#[derive(Debug)]
+pub struct TerminationSignals {
+    set: libc::sigset_t,
+}
+
+impl TerminationSignals {
+    /// Blocks SIGINT and SIGTERM in the calling thread. Call before starting threads.
+    pub fn block() -> io::Result<TerminationSignals> {
+        // SAFETY: `sigset_t` is a plain bit set for which all-zero bytes are a valid value;
+        // it is initialized by `sigemptyset` right after.
+        let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `set` is a live, writable sigset_t owned by this frame; the signal numbers
+        // are valid constants.
+        let rc = unsafe {
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGINT);
+            libc::sigaddset(&mut set, libc::SIGTERM);
+            libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut())
+        };
+        if rc != 0 {
+            return Err(io::Error::from_raw_os_error(rc));
+        }
+        Ok(TerminationSignals { set })
+    }
+
+    /// Waits for SIGINT or SIGTERM and returns its number.
+    pub fn wait(&self) -> io::Result<i32> {
+        let mut sig: libc::c_int = 0;
+        // SAFETY: `self.set` is an initialized sigset_t and `sig` a live c_int that sigwait
+        // writes once.
+        let rc = unsafe { libc::sigwait(&self.set, &mut sig) };
+        if rc != 0 {
+            return Err(io::Error::from_raw_os_error(rc));
+        }
+        Ok(sig)
+    }
+}
