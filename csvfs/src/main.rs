@@ -1,6 +1,15 @@
-//! csvfs node daemon. Will own the FUSE mount of a shared volume on one node: the
-//! metadata client and cache, the direct data path to the LUN, and the metadata server it
-//! hosts when elected coordinator. Spec: ../shared/DESIGN.md (csvfs).
+//! `csvfs`: the node daemon's command line (mount, state, serve-lun, demo).
 #![forbid(unsafe_code)]
 
-fn main() {}
+use anyhow::Result;
+use clap::Parser;
+use csvfs::cli::{Cli, Command};
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Mount(_) | Command::State(_) | Command::ServeLun(_) | Command::Demo(_) => {
+            anyhow::bail!("not wired yet")
+        }
+    }
+}

@@ -1,0 +1,1132 @@
+//! The direct data path: file data goes between this node and the LUN without passing
+//! through the coordinator.
+//!
+//! Per open inode the node keeps an [`OpenFile`]: the extent map the coordinator handed
+//! out at open, the byte ranges written here but not yet committed, and the size this node
+//! has written up to. Reads split a range into pieces: holes and unwritten clusters read
+//! as zeros (except bytes this node wrote and has not committed), written clusters are
+//! read from the LUN. Writes to unmapped ranges first ask the coordinator to allocate
+//! (with a preallocation hint for sequential writers), then write the LUN directly.
+//! Commits are batched: on fsync, flush, release, periodically and when many ranges are
+//! pending. A commit zeroes the unwritten remainder of every partially written,
+//! previously unwritten cluster (the unwritten mark is per cluster, FORMAT.md), flushes
+//! the LUN, then sends `Commit`.
+//!
+//! Locking per file: `io` is shared by reads and writes and taken exclusively by commits,
+//! truncates and fallocate, so a commit never races a write into the cluster remainder it
+//! zeroes; `meta` serializes the extent-map round trips (refetch, allocate) so a refetch
+//! never drops extents another thread just allocated; `state` is a short mutex.
+
+use crate::errno::NodeError;
+use crate::extents::{Backing, ExtentMap, Piece, RangeSet};
+use crate::meta::{unexpected, Metadata};
+use block_client::{BlockDevice, WriteFlags};
+use metadata_server::proto::{Request, Response};
+use metadata_server::types::{Attr, FallocMode, FsError, InodeId, SetAttr};
+use parking_lot::{Mutex, RwLock};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+
+/// Length used to ask for "every extent of the file".
+const WHOLE_FILE_BYTES: u64 = 1 << 62;
+/// Commit inline once this many disjoint ranges are pending.
+const MAX_PENDING_RANGES: usize = 4096;
+/// Commit inline once this many bytes are pending.
+const MAX_PENDING_BYTES: u64 = 1 << 30;
+
+/// Mutable state of one open inode.
+#[derive(Debug)]
+struct FileState {
+    /// Extents as last fetched or allocated.
+    map: ExtentMap,
+    /// Bumped by every coordinator invalidation of the inode.
+    inval_gen: u64,
+    /// `inval_gen` at the last complete refetch.
+    fetched_gen: u64,
+    /// Attributes as the coordinator last reported them.
+    attr: Attr,
+    /// Written here, not committed.
+    pending: RangeSet,
+    /// Size this node has written up to and not committed (0 when nothing is pending).
+    pending_size_bytes: u64,
+    /// End of the last write, to detect sequential writers.
+    seq_end_bytes: u64,
+    /// Opens of the inode on this node.
+    opens: u32,
+}
+
+/// One inode open on this node, shared by all of its file handles.
+#[derive(Debug)]
+pub struct OpenFile {
+    ino: InodeId,
+    io: RwLock<()>,
+    meta: Mutex<()>,
+    state: Mutex<FileState>,
+}
+
+impl OpenFile {
+    /// The inode.
+    pub fn ino(&self) -> InodeId {
+        self.ino
+    }
+
+    /// True when this node holds uncommitted writes for the file.
+    pub fn has_pending(&self) -> bool {
+        let st = self.state.lock();
+        !st.pending.is_empty() || st.pending_size_bytes > st.attr.size_bytes
+    }
+}
+
+/// What `lseek` looks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SeekTarget {
+    /// SEEK_DATA.
+    Data,
+    /// SEEK_HOLE.
+    Hole,
+}
+
+/// The node's data path for one mounted volume.
+pub struct DataPath {
+    lun: Arc<dyn BlockDevice>,
+    meta: Arc<dyn Metadata>,
+    cluster_bytes: u64,
+    prealloc_bytes: u64,
+    files: Mutex<HashMap<InodeId, Arc<OpenFile>>>,
+}
+
+impl std::fmt::Debug for DataPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DataPath")
+            .field("lun", &self.lun)
+            .field("cluster_bytes", &self.cluster_bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+fn align_down(v: u64, a: u64) -> u64 {
+    v - v % a
+}
+
+fn align_up(v: u64, a: u64) -> u64 {
+    align_down(v.saturating_add(a - 1), a)
+}
+
+fn to_usize(v: u64) -> Result<usize, NodeError> {
+    usize::try_from(v).map_err(|_| NodeError::Fs(FsError::FileTooLarge))
+}
+
+impl DataPath {
+    /// A data path writing `lun`, asking `meta` for layouts. `cluster_bytes` is the
+    /// volume's cluster size; sequential writers preallocate `prealloc_bytes` ahead.
+    pub fn new(
+        lun: Arc<dyn BlockDevice>,
+        meta: Arc<dyn Metadata>,
+        cluster_bytes: u64,
+        prealloc_bytes: u64,
+    ) -> DataPath {
+        DataPath {
+            lun,
+            meta,
+            cluster_bytes: cluster_bytes.max(4096),
+            prealloc_bytes,
+            files: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The volume's cluster size in bytes.
+    pub fn cluster_bytes(&self) -> u64 {
+        self.cluster_bytes
+    }
+
+    /// The LUN.
+    pub fn lun(&self) -> &Arc<dyn BlockDevice> {
+        &self.lun
+    }
+
+    /// The open-file state of `ino` on this node, if it is open here.
+    pub fn get(&self, ino: InodeId) -> Option<Arc<OpenFile>> {
+        self.files.lock().get(&ino).cloned()
+    }
+
+    /// Every inode open on this node.
+    pub fn open_files(&self) -> Vec<Arc<OpenFile>> {
+        self.files.lock().values().cloned().collect()
+    }
+
+    /// Opens `ino` on this node (one `Open` at the coordinator per call).
+    pub fn open(
+        &self,
+        uid: u32,
+        gid: u32,
+        ino: InodeId,
+        write: bool,
+    ) -> Result<(Arc<OpenFile>, Attr), NodeError> {
+        let resp = self.meta.call(uid, gid, Request::Open { ino, write })?;
+        let Response::Mapped { attr, extents } = resp else {
+            return Err(unexpected("open", &resp).into());
+        };
+        let mut files = self.files.lock();
+        let file = files
+            .entry(ino)
+            .or_insert_with(|| {
+                Arc::new(OpenFile {
+                    ino,
+                    io: RwLock::new(()),
+                    meta: Mutex::new(()),
+                    state: Mutex::new(FileState {
+                        map: ExtentMap::new(),
+                        inval_gen: 0,
+                        fetched_gen: 0,
+                        attr: attr.clone(),
+                        pending: RangeSet::new(),
+                        pending_size_bytes: 0,
+                        seq_end_bytes: u64::MAX,
+                        opens: 0,
+                    }),
+                })
+            })
+            .clone();
+        drop(files);
+        let attr = {
+            let _m = file.meta.lock();
+            let mut st = file.state.lock();
+            st.opens += 1;
+            st.map.clear();
+            for e in extents {
+                st.map.insert(e);
+            }
+            st.attr = attr;
+            st.fetched_gen = st.inval_gen;
+            overlay(&st)
+        };
+        Ok((file, attr))
+    }
+
+    /// Closes one open of the file: commits what is pending, tells the coordinator, and
+    /// forgets the file when it was the last open on this node.
+    pub fn release(&self, uid: u32, gid: u32, file: &Arc<OpenFile>) -> Result<(), NodeError> {
+        let committed = self.commit(uid, gid, file);
+        let released = self
+            .meta
+            .call(uid, gid, Request::Release { ino: file.ino })
+            .map(|_| ());
+        {
+            let mut files = self.files.lock();
+            let mut st = file.state.lock();
+            st.opens = st.opens.saturating_sub(1);
+            if st.opens == 0 && st.pending.is_empty() {
+                files.remove(&file.ino);
+            }
+        }
+        committed?;
+        released.map_err(NodeError::from)
+    }
+
+    /// A coordinator invalidation of `ino`: the next access refetches its layout and size.
+    pub fn invalidate(&self, ino: InodeId) {
+        if let Some(f) = self.get(ino) {
+            f.state.lock().inval_gen += 1;
+        }
+    }
+
+    /// `attr` with this node's uncommitted size applied, when the file is open here.
+    pub fn overlay_attr(&self, attr: Attr) -> Attr {
+        match self.get(attr.ino) {
+            Some(f) => {
+                let mut st = f.state.lock();
+                st.attr = attr;
+                overlay(&st)
+            }
+            None => attr,
+        }
+    }
+
+    /// Refetches the extent map and attributes if an invalidation came in since the last
+    /// fetch. Caller holds `io` (shared or exclusive).
+    fn ensure_fresh(&self, uid: u32, gid: u32, file: &OpenFile) -> Result<(), NodeError> {
+        let fresh = {
+            let st = file.state.lock();
+            st.fetched_gen == st.inval_gen
+        };
+        if fresh {
+            return Ok(());
+        }
+        let _m = file.meta.lock();
+        let gen = {
+            let st = file.state.lock();
+            if st.fetched_gen == st.inval_gen {
+                return Ok(());
+            }
+            st.inval_gen
+        };
+        let resp = self.meta.call(
+            uid,
+            gid,
+            Request::GetExtents {
+                ino: file.ino,
+                offset_bytes: 0,
+                len_bytes: WHOLE_FILE_BYTES,
+            },
+        )?;
+        let Response::Mapped { attr, extents } = resp else {
+            return Err(unexpected("get extents", &resp).into());
+        };
+        let mut st = file.state.lock();
+        st.map.clear();
+        for e in extents {
+            st.map.insert(e);
+        }
+        st.attr = attr;
+        st.fetched_gen = gen;
+        Ok(())
+    }
+
+    /// Reads up to `size_bytes` at `offset_bytes`, short at end of file.
+    pub fn read(
+        &self,
+        uid: u32,
+        gid: u32,
+        file: &OpenFile,
+        offset_bytes: u64,
+        size_bytes: u32,
+    ) -> Result<Vec<u8>, NodeError> {
+        let _io = file.io.read();
+        self.ensure_fresh(uid, gid, file)?;
+        let (pieces, pending) = {
+            let st = file.state.lock();
+            let eof = st.attr.size_bytes.max(st.pending_size_bytes);
+            if offset_bytes >= eof {
+                return Ok(Vec::new());
+            }
+            let end = eof.min(offset_bytes.saturating_add(u64::from(size_bytes)));
+            let pieces = st.map.pieces(offset_bytes, end);
+            let pending: Vec<Vec<(u64, u64)>> = pieces
+                .iter()
+                .map(|p| match p.backing {
+                    Backing::Unwritten { .. } => st
+                        .pending
+                        .intersect(p.file_offset_bytes, p.file_offset_bytes + p.len_bytes),
+                    _ => Vec::new(),
+                })
+                .collect();
+            (pieces, pending)
+        };
+        let total: u64 = pieces.iter().map(|p| p.len_bytes).sum();
+        let mut buf = vec![0u8; to_usize(total)?];
+        for (p, written) in pieces.iter().zip(pending) {
+            let at = to_usize(p.file_offset_bytes - offset_bytes)?;
+            match p.backing {
+                Backing::Hole => {}
+                Backing::Written { lun_offset_bytes } => {
+                    let len = to_usize(p.len_bytes)?;
+                    self.lun
+                        .read_at(&mut buf[at..at + len], lun_offset_bytes)
+                        .map_err(NodeError::lun("read"))?;
+                }
+                Backing::Unwritten { lun_offset_bytes } => {
+                    for (s, e) in written {
+                        let from = to_usize(s - offset_bytes)?;
+                        let to = to_usize(e - offset_bytes)?;
+                        self.lun
+                            .read_at(
+                                &mut buf[from..to],
+                                lun_offset_bytes + (s - p.file_offset_bytes),
+                            )
+                            .map_err(NodeError::lun("read"))?;
+                    }
+                }
+            }
+        }
+        Ok(buf)
+    }
+
+    /// Writes `data` at `offset_bytes`, allocating clusters for unmapped parts first.
+    /// With `sync` the write is committed before it returns (O_SYNC / O_DSYNC).
+    pub fn write(
+        &self,
+        uid: u32,
+        gid: u32,
+        file: &OpenFile,
+        offset_bytes: u64,
+        data: &[u8],
+        sync: bool,
+    ) -> Result<u32, NodeError> {
+        let len = u64::try_from(data.len()).map_err(|_| FsError::FileTooLarge)?;
+        let reply_len = u32::try_from(data.len()).map_err(|_| FsError::FileTooLarge)?;
+        if len == 0 {
+            return Ok(0);
+        }
+        let end = offset_bytes.checked_add(len).ok_or(FsError::FileTooLarge)?;
+        let commit_now = {
+            let _io = file.io.read();
+            self.ensure_fresh(uid, gid, file)?;
+            let pieces = self.mapped_pieces(uid, gid, file, offset_bytes, end)?;
+            for p in &pieces {
+                let lun_offset_bytes = match p.backing {
+                    Backing::Written { lun_offset_bytes }
+                    | Backing::Unwritten { lun_offset_bytes } => lun_offset_bytes,
+                    Backing::Hole => {
+                        return Err(FsError::Io(format!(
+                            "allocation left {} bytes at {} of {} unmapped",
+                            p.len_bytes, p.file_offset_bytes, file.ino
+                        ))
+                        .into())
+                    }
+                };
+                let from = to_usize(p.file_offset_bytes - offset_bytes)?;
+                let to = from + to_usize(p.len_bytes)?;
+                self.lun
+                    .write_at(&data[from..to], lun_offset_bytes, WriteFlags::default())
+                    .map_err(NodeError::lun("write"))?;
+            }
+            let mut st = file.state.lock();
+            st.pending.insert(offset_bytes, end);
+            st.pending_size_bytes = st.pending_size_bytes.max(end).max(st.attr.size_bytes);
+            st.seq_end_bytes = end;
+            sync || st.pending.count_ranges() > MAX_PENDING_RANGES
+                || st.pending.len_bytes() > MAX_PENDING_BYTES
+        };
+        if commit_now {
+            self.commit(uid, gid, file)?;
+        }
+        Ok(reply_len)
+    }
+
+    /// Pieces of `[start, end)`, allocating whatever is unmapped. Caller holds `io` shared.
+    fn mapped_pieces(
+        &self,
+        uid: u32,
+        gid: u32,
+        file: &OpenFile,
+        start: u64,
+        end: u64,
+    ) -> Result<Vec<Piece>, NodeError> {
+        let (pieces, sequential) = {
+            let st = file.state.lock();
+            (st.map.pieces(start, end), st.seq_end_bytes == start)
+        };
+        let holes: Vec<&Piece> = pieces
+            .iter()
+            .filter(|p| p.backing == Backing::Hole)
+            .collect();
+        let (Some(first), Some(last)) = (holes.first(), holes.last()) else {
+            return Ok(pieces);
+        };
+        let alloc_start = align_down(first.file_offset_bytes, self.cluster_bytes);
+        let alloc_end = align_up(last.file_offset_bytes + last.len_bytes, self.cluster_bytes);
+        let hint_bytes = if sequential || start == 0 {
+            self.prealloc_bytes
+        } else {
+            0
+        };
+        let _m = file.meta.lock();
+        let resp = self.meta.call(
+            uid,
+            gid,
+            Request::Allocate {
+                ino: file.ino,
+                offset_bytes: alloc_start,
+                len_bytes: alloc_end - alloc_start,
+                hint_bytes,
+            },
+        )?;
+        let Response::Mapped { extents, .. } = resp else {
+            return Err(unexpected("allocate", &resp).into());
+        };
+        let mut st = file.state.lock();
+        for e in &extents {
+            st.map.insert(*e);
+        }
+        // Build the answer from the extents this call returned, so that a refetch racing
+        // with it cannot make the range look unmapped again.
+        let mut fresh = ExtentMap::new();
+        for e in extents {
+            fresh.insert(e);
+        }
+        let mut out = Vec::with_capacity(pieces.len());
+        for p in pieces {
+            if p.backing == Backing::Hole {
+                out.extend(fresh.pieces(p.file_offset_bytes, p.file_offset_bytes + p.len_bytes));
+            } else {
+                out.push(p);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Commits this node's pending writes of `file`: zeroes the unwritten remainder of
+    /// partially written clusters, flushes the LUN, and sends `Commit`.
+    pub fn commit(&self, uid: u32, gid: u32, file: &OpenFile) -> Result<(), NodeError> {
+        let _io = file.io.write();
+        self.commit_locked(uid, gid, file)
+    }
+
+    fn commit_locked(&self, uid: u32, gid: u32, file: &OpenFile) -> Result<(), NodeError> {
+        let (ranges, size_bytes, zero) = {
+            let mut st = file.state.lock();
+            if st.pending.is_empty() && st.pending_size_bytes <= st.attr.size_bytes {
+                st.pending_size_bytes = 0;
+                return Ok(());
+            }
+            let ranges = std::mem::take(&mut st.pending);
+            let size_bytes = st.pending_size_bytes.max(st.attr.size_bytes);
+            let zero = self.remainders_to_zero(&st.map, &ranges);
+            (ranges, size_bytes, zero)
+        };
+        let result = self.send_commit(uid, gid, file, &ranges, size_bytes, &zero);
+        let mut st = file.state.lock();
+        match result {
+            Ok(attr) => {
+                for (s, e) in ranges.iter() {
+                    st.map.mark_written(
+                        align_down(s, self.cluster_bytes),
+                        align_up(e, self.cluster_bytes),
+                    );
+                }
+                st.attr = attr;
+                if st.pending.is_empty() {
+                    st.pending_size_bytes = 0;
+                }
+                Ok(())
+            }
+            Err(e) => {
+                // Keep the writes visible to this node's readers; the caller reports the
+                // failure (a failed commit is never retried behind the caller's back).
+                for (s, end) in ranges.iter() {
+                    st.pending.insert(s, end);
+                }
+                st.pending_size_bytes = st.pending_size_bytes.max(size_bytes);
+                Err(e)
+            }
+        }
+    }
+
+    fn send_commit(
+        &self,
+        uid: u32,
+        gid: u32,
+        file: &OpenFile,
+        ranges: &RangeSet,
+        size_bytes: u64,
+        zero: &[(u64, u64)],
+    ) -> Result<Attr, NodeError> {
+        for &(lun_offset_bytes, len_bytes) in zero {
+            self.lun
+                .write_zeroes(lun_offset_bytes, len_bytes)
+                .map_err(NodeError::lun("zero cluster remainder"))?;
+        }
+        self.lun.flush().map_err(NodeError::lun("flush"))?;
+        let resp = self.meta.call(
+            uid,
+            gid,
+            Request::Commit {
+                ino: file.ino,
+                written: ranges.to_byte_ranges(),
+                size_bytes,
+            },
+        )?;
+        match resp {
+            Response::Attr(attr) => Ok(attr),
+            other => Err(unexpected("commit", &other).into()),
+        }
+    }
+
+    /// LUN ranges `(offset, len)` to zero before committing `ranges`: the parts of
+    /// partially written clusters that are still unwritten and not written here.
+    fn remainders_to_zero(&self, map: &ExtentMap, ranges: &RangeSet) -> Vec<(u64, u64)> {
+        let cl = self.cluster_bytes;
+        let mut edge_clusters = BTreeSet::new();
+        for (s, e) in ranges.iter() {
+            if s % cl != 0 {
+                edge_clusters.insert(align_down(s, cl));
+            }
+            if e % cl != 0 {
+                edge_clusters.insert(align_down(e, cl));
+            }
+        }
+        let mut out = Vec::new();
+        for c in edge_clusters {
+            for p in map.pieces(c, c + cl) {
+                let Backing::Unwritten { lun_offset_bytes } = p.backing else {
+                    continue;
+                };
+                let mut uncovered = RangeSet::new();
+                uncovered.insert(p.file_offset_bytes, p.file_offset_bytes + p.len_bytes);
+                for (s, e) in
+                    ranges.intersect(p.file_offset_bytes, p.file_offset_bytes + p.len_bytes)
+                {
+                    uncovered.remove(s, e);
+                }
+                for (s, e) in uncovered.iter() {
+                    out.push((lun_offset_bytes + (s - p.file_offset_bytes), e - s));
+                }
+            }
+        }
+        out
+    }
+
+    /// fsync: commit pending writes, flush the LUN, and make the inode's metadata durable.
+    pub fn fsync(&self, uid: u32, gid: u32, file: &OpenFile) -> Result<(), NodeError> {
+        self.commit(uid, gid, file)?;
+        self.lun.flush().map_err(NodeError::lun("flush"))?;
+        self.meta.call(uid, gid, Request::Fsync { ino: file.ino })?;
+        Ok(())
+    }
+
+    /// Commits every open file with pending writes (periodic flusher, unmount).
+    /// Returns the first error.
+    pub fn commit_all(&self) -> Result<(), NodeError> {
+        let mut first = Ok(());
+        for f in self.open_files() {
+            if f.has_pending() {
+                if let Err(e) = self.commit(0, 0, &f) {
+                    tracing::warn!(ino = %f.ino, error = %e, "background commit failed");
+                    if first.is_ok() {
+                        first = Err(e);
+                    }
+                }
+            }
+        }
+        first
+    }
+
+    /// setattr. A size change commits this node's pending writes first and zeroes the
+    /// tail of the last cluster past the new end, so a later extension reads zeros.
+    pub fn set_attr(
+        &self,
+        uid: u32,
+        gid: u32,
+        ino: InodeId,
+        set: SetAttr,
+    ) -> Result<Attr, NodeError> {
+        let Some(new_size) = set.size_bytes else {
+            let resp = self.meta.call(uid, gid, Request::SetAttr { ino, set })?;
+            return match resp {
+                Response::Attr(a) => Ok(self.overlay_attr(a)),
+                other => Err(unexpected("setattr", &other).into()),
+            };
+        };
+        let file = self.get(ino);
+        let _io = file.as_ref().map(|f| f.io.write());
+        if let Some(f) = &file {
+            self.commit_locked(uid, gid, f)?;
+        }
+        let resp = self.meta.call(uid, gid, Request::SetAttr { ino, set })?;
+        let Response::Attr(attr) = resp else {
+            return Err(unexpected("setattr", &resp).into());
+        };
+        if new_size % self.cluster_bytes != 0 {
+            let tail_end = align_up(new_size, self.cluster_bytes);
+            self.zero_written(uid, gid, ino, new_size, tail_end)?;
+        }
+        if let Some(f) = &file {
+            let mut st = f.state.lock();
+            st.map
+                .punch(align_up(new_size, self.cluster_bytes), u64::MAX);
+            st.attr = attr.clone();
+            st.pending_size_bytes = 0;
+            st.inval_gen += 1;
+        }
+        Ok(attr)
+    }
+
+    /// Writes zeros on the LUN over the written clusters of `[start, end)` of `ino`.
+    fn zero_written(
+        &self,
+        uid: u32,
+        gid: u32,
+        ino: InodeId,
+        start: u64,
+        end: u64,
+    ) -> Result<(), NodeError> {
+        let resp = self.meta.call(
+            uid,
+            gid,
+            Request::GetExtents {
+                ino,
+                offset_bytes: start,
+                len_bytes: end - start,
+            },
+        )?;
+        let Response::Mapped { extents, .. } = resp else {
+            return Err(unexpected("get extents", &resp).into());
+        };
+        let mut map = ExtentMap::new();
+        for e in extents {
+            map.insert(e);
+        }
+        let mut zeroed = false;
+        for p in map.pieces(start, end) {
+            if let Backing::Written { lun_offset_bytes } = p.backing {
+                self.lun
+                    .write_zeroes(lun_offset_bytes, p.len_bytes)
+                    .map_err(NodeError::lun("zero range"))?;
+                zeroed = true;
+            }
+        }
+        if zeroed {
+            self.lun.flush().map_err(NodeError::lun("flush"))?;
+        }
+        Ok(())
+    }
+
+    /// fallocate. Punch-hole and zero-range also zero, on the LUN, the written parts of
+    /// the range the coordinator kept allocated (partial clusters at the edges).
+    pub fn fallocate(
+        &self,
+        uid: u32,
+        gid: u32,
+        ino: InodeId,
+        offset_bytes: u64,
+        len_bytes: u64,
+        mode: FallocMode,
+    ) -> Result<Attr, NodeError> {
+        let file = self.get(ino);
+        let _io = file.as_ref().map(|f| f.io.write());
+        if let Some(f) = &file {
+            self.commit_locked(uid, gid, f)?;
+        }
+        let resp = self.meta.call(
+            uid,
+            gid,
+            Request::Fallocate {
+                ino,
+                offset_bytes,
+                len_bytes,
+                mode,
+            },
+        )?;
+        let Response::Attr(attr) = resp else {
+            return Err(unexpected("fallocate", &resp).into());
+        };
+        if matches!(mode, FallocMode::PunchHole | FallocMode::ZeroRange) {
+            let end = offset_bytes.saturating_add(len_bytes);
+            self.zero_written(uid, gid, ino, offset_bytes, end)?;
+        }
+        if let Some(f) = &file {
+            let mut st = f.state.lock();
+            st.attr = attr.clone();
+            st.inval_gen += 1;
+        }
+        Ok(attr)
+    }
+
+    /// SEEK_DATA / SEEK_HOLE from `offset_bytes`. Unwritten clusters count as holes
+    /// except where this node has uncommitted writes.
+    pub fn seek(
+        &self,
+        uid: u32,
+        gid: u32,
+        file: &OpenFile,
+        offset_bytes: u64,
+        target: SeekTarget,
+    ) -> Result<u64, NodeError> {
+        let _io = file.io.read();
+        self.ensure_fresh(uid, gid, file)?;
+        let st = file.state.lock();
+        let eof = st.attr.size_bytes.max(st.pending_size_bytes);
+        if offset_bytes >= eof {
+            return Err(NodeError::NoDataAfter { offset_bytes });
+        }
+        // Data ranges in [offset, eof), in order.
+        let mut data = RangeSet::new();
+        for p in st.map.pieces(offset_bytes, eof) {
+            let end = p.file_offset_bytes + p.len_bytes;
+            match p.backing {
+                Backing::Written { .. } => data.insert(p.file_offset_bytes, end),
+                Backing::Unwritten { .. } => {
+                    for (s, e) in st.pending.intersect(p.file_offset_bytes, end) {
+                        data.insert(s, e);
+                    }
+                }
+                Backing::Hole => {}
+            }
+        }
+        match target {
+            SeekTarget::Data => data
+                .iter()
+                .next()
+                .map(|(s, _)| s)
+                .ok_or(NodeError::NoDataAfter { offset_bytes }),
+            SeekTarget::Hole => {
+                let mut pos = offset_bytes;
+                for (s, e) in data.iter() {
+                    if s > pos {
+                        break;
+                    }
+                    pos = pos.max(e);
+                }
+                Ok(pos.min(eof))
+            }
+        }
+    }
+}
+
+/// The attributes a reader on this node should see: the coordinator's, with the size
+/// raised to what this node has written and not committed.
+fn overlay(st: &FileState) -> Attr {
+    let mut attr = st.attr.clone();
+    attr.size_bytes = attr.size_bytes.max(st.pending_size_bytes);
+    attr
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use block_client::testing::MemDevice;
+    use metadata_server::proto::{ByteRange, Caller};
+    use metadata_server::types::{Extent, FileKind, NodeId, RequestId, Timestamp};
+    use metadata_server::MetadataStore;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    /// An in-memory metadata store for files only: enough of the contract to drive the
+    /// data path (open, extents, allocate, commit, setattr size, fallocate, fsync).
+    #[derive(Default)]
+    pub(crate) struct MemStore {
+        inner: Mutex<MemInner>,
+    }
+
+    #[derive(Default)]
+    struct MemInner {
+        cluster_bytes: u64,
+        free_next: u64,
+        total_clusters: u64,
+        files: HashMap<InodeId, (Attr, ExtentMap)>,
+        commits: u64,
+    }
+
+    pub(crate) fn file_attr(ino: InodeId) -> Attr {
+        Attr {
+            ino,
+            generation: 1,
+            kind: FileKind::File,
+            perm: 0o644,
+            uid: 0,
+            gid: 0,
+            nlink: 1,
+            size_bytes: 0,
+            allocated_bytes: 0,
+            rdev: 0,
+            atime: Timestamp::default(),
+            mtime: Timestamp::default(),
+            ctime: Timestamp::default(),
+            crtime: Timestamp::default(),
+        }
+    }
+
+    impl MemStore {
+        pub(crate) fn new(cluster_bytes: u64, total_clusters: u64) -> MemStore {
+            let s = MemStore::default();
+            {
+                let mut i = s.inner.lock();
+                i.cluster_bytes = cluster_bytes;
+                i.total_clusters = total_clusters;
+            }
+            s
+        }
+
+        pub(crate) fn add_file(&self, ino: InodeId) {
+            self.inner
+                .lock()
+                .files
+                .insert(ino, (file_attr(ino), ExtentMap::new()));
+        }
+
+        fn all_extents(map: &ExtentMap, start: u64, end: u64) -> Vec<Extent> {
+            map.pieces(start, end)
+                .into_iter()
+                .filter_map(|p| match p.backing {
+                    Backing::Hole => None,
+                    Backing::Written { lun_offset_bytes } => Some(Extent {
+                        file_offset_bytes: p.file_offset_bytes,
+                        lun_offset_bytes,
+                        len_bytes: p.len_bytes,
+                        unwritten: false,
+                    }),
+                    Backing::Unwritten { lun_offset_bytes } => Some(Extent {
+                        file_offset_bytes: p.file_offset_bytes,
+                        lun_offset_bytes,
+                        len_bytes: p.len_bytes,
+                        unwritten: true,
+                    }),
+                })
+                .collect()
+        }
+    }
+
+    impl MetadataStore for MemStore {
+        fn execute(&self, _caller: &Caller, req: &Request) -> Result<Response, FsError> {
+            let mut guard = self.inner.lock();
+            let inner = &mut *guard;
+            let cl = inner.cluster_bytes;
+            match req {
+                Request::Open { ino, .. } | Request::GetAttr { ino } => {
+                    let (a, m) = inner.files.get(ino).ok_or(FsError::NotFound)?;
+                    Ok(Response::Mapped {
+                        attr: a.clone(),
+                        extents: Self::all_extents(m, 0, 1 << 62),
+                    })
+                }
+                Request::GetExtents {
+                    ino,
+                    offset_bytes,
+                    len_bytes,
+                } => {
+                    let (a, m) = inner.files.get(ino).ok_or(FsError::NotFound)?;
+                    let start = align_down(*offset_bytes, cl);
+                    let end = align_up(offset_bytes.saturating_add(*len_bytes), cl);
+                    Ok(Response::Mapped {
+                        attr: a.clone(),
+                        extents: Self::all_extents(m, start, end),
+                    })
+                }
+                Request::Allocate {
+                    ino,
+                    offset_bytes,
+                    len_bytes,
+                    hint_bytes,
+                } => {
+                    let start = align_down(*offset_bytes, cl);
+                    let end = align_up(offset_bytes + len_bytes + hint_bytes, cl);
+                    let (a, m) = inner.files.get_mut(ino).ok_or(FsError::NotFound)?;
+                    let holes: Vec<Piece> = m
+                        .pieces(start, end)
+                        .into_iter()
+                        .filter(|p| p.backing == Backing::Hole)
+                        .collect();
+                    for p in holes {
+                        let n = p.len_bytes / cl;
+                        if inner.free_next + n > inner.total_clusters {
+                            return Err(FsError::NoSpace);
+                        }
+                        m.insert(Extent {
+                            file_offset_bytes: p.file_offset_bytes,
+                            lun_offset_bytes: inner.free_next * cl,
+                            len_bytes: p.len_bytes,
+                            unwritten: true,
+                        });
+                        inner.free_next += n;
+                        a.allocated_bytes += p.len_bytes;
+                    }
+                    Ok(Response::Mapped {
+                        attr: a.clone(),
+                        extents: Self::all_extents(m, start, end),
+                    })
+                }
+                Request::Commit {
+                    ino,
+                    written,
+                    size_bytes,
+                } => {
+                    inner.commits += 1;
+                    let (a, m) = inner.files.get_mut(ino).ok_or(FsError::NotFound)?;
+                    for ByteRange {
+                        offset_bytes,
+                        len_bytes,
+                    } in written
+                    {
+                        m.mark_written(
+                            align_down(*offset_bytes, cl),
+                            align_up(offset_bytes + len_bytes, cl),
+                        );
+                    }
+                    a.size_bytes = a.size_bytes.max(*size_bytes);
+                    Ok(Response::Attr(a.clone()))
+                }
+                Request::SetAttr { ino, set } => {
+                    let (a, m) = inner.files.get_mut(ino).ok_or(FsError::NotFound)?;
+                    if let Some(s) = set.size_bytes {
+                        m.punch(align_up(s, cl), u64::MAX);
+                        a.size_bytes = s;
+                    }
+                    Ok(Response::Attr(a.clone()))
+                }
+                Request::Fallocate {
+                    ino,
+                    offset_bytes,
+                    len_bytes,
+                    mode,
+                } => {
+                    let (a, m) = inner.files.get_mut(ino).ok_or(FsError::NotFound)?;
+                    if *mode == FallocMode::PunchHole {
+                        m.punch(
+                            align_up(*offset_bytes, cl),
+                            align_down(offset_bytes + len_bytes, cl),
+                        );
+                    }
+                    Ok(Response::Attr(a.clone()))
+                }
+                Request::Release { .. } | Request::Fsync { .. } => Ok(Response::Done),
+                other => Err(FsError::Invalid(format!("mem store: {other:?}"))),
+            }
+        }
+
+        fn node_gone(&self, _node: NodeId) -> Result<(), FsError> {
+            Ok(())
+        }
+    }
+
+    /// [`Metadata`] over a store, as one node.
+    pub(crate) struct StoreMeta {
+        pub(crate) store: Arc<MemStore>,
+        next: AtomicU64,
+    }
+
+    impl StoreMeta {
+        pub(crate) fn new(store: Arc<MemStore>) -> StoreMeta {
+            StoreMeta {
+                store,
+                next: AtomicU64::new(1),
+            }
+        }
+    }
+
+    impl Metadata for StoreMeta {
+        fn call(&self, uid: u32, gid: u32, req: Request) -> Result<Response, FsError> {
+            let caller = Caller {
+                node: NodeId(1),
+                request: RequestId(self.next.fetch_add(1, Ordering::Relaxed)),
+                uid,
+                gid,
+            };
+            self.store.execute(&caller, &req)
+        }
+    }
+
+    const CL: u64 = 64 * 1024;
+
+    fn setup() -> (DataPath, Arc<MemStore>, Arc<MemDevice>) {
+        let store = Arc::new(MemStore::new(CL, 64));
+        store.add_file(InodeId(10));
+        let lun = Arc::new(MemDevice::new(CL * 64));
+        // Stale data everywhere: nothing may leak into a file.
+        lun.write_at(
+            &vec![0xEE; to_usize(CL * 64).unwrap()],
+            0,
+            WriteFlags::default(),
+        )
+        .unwrap();
+        let meta = Arc::new(StoreMeta::new(store.clone()));
+        let dp = DataPath::new(lun.clone(), meta, CL, 2 * CL);
+        (dp, store, lun)
+    }
+
+    #[test]
+    fn write_then_read_back_with_holes_as_zeros() {
+        let (dp, _store, _lun) = setup();
+        let (f, _) = dp.open(0, 0, InodeId(10), true).unwrap();
+        dp.write(0, 0, &f, 5 * CL + 100, b"hello", false).unwrap();
+        let buf = dp
+            .read(0, 0, &f, 0, u32::try_from(6 * CL).unwrap())
+            .unwrap();
+        assert_eq!(buf.len(), to_usize(5 * CL + 105).unwrap());
+        let at = to_usize(5 * CL + 100).unwrap();
+        assert_eq!(&buf[at..at + 5], b"hello");
+        assert!(
+            buf[..at].iter().all(|&b| b == 0),
+            "hole or unwritten leaked"
+        );
+    }
+
+    #[test]
+    fn commit_zeroes_cluster_remainder_and_survives_reopen() {
+        let (dp, store, _lun) = setup();
+        let (f, _) = dp.open(0, 0, InodeId(10), true).unwrap();
+        dp.write(0, 0, &f, 100, b"abc", false).unwrap();
+        dp.release(0, 0, &f).unwrap();
+        assert_eq!(store.inner.lock().commits, 1);
+        // A second node's view: fresh data path over the same store and LUN.
+        let (f, attr) = dp.open(0, 0, InodeId(10), false).unwrap();
+        assert_eq!(attr.size_bytes, 103);
+        // Extend the size: the committed cluster's remainder must read as zeros.
+        dp.set_attr(
+            0,
+            0,
+            InodeId(10),
+            SetAttr {
+                size_bytes: Some(CL),
+                ..SetAttr::default()
+            },
+        )
+        .unwrap();
+        let buf = dp.read(0, 0, &f, 0, u32::try_from(CL).unwrap()).unwrap();
+        assert_eq!(&buf[100..103], b"abc");
+        assert!(buf[..100].iter().all(|&b| b == 0));
+        assert!(
+            buf[103..].iter().all(|&b| b == 0),
+            "stale bytes past the write"
+        );
+    }
+
+    #[test]
+    fn sequential_writes_preallocate() {
+        let (dp, store, _lun) = setup();
+        let (f, _) = dp.open(0, 0, InodeId(10), true).unwrap();
+        let chunk = vec![7u8; to_usize(CL / 2).unwrap()];
+        for i in 0..4u64 {
+            dp.write(0, 0, &f, i * CL / 2, &chunk, false).unwrap();
+        }
+        // 2 clusters written + 2 preallocated in one allocate call.
+        assert_eq!(store.inner.lock().free_next, 3);
+        dp.fsync(0, 0, &f).unwrap();
+        let buf = dp
+            .read(0, 0, &f, 0, u32::try_from(4 * CL).unwrap())
+            .unwrap();
+        assert_eq!(buf.len(), to_usize(2 * CL).unwrap());
+        assert!(buf.iter().all(|&b| b == 7));
+    }
+
+    #[test]
+    fn truncate_down_then_up_reads_zeros() {
+        let (dp, _store, _lun) = setup();
+        let (f, _) = dp.open(0, 0, InodeId(10), true).unwrap();
+        dp.write(0, 0, &f, 0, &vec![9u8; 1000], false).unwrap();
+        for size in [10, 2000] {
+            dp.set_attr(
+                0,
+                0,
+                InodeId(10),
+                SetAttr {
+                    size_bytes: Some(size),
+                    ..SetAttr::default()
+                },
+            )
+            .unwrap();
+        }
+        let buf = dp.read(0, 0, &f, 0, 4096).unwrap();
+        assert_eq!(buf.len(), 2000);
+        assert!(buf[..10].iter().all(|&b| b == 9));
+        assert!(buf[10..].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn punch_hole_zeroes_partial_clusters() {
+        let (dp, _store, _lun) = setup();
+        let (f, _) = dp.open(0, 0, InodeId(10), true).unwrap();
+        dp.write(0, 0, &f, 0, &vec![5u8; to_usize(3 * CL).unwrap()], false)
+            .unwrap();
+        dp.fallocate(0, 0, InodeId(10), CL / 2, 2 * CL, FallocMode::PunchHole)
+            .unwrap();
+        let buf = dp
+            .read(0, 0, &f, 0, u32::try_from(3 * CL).unwrap())
+            .unwrap();
+        let a = to_usize(CL / 2).unwrap();
+        let b = to_usize(CL / 2 + 2 * CL).unwrap();
+        assert!(buf[..a].iter().all(|&x| x == 5));
+        assert!(buf[a..b].iter().all(|&x| x == 0));
+        assert!(buf[b..].iter().all(|&x| x == 5));
+        // The edges were zeroed in place and stay data; the middle cluster is a hole.
+        assert_eq!(dp.seek(0, 0, &f, 0, SeekTarget::Hole).unwrap(), CL);
+        assert_eq!(dp.seek(0, 0, &f, CL, SeekTarget::Data).unwrap(), CL + CL);
+    }
+
+    #[test]
+    fn no_space_is_reported() {
+        let (dp, _store, _lun) = setup();
+        let (f, _) = dp.open(0, 0, InodeId(10), true).unwrap();
+        let big = vec![1u8; to_usize(70 * CL).unwrap()];
+        let err = dp.write(0, 0, &f, 0, &big, false).unwrap_err();
+        assert!(matches!(err, NodeError::Fs(FsError::NoSpace)));
+    }
+}

@@ -1,0 +1,1140 @@
+//! The FUSE side of a node: turns kernel requests into metadata requests and data-path
+//! calls, and coordinator invalidations into kernel cache invalidations.
+//!
+//! The FUSE event loops never block on the network or the LUN: every request is handed
+//! to a worker pool (tokio's blocking pool) together with its reply object, and the
+//! worker replies. Regular files are always opened with direct I/O so no node serves a
+//! file from its page cache, and parallel direct writes and asynchronous direct I/O are
+//! enabled so many requests of one file are in flight at once.
+
+use crate::data::{DataPath, OpenFile, SeekTarget};
+use crate::errno::{errno_of, NodeError};
+use crate::meta::{unexpected, Metadata};
+use fuser::{
+    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
+    INodeNo, InitFlags, KernelConfig, LockOwner, Notifier, OpenAccMode, OpenFlags, RenameFlags,
+    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek,
+    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, TimeOrNow,
+};
+use metadata_server::proto::{Request, Response};
+use metadata_server::types::{
+    Attr, FallocMode, FileKind, FsError, InodeId, RenameFlags as WireRenameFlags, SetAttr, TimeSet,
+    Timestamp, XattrMode,
+};
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tracing::{debug_span, warn};
+
+/// Largest write the kernel sends in one request.
+pub const MAX_WRITE_BYTES: u32 = 1 << 20;
+/// Directory entries asked for per readdir round trip.
+const READDIR_BATCH: u32 = 512;
+/// How long a worker waits for the kernel to apply one invalidation.
+const INVALIDATION_WAIT: Duration = Duration::from_millis(100);
+
+/// What a file handle refers to.
+#[derive(Debug)]
+struct Handle {
+    file: Arc<OpenFile>,
+    /// Opened with O_SYNC or O_DSYNC: every write is committed before it returns.
+    sync: bool,
+}
+
+/// The state shared by the event loops and the workers.
+struct Inner {
+    meta: Arc<dyn Metadata>,
+    data: Arc<DataPath>,
+    handles: Mutex<HashMap<u64, Handle>>,
+    next_fh: AtomicU64,
+    ttl: Duration,
+    blksize_bytes: u32,
+}
+
+/// The FUSE file system of one node.
+pub struct CsvFs {
+    inner: Arc<Inner>,
+    pool: tokio::runtime::Handle,
+}
+
+impl std::fmt::Debug for CsvFs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CsvFs").finish_non_exhaustive()
+    }
+}
+
+fn systime(t: Timestamp) -> SystemTime {
+    let nanos = Duration::from_nanos(u64::from(t.nanos.min(999_999_999)));
+    match u64::try_from(t.secs) {
+        Ok(secs) => UNIX_EPOCH + Duration::from_secs(secs) + nanos,
+        Err(_) => UNIX_EPOCH - Duration::from_secs(t.secs.unsigned_abs()) + nanos,
+    }
+}
+
+fn timestamp(t: SystemTime) -> Timestamp {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => Timestamp {
+            secs: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+            nanos: d.subsec_nanos(),
+        },
+        Err(e) => {
+            let d = e.duration();
+            let secs = i64::try_from(d.as_secs()).unwrap_or(i64::MAX);
+            if d.subsec_nanos() == 0 {
+                Timestamp {
+                    secs: -secs,
+                    nanos: 0,
+                }
+            } else {
+                Timestamp {
+                    secs: -secs - 1,
+                    nanos: 1_000_000_000 - d.subsec_nanos(),
+                }
+            }
+        }
+    }
+}
+
+fn file_type(kind: FileKind) -> FileType {
+    match kind {
+        FileKind::Dir => FileType::Directory,
+        FileKind::Symlink => FileType::Symlink,
+        FileKind::CharDev => FileType::CharDevice,
+        FileKind::BlockDev => FileType::BlockDevice,
+        FileKind::Fifo => FileType::NamedPipe,
+        FileKind::Socket => FileType::Socket,
+        FileKind::File | FileKind::Invalid => FileType::RegularFile,
+    }
+}
+
+fn kind_of_mode(mode: u32) -> Option<FileKind> {
+    match mode & libc::S_IFMT {
+        libc::S_IFREG | 0 => Some(FileKind::File),
+        libc::S_IFDIR => Some(FileKind::Dir),
+        libc::S_IFCHR => Some(FileKind::CharDev),
+        libc::S_IFBLK => Some(FileKind::BlockDev),
+        libc::S_IFIFO => Some(FileKind::Fifo),
+        libc::S_IFSOCK => Some(FileKind::Socket),
+        _ => None,
+    }
+}
+
+/// Kernel attributes for `a`.
+pub fn file_attr(a: &Attr, blksize_bytes: u32) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(a.ino.0),
+        size: a.size_bytes,
+        blocks: a.allocated_bytes.div_ceil(512),
+        atime: systime(a.atime),
+        mtime: systime(a.mtime),
+        ctime: systime(a.ctime),
+        crtime: systime(a.crtime),
+        kind: file_type(a.kind),
+        perm: u16::try_from(a.perm & 0o7777).unwrap_or(0),
+        nlink: a.nlink,
+        uid: a.uid,
+        gid: a.gid,
+        rdev: a.rdev,
+        blksize: blksize_bytes,
+        flags: 0,
+    }
+}
+
+fn errno(e: &NodeError) -> Errno {
+    Errno::from_i32(errno_of(e))
+}
+
+/// Logs a failed operation at the level its errno deserves and returns the errno.
+fn fail(op: &'static str, e: &NodeError) -> Errno {
+    let code = errno(e);
+    if code == Errno::EIO {
+        tracing::error!(op, error = %e, "operation failed");
+    } else {
+        tracing::debug!(op, error = %e, "operation refused");
+    }
+    code
+}
+
+fn name_bytes(name: &OsStr) -> Vec<u8> {
+    name.as_bytes().to_vec()
+}
+
+impl Inner {
+    fn call(&self, uid: u32, gid: u32, req: Request) -> Result<Response, NodeError> {
+        Ok(self.meta.call(uid, gid, req)?)
+    }
+
+    fn attr_of(&self, what: &str, resp: Response) -> Result<Attr, NodeError> {
+        match resp {
+            Response::Attr(a) => Ok(self.data.overlay_attr(a)),
+            Response::Mapped { attr, .. } => Ok(self.data.overlay_attr(attr)),
+            other => Err(unexpected(what, &other).into()),
+        }
+    }
+
+    fn reply_entry(&self, reply: ReplyEntry, op: &'static str, r: Result<Attr, NodeError>) {
+        match r {
+            Ok(a) => reply.entry(
+                &self.ttl,
+                &file_attr(&a, self.blksize_bytes),
+                Generation(a.generation),
+            ),
+            Err(e) => reply.error(fail(op, &e)),
+        }
+    }
+
+    fn reply_empty(reply: ReplyEmpty, op: &'static str, r: Result<(), NodeError>) {
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(fail(op, &e)),
+        }
+    }
+
+    fn handle(&self, fh: FileHandle) -> Result<(Arc<OpenFile>, bool), NodeError> {
+        self.handles
+            .lock()
+            .get(&fh.0)
+            .map(|h| (h.file.clone(), h.sync))
+            .ok_or(NodeError::BadHandle { fh: fh.0 })
+    }
+
+    fn add_handle(&self, file: Arc<OpenFile>, flags: i32) -> FileHandle {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        let sync = flags & (libc::O_SYNC | libc::O_DSYNC) != 0;
+        self.handles.lock().insert(fh, Handle { file, sync });
+        FileHandle(fh)
+    }
+
+    fn open_flags() -> FopenFlags {
+        FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES
+    }
+}
+
+impl CsvFs {
+    /// A file system over `meta` and `data`, running its work on `pool`'s blocking
+    /// threads. Attributes and entries are cached by the kernel for `ttl` (coordinator
+    /// invalidations end them earlier).
+    pub fn new(
+        meta: Arc<dyn Metadata>,
+        data: Arc<DataPath>,
+        pool: tokio::runtime::Handle,
+        ttl: Duration,
+    ) -> CsvFs {
+        let blksize_bytes = u32::try_from(data.cluster_bytes().min(1 << 20)).unwrap_or(1 << 20);
+        CsvFs {
+            inner: Arc::new(Inner {
+                meta,
+                data,
+                handles: Mutex::new(HashMap::new()),
+                next_fh: AtomicU64::new(1),
+                ttl,
+                blksize_bytes,
+            }),
+            pool,
+        }
+    }
+
+    /// Runs `f` on a worker; the event loop returns at once.
+    fn spawn<F>(&self, op: &'static str, ino: u64, f: F)
+    where
+        F: FnOnce(&Inner) + Send + 'static,
+    {
+        let inner = self.inner.clone();
+        drop(self.pool.spawn_blocking(move || {
+            let span = debug_span!("fuse", op, inode = ino);
+            let _g = span.enter();
+            f(&inner);
+        }));
+    }
+}
+
+impl Filesystem for CsvFs {
+    fn init(&mut self, _req: &fuser::Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        for cap in [
+            InitFlags::FUSE_ASYNC_READ,
+            InitFlags::FUSE_ASYNC_DIO,
+            InitFlags::FUSE_PARALLEL_DIROPS,
+            InitFlags::FUSE_BIG_WRITES,
+            InitFlags::FUSE_MAX_PAGES,
+            InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP,
+            InitFlags::FUSE_HANDLE_KILLPRIV,
+        ] {
+            if let Err(missing) = config.add_capabilities(cap) {
+                tracing::debug!(?missing, "kernel lacks a FUSE capability");
+            }
+        }
+        if let Err(max) = config.set_max_write(MAX_WRITE_BYTES) {
+            let _ = config.set_max_write(max);
+        }
+        let _ = config.set_max_background(128);
+        let _ = config.set_congestion_threshold(96);
+        Ok(())
+    }
+
+    fn lookup(&self, req: &fuser::Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let (uid, gid, name) = (req.uid(), req.gid(), name_bytes(name));
+        self.spawn("lookup", parent.0, move |i| {
+            let r = i
+                .call(
+                    uid,
+                    gid,
+                    Request::Lookup {
+                        parent: InodeId(parent.0),
+                        name,
+                    },
+                )
+                .and_then(|resp| i.attr_of("lookup", resp));
+            match r {
+                Err(NodeError::Fs(FsError::NotFound)) => reply.error(Errno::ENOENT),
+                r => i.reply_entry(reply, "lookup", r),
+            }
+        });
+    }
+
+    fn getattr(
+        &self,
+        req: &fuser::Request,
+        ino: INodeNo,
+        _fh: Option<FileHandle>,
+        reply: ReplyAttr,
+    ) {
+        let (uid, gid) = (req.uid(), req.gid());
+        self.spawn("getattr", ino.0, move |i| {
+            let r = i
+                .call(
+                    uid,
+                    gid,
+                    Request::GetAttr {
+                        ino: InodeId(ino.0),
+                    },
+                )
+                .and_then(|resp| i.attr_of("getattr", resp));
+            match r {
+                Ok(a) => reply.attr(&i.ttl, &file_attr(&a, i.blksize_bytes)),
+                Err(e) => reply.error(fail("getattr", &e)),
+            }
+        });
+    }
+
+    fn setattr(
+        &self,
+        req: &fuser::Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let (cuid, cgid) = (req.uid(), req.gid());
+        let time = |t: TimeOrNow| match t {
+            TimeOrNow::Now => TimeSet::Now,
+            TimeOrNow::SpecificTime(t) => TimeSet::At(timestamp(t)),
+        };
+        let set = SetAttr {
+            perm: mode.map(|m| m & 0o7777),
+            uid,
+            gid,
+            size_bytes: size,
+            atime: atime.map(time),
+            mtime: mtime.map(time),
+        };
+        self.spawn("setattr", ino.0, move |i| {
+            match i.data.set_attr(cuid, cgid, InodeId(ino.0), set) {
+                Ok(a) => reply.attr(&i.ttl, &file_attr(&a, i.blksize_bytes)),
+                Err(e) => reply.error(fail("setattr", &e)),
+            }
+        });
+    }
+
+    fn readlink(&self, req: &fuser::Request, ino: INodeNo, reply: ReplyData) {
+        let (uid, gid) = (req.uid(), req.gid());
+        self.spawn("readlink", ino.0, move |i| {
+            match i.call(
+                uid,
+                gid,
+                Request::ReadLink {
+                    ino: InodeId(ino.0),
+                },
+            ) {
+                Ok(Response::Bytes(b)) => reply.data(&b),
+                Ok(other) => reply.error(fail("readlink", &unexpected("readlink", &other).into())),
+                Err(e) => reply.error(fail("readlink", &e)),
+            }
+        });
+    }
+
+    fn mknod(
+        &self,
+        req: &fuser::Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let Some(kind) = kind_of_mode(mode) else {
+            reply.error(Errno::EINVAL);
+            return;
+        };
+        self.create_node(req, parent, name, kind, mode, rdev, reply, "mknod");
+    }
+
+    fn mkdir(
+        &self,
+        req: &fuser::Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
+        self.create_node(req, parent, name, FileKind::Dir, mode, 0, reply, "mkdir");
+    }
+
+    fn unlink(&self, req: &fuser::Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let (uid, gid, name) = (req.uid(), req.gid(), name_bytes(name));
+        self.spawn("unlink", parent.0, move |i| {
+            let r = i
+                .call(
+                    uid,
+                    gid,
+                    Request::Unlink {
+                        parent: InodeId(parent.0),
+                        name,
+                    },
+                )
+                .map(|_| ());
+            Inner::reply_empty(reply, "unlink", r);
+        });
+    }
+
+    fn rmdir(&self, req: &fuser::Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let (uid, gid, name) = (req.uid(), req.gid(), name_bytes(name));
+        self.spawn("rmdir", parent.0, move |i| {
+            let r = i
+                .call(
+                    uid,
+                    gid,
+                    Request::Rmdir {
+                        parent: InodeId(parent.0),
+                        name,
+                    },
+                )
+                .map(|_| ());
+            Inner::reply_empty(reply, "rmdir", r);
+        });
+    }
+
+    fn symlink(
+        &self,
+        req: &fuser::Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let (uid, gid) = (req.uid(), req.gid());
+        let name = name_bytes(link_name);
+        let target = target.as_os_str().as_bytes().to_vec();
+        self.spawn("symlink", parent.0, move |i| {
+            let r = i
+                .call(
+                    uid,
+                    gid,
+                    Request::Symlink {
+                        parent: InodeId(parent.0),
+                        name,
+                        target,
+                    },
+                )
+                .and_then(|resp| i.attr_of("symlink", resp));
+            i.reply_entry(reply, "symlink", r);
+        });
+    }
+
+    fn rename(
+        &self,
+        req: &fuser::Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        if flags.contains(RenameFlags::RENAME_WHITEOUT) {
+            reply.error(Errno::EINVAL);
+            return;
+        }
+        let wire = WireRenameFlags {
+            noreplace: flags.contains(RenameFlags::RENAME_NOREPLACE),
+            exchange: flags.contains(RenameFlags::RENAME_EXCHANGE),
+        };
+        let (uid, gid) = (req.uid(), req.gid());
+        let (name, new_name) = (name_bytes(name), name_bytes(newname));
+        self.spawn("rename", parent.0, move |i| {
+            let r = i
+                .call(
+                    uid,
+                    gid,
+                    Request::Rename {
+                        parent: InodeId(parent.0),
+                        name,
+                        new_parent: InodeId(newparent.0),
+                        new_name,
+                        flags: wire,
+                    },
+                )
+                .map(|_| ());
+            Inner::reply_empty(reply, "rename", r);
+        });
+    }
+
+    fn link(
+        &self,
+        req: &fuser::Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        let (uid, gid, new_name) = (req.uid(), req.gid(), name_bytes(newname));
+        self.spawn("link", ino.0, move |i| {
+            let r = i
+                .call(
+                    uid,
+                    gid,
+                    Request::Link {
+                        ino: InodeId(ino.0),
+                        new_parent: InodeId(newparent.0),
+                        new_name,
+                    },
+                )
+                .and_then(|resp| i.attr_of("link", resp));
+            i.reply_entry(reply, "link", r);
+        });
+    }
+
+    fn open(&self, req: &fuser::Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let (uid, gid) = (req.uid(), req.gid());
+        let write = !matches!(flags.acc_mode(), OpenAccMode::O_RDONLY);
+        self.spawn("open", ino.0, move |i| {
+            match i.data.open(uid, gid, InodeId(ino.0), write) {
+                Ok((file, _attr)) => {
+                    let fh = i.add_handle(file, flags.0);
+                    reply.opened(fh, Inner::open_flags());
+                }
+                Err(e) => reply.error(fail("open", &e)),
+            }
+        });
+    }
+
+    fn read(
+        &self,
+        req: &fuser::Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let (uid, gid) = (req.uid(), req.gid());
+        self.spawn("read", ino.0, move |i| {
+            let r = i
+                .handle(fh)
+                .and_then(|(f, _)| i.data.read(uid, gid, &f, offset, size));
+            match r {
+                Ok(buf) => reply.data(&buf),
+                Err(e) => reply.error(fail("read", &e)),
+            }
+        });
+    }
+
+    fn write(
+        &self,
+        req: &fuser::Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: fuser::WriteFlags,
+        flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let (uid, gid) = (req.uid(), req.gid());
+        let data = data.to_vec();
+        let flag_sync = flags.0 & (libc::O_SYNC | libc::O_DSYNC) != 0;
+        self.spawn("write", ino.0, move |i| {
+            let r = i
+                .handle(fh)
+                .and_then(|(f, sync)| i.data.write(uid, gid, &f, offset, &data, sync || flag_sync));
+            match r {
+                Ok(n) => reply.written(n),
+                Err(e) => reply.error(fail("write", &e)),
+            }
+        });
+    }
+
+    fn flush(
+        &self,
+        req: &fuser::Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        let (uid, gid) = (req.uid(), req.gid());
+        self.spawn("flush", ino.0, move |i| {
+            let r = i.handle(fh).and_then(|(f, _)| i.data.commit(uid, gid, &f));
+            Inner::reply_empty(reply, "flush", r);
+        });
+    }
+
+    fn release(
+        &self,
+        req: &fuser::Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        let (uid, gid) = (req.uid(), req.gid());
+        self.spawn("release", ino.0, move |i| {
+            let handle = i.handles.lock().remove(&fh.0);
+            let r = match handle {
+                Some(h) => i.data.release(uid, gid, &h.file),
+                None => Err(NodeError::BadHandle { fh: fh.0 }),
+            };
+            Inner::reply_empty(reply, "release", r);
+        });
+    }
+
+    fn fsync(
+        &self,
+        req: &fuser::Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        let (uid, gid) = (req.uid(), req.gid());
+        self.spawn("fsync", ino.0, move |i| {
+            let r = i.handle(fh).and_then(|(f, _)| i.data.fsync(uid, gid, &f));
+            Inner::reply_empty(reply, "fsync", r);
+        });
+    }
+
+    fn opendir(&self, _req: &fuser::Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        reply.opened(FileHandle(0), FopenFlags::empty());
+    }
+
+    fn readdir(
+        &self,
+        req: &fuser::Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let (uid, gid) = (req.uid(), req.gid());
+        self.spawn("readdir", ino.0, move |i| {
+            let mut after = offset;
+            loop {
+                let r = i.call(
+                    uid,
+                    gid,
+                    Request::ReadDir {
+                        ino: InodeId(ino.0),
+                        after_cookie: after,
+                        max_entries: READDIR_BATCH,
+                        plus: false,
+                    },
+                );
+                let entries = match r {
+                    Ok(Response::Entries(e)) => e,
+                    Ok(other) => {
+                        reply.error(fail("readdir", &unexpected("readdir", &other).into()));
+                        return;
+                    }
+                    Err(e) => {
+                        reply.error(fail("readdir", &e));
+                        return;
+                    }
+                };
+                if entries.is_empty() {
+                    break;
+                }
+                for (e, _) in entries {
+                    let name = OsStr::from_bytes(&e.name);
+                    if reply.add(INodeNo(e.ino.0), e.cookie, file_type(e.kind), name) {
+                        reply.ok();
+                        return;
+                    }
+                    after = e.cookie;
+                }
+            }
+            reply.ok();
+        });
+    }
+
+    fn fsyncdir(
+        &self,
+        req: &fuser::Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        let (uid, gid) = (req.uid(), req.gid());
+        self.spawn("fsyncdir", ino.0, move |i| {
+            let r = i
+                .call(
+                    uid,
+                    gid,
+                    Request::Fsync {
+                        ino: InodeId(ino.0),
+                    },
+                )
+                .map(|_| ());
+            Inner::reply_empty(reply, "fsyncdir", r);
+        });
+    }
+
+    fn statfs(&self, req: &fuser::Request, ino: INodeNo, reply: ReplyStatfs) {
+        let (uid, gid) = (req.uid(), req.gid());
+        self.spawn("statfs", ino.0, move |i| {
+            match i.call(uid, gid, Request::StatFs) {
+                Ok(Response::StatFs(s)) => reply.statfs(
+                    s.total_clusters,
+                    s.free_clusters,
+                    s.free_clusters,
+                    s.total_inodes,
+                    s.free_inodes,
+                    s.cluster_size_bytes,
+                    s.max_name_bytes,
+                    s.cluster_size_bytes,
+                ),
+                Ok(other) => reply.error(fail("statfs", &unexpected("statfs", &other).into())),
+                Err(e) => reply.error(fail("statfs", &e)),
+            }
+        });
+    }
+
+    fn setxattr(
+        &self,
+        req: &fuser::Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        let mode = if flags & libc::XATTR_CREATE != 0 {
+            XattrMode::Create
+        } else if flags & libc::XATTR_REPLACE != 0 {
+            XattrMode::Replace
+        } else {
+            XattrMode::Any
+        };
+        let (uid, gid, name, value) = (req.uid(), req.gid(), name_bytes(name), value.to_vec());
+        self.spawn("setxattr", ino.0, move |i| {
+            let r = i
+                .call(
+                    uid,
+                    gid,
+                    Request::SetXattr {
+                        ino: InodeId(ino.0),
+                        name,
+                        value,
+                        mode,
+                    },
+                )
+                .map(|_| ());
+            Inner::reply_empty(reply, "setxattr", r);
+        });
+    }
+
+    fn getxattr(
+        &self,
+        req: &fuser::Request,
+        ino: INodeNo,
+        name: &OsStr,
+        size: u32,
+        reply: ReplyXattr,
+    ) {
+        let (uid, gid, name) = (req.uid(), req.gid(), name_bytes(name));
+        self.spawn("getxattr", ino.0, move |i| {
+            let r = i.call(
+                uid,
+                gid,
+                Request::GetXattr {
+                    ino: InodeId(ino.0),
+                    name,
+                },
+            );
+            match r {
+                Ok(Response::Bytes(b)) => reply_xattr(reply, size, &b),
+                Ok(other) => reply.error(fail("getxattr", &unexpected("getxattr", &other).into())),
+                Err(e) => reply.error(fail("getxattr", &e)),
+            }
+        });
+    }
+
+    fn listxattr(&self, req: &fuser::Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let (uid, gid) = (req.uid(), req.gid());
+        self.spawn("listxattr", ino.0, move |i| {
+            match i.call(
+                uid,
+                gid,
+                Request::ListXattr {
+                    ino: InodeId(ino.0),
+                },
+            ) {
+                Ok(Response::Names(names)) => {
+                    let mut buf = Vec::new();
+                    for n in names {
+                        buf.extend_from_slice(&n);
+                        buf.push(0);
+                    }
+                    reply_xattr(reply, size, &buf);
+                }
+                Ok(other) => {
+                    reply.error(fail("listxattr", &unexpected("listxattr", &other).into()))
+                }
+                Err(e) => reply.error(fail("listxattr", &e)),
+            }
+        });
+    }
+
+    fn removexattr(&self, req: &fuser::Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let (uid, gid, name) = (req.uid(), req.gid(), name_bytes(name));
+        self.spawn("removexattr", ino.0, move |i| {
+            let r = i
+                .call(
+                    uid,
+                    gid,
+                    Request::RemoveXattr {
+                        ino: InodeId(ino.0),
+                        name,
+                    },
+                )
+                .map(|_| ());
+            Inner::reply_empty(reply, "removexattr", r);
+        });
+    }
+
+    fn access(&self, _req: &fuser::Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        // The kernel checks permissions itself (default_permissions).
+        reply.ok();
+    }
+
+    fn create(
+        &self,
+        req: &fuser::Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let (uid, gid, name) = (req.uid(), req.gid(), name_bytes(name));
+        let exclusive = flags & libc::O_EXCL != 0;
+        let truncate = flags & libc::O_TRUNC != 0;
+        let write = flags & libc::O_ACCMODE != libc::O_RDONLY;
+        self.spawn("create", parent.0, move |i| {
+            let r = (|| {
+                let resp = i.call(
+                    uid,
+                    gid,
+                    Request::Create {
+                        parent: InodeId(parent.0),
+                        name,
+                        kind: FileKind::File,
+                        perm: mode & 0o7777,
+                        rdev: 0,
+                        exclusive,
+                    },
+                )?;
+                let attr = i.attr_of("create", resp)?;
+                if attr.kind != FileKind::File {
+                    return Err(NodeError::Fs(FsError::IsDir));
+                }
+                if truncate && attr.size_bytes > 0 {
+                    let set = SetAttr {
+                        size_bytes: Some(0),
+                        ..SetAttr::default()
+                    };
+                    i.data.set_attr(uid, gid, attr.ino, set)?;
+                }
+                let (file, attr) = i.data.open(uid, gid, attr.ino, write)?;
+                Ok((i.add_handle(file, flags), attr))
+            })();
+            match r {
+                Ok((fh, a)) => reply.created(
+                    &i.ttl,
+                    &file_attr(&a, i.blksize_bytes),
+                    Generation(a.generation),
+                    fh,
+                    Inner::open_flags(),
+                ),
+                Err(e) => reply.error(fail("create", &e)),
+            }
+        });
+    }
+
+    fn fallocate(
+        &self,
+        req: &fuser::Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        let keep = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
+        let rest = mode & !libc::FALLOC_FL_KEEP_SIZE;
+        let fmode = match rest {
+            0 if keep => FallocMode::KeepSize,
+            0 => FallocMode::Allocate,
+            libc::FALLOC_FL_PUNCH_HOLE if keep => FallocMode::PunchHole,
+            libc::FALLOC_FL_ZERO_RANGE => FallocMode::ZeroRange,
+            _ => {
+                reply.error(Errno::from_i32(errno_of(&NodeError::Unsupported {
+                    what: "this fallocate mode",
+                })));
+                return;
+            }
+        };
+        let (uid, gid) = (req.uid(), req.gid());
+        self.spawn("fallocate", ino.0, move |i| {
+            let r = i
+                .data
+                .fallocate(uid, gid, InodeId(ino.0), offset, length, fmode)
+                .map(|_| ());
+            Inner::reply_empty(reply, "fallocate", r);
+        });
+    }
+
+    fn lseek(
+        &self,
+        req: &fuser::Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        let target = match whence {
+            libc::SEEK_DATA => SeekTarget::Data,
+            libc::SEEK_HOLE => SeekTarget::Hole,
+            _ => {
+                reply.error(Errno::EINVAL);
+                return;
+            }
+        };
+        let Ok(offset) = u64::try_from(offset) else {
+            reply.error(Errno::ENXIO);
+            return;
+        };
+        let (uid, gid) = (req.uid(), req.gid());
+        self.spawn("lseek", ino.0, move |i| {
+            let r = i
+                .handle(fh)
+                .and_then(|(f, _)| i.data.seek(uid, gid, &f, offset, target));
+            match r.map(i64::try_from) {
+                Ok(Ok(pos)) => reply.offset(pos),
+                Ok(Err(_)) => reply.error(Errno::EOVERFLOW),
+                Err(e) => reply.error(fail("lseek", &e)),
+            }
+        });
+    }
+}
+
+impl CsvFs {
+    #[allow(clippy::too_many_arguments)]
+    fn create_node(
+        &self,
+        req: &fuser::Request,
+        parent: INodeNo,
+        name: &OsStr,
+        kind: FileKind,
+        mode: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+        op: &'static str,
+    ) {
+        let (uid, gid, name) = (req.uid(), req.gid(), name_bytes(name));
+        self.spawn(op, parent.0, move |i| {
+            let r = i
+                .call(
+                    uid,
+                    gid,
+                    Request::Create {
+                        parent: InodeId(parent.0),
+                        name,
+                        kind,
+                        perm: mode & 0o7777,
+                        rdev,
+                        exclusive: true,
+                    },
+                )
+                .and_then(|resp| i.attr_of(op, resp));
+            i.reply_entry(reply, op, r);
+        });
+    }
+}
+
+fn reply_xattr(reply: ReplyXattr, size: u32, value: &[u8]) {
+    let Ok(len) = u32::try_from(value.len()) else {
+        reply.error(Errno::E2BIG);
+        return;
+    };
+    if size == 0 {
+        reply.size(len);
+    } else if len > size {
+        reply.error(Errno::ERANGE);
+    } else {
+        reply.data(value);
+    }
+}
+
+/// One kernel cache invalidation.
+#[derive(Debug)]
+enum KernelInval {
+    Inode(InodeId),
+    Entry(InodeId, Vec<u8>),
+}
+
+/// Turns coordinator invalidations into data-path and kernel cache invalidations.
+///
+/// The kernel applies an entry invalidation under the directory's lock; if a request of
+/// this node holds that lock while it waits for the coordinator, and the coordinator
+/// waits for this invalidation, applying it inline would deadlock. So invalidations go to
+/// one thread, and the caller waits for each at most [`INVALIDATION_WAIT`].
+#[derive(Debug)]
+pub struct Invalidator {
+    notifier: Arc<OnceLock<Notifier>>,
+    data: OnceLock<Arc<DataPath>>,
+    tx: Mutex<mpsc::Sender<(KernelInval, mpsc::SyncSender<()>)>>,
+}
+
+impl Invalidator {
+    /// A new invalidator with its worker thread. Kernel invalidations start once
+    /// [`Invalidator::set_notifier`] is called; until then the kernel has nothing cached.
+    pub fn new() -> std::io::Result<Arc<Invalidator>> {
+        let (tx, rx) = mpsc::channel::<(KernelInval, mpsc::SyncSender<()>)>();
+        let notifier: Arc<OnceLock<Notifier>> = Arc::new(OnceLock::new());
+        let n = notifier.clone();
+        std::thread::Builder::new()
+            .name("invalidate".into())
+            .spawn(move || {
+                for (inv, done) in rx {
+                    if let Some(n) = n.get() {
+                        let r = match &inv {
+                            KernelInval::Inode(ino) => n.inval_inode(INodeNo(ino.0), 0, 0),
+                            KernelInval::Entry(parent, name) => {
+                                n.inval_entry(INodeNo(parent.0), OsStr::from_bytes(name))
+                            }
+                        };
+                        // ENOENT: the kernel had nothing cached; not a problem.
+                        if let Err(e) = r {
+                            if e.raw_os_error() != Some(libc::ENOENT) {
+                                tracing::debug!(?inv, error = %e, "kernel invalidation failed");
+                            }
+                        }
+                    }
+                    let _ = done.try_send(());
+                }
+            })?;
+        Ok(Arc::new(Invalidator {
+            notifier,
+            data: OnceLock::new(),
+            tx: Mutex::new(tx),
+        }))
+    }
+
+    /// Starts sending kernel invalidations through `notifier`.
+    pub fn set_notifier(&self, notifier: Notifier) {
+        let _ = self.notifier.set(notifier);
+    }
+
+    /// Starts invalidating the layouts of `data`'s open files.
+    pub fn set_data(&self, data: Arc<DataPath>) {
+        let _ = self.data.set(data);
+    }
+
+    fn send(&self, inv: KernelInval) {
+        let (done_tx, done_rx) = mpsc::sync_channel(1);
+        if self.tx.lock().send((inv, done_tx)).is_err() {
+            warn!("invalidation thread is gone");
+            return;
+        }
+        let _ = done_rx.recv_timeout(INVALIDATION_WAIT);
+    }
+
+    /// The inode's attributes, layout or contents changed elsewhere.
+    pub fn inode(&self, ino: InodeId) {
+        if let Some(d) = self.data.get() {
+            d.invalidate(ino);
+        }
+        self.send(KernelInval::Inode(ino));
+    }
+
+    /// The name `name` in directory `parent` changed elsewhere.
+    pub fn entry(&self, parent: InodeId, name: &[u8]) {
+        self.send(KernelInval::Entry(parent, name.to_vec()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_round_trip() {
+        for t in [
+            Timestamp { secs: 0, nanos: 0 },
+            Timestamp {
+                secs: 1_700_000_000,
+                nanos: 123,
+            },
+            Timestamp {
+                secs: -5,
+                nanos: 500,
+            },
+        ] {
+            assert_eq!(timestamp(systime(t)), t);
+        }
+    }
+
+    #[test]
+    fn mode_kinds() {
+        assert_eq!(kind_of_mode(libc::S_IFIFO | 0o644), Some(FileKind::Fifo));
+        assert_eq!(kind_of_mode(0o644), Some(FileKind::File));
+        assert_eq!(kind_of_mode(libc::S_IFLNK), None);
+    }
+}

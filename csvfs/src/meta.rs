@@ -1,0 +1,17 @@
+//! How the node reaches the metadata service: one blocking call per request, made from
+//! many threads at once. The real implementation is the metadata client stub connected to
+//! the coordinator; unit tests plug in an in-memory store.
+
+use metadata_server::proto::{Request, Response};
+use metadata_server::types::FsError;
+
+/// A metadata service the node sends its requests to.
+pub trait Metadata: Send + Sync {
+    /// Runs `req` with the credentials of the calling process and waits for the answer.
+    fn call(&self, uid: u32, gid: u32, req: Request) -> Result<Response, FsError>;
+}
+
+/// An answer of the wrong kind for its request: a protocol bug on the other side.
+pub fn unexpected(what: &str, got: &Response) -> FsError {
+    FsError::Io(format!("unexpected answer to {what}: {got:?}"))
+}
