@@ -47,7 +47,7 @@ pub enum Command {
         /// Default: 8M.
         #[arg(long, default_value = "8M", value_parser = parse_size)]
         dirty: u64,
-        /// Test guest: pages per second it rewrites; 0 = idle, `max` = as fast as it can.
+        /// Test guest: pages per second it rewrites; 0 = idle, `max` (10^9) = as fast as it can.
         /// Default: 2000.
         #[arg(long, default_value = "2000", value_parser = parse_rate)]
         dirty_rate: u64,
@@ -94,6 +94,9 @@ pub enum Command {
         /// Debug: both sides dump guest RAM at switch-over into DIR (src.ram, dst.ram).
         #[arg(long)]
         debug_dump_dir: Option<PathBuf>,
+        /// Cap on the migration stream in MB/s, as on a slower link; 0 = none. Default: 0.
+        #[arg(long, default_value_t = 0)]
+        max_bandwidth_mbps: u64,
     },
     /// Wait for one incoming migration on ADDR, then run the VM from `<volume>/<name>`.
     Receive {
@@ -133,7 +136,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 
 fn parse_rate(s: &str) -> Result<u64, String> {
     if s == "max" {
-        return Ok(u64::MAX);
+        return Ok(1_000_000_000);
     }
     s.parse().map_err(|_| format!("bad rate {s:?}"))
 }

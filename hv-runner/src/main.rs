@@ -106,6 +106,7 @@ fn main() -> Result<()> {
             max_rounds,
             on_no_converge,
             debug_dump_dir,
+            max_bandwidth_mbps,
         } => {
             let opts = migration::MigrateOptions {
                 to,
@@ -113,6 +114,7 @@ fn main() -> Result<()> {
                 max_rounds,
                 on_no_converge,
                 debug_dump_dir,
+                max_bandwidth_mbps,
             };
             let reply =
                 runner::request(&cli.runtime_dir, &name, &Request::Migrate(opts), &mut |p| {

@@ -126,6 +126,9 @@ pub struct MigrateOptions {
     pub on_no_converge: NoConverge,
     /// Debug: dump RAM on both sides at switch-over into this directory.
     pub debug_dump_dir: Option<PathBuf>,
+    /// Cap on the stream rate in MB/s (0 = none), like a slower link.
+    #[serde(default)]
+    pub max_bandwidth_mbps: u64,
 }
 
 /// Figures of a finished migration.
@@ -155,6 +158,8 @@ struct Out<W: Write> {
     pages: u64,
     zeros: u64,
     buf: Box<[u8; PAGE_SIZE]>,
+    limit_bytes_per_s: u64,
+    t0: Instant,
 }
 
 impl<W: Write> Out<W> {
@@ -165,10 +170,21 @@ impl<W: Write> Out<W> {
             pages: 0,
             zeros: 0,
             buf: Box::new([0; PAGE_SIZE]),
+            limit_bytes_per_s: 0,
+            t0: Instant::now(),
         }
     }
     fn put(&mut self, b: &[u8]) -> Result<(), MigrateError> {
         self.bytes += b.len() as u64;
+        if self.limit_bytes_per_s > 0 {
+            let allowed = self.limit_bytes_per_s as f64 * self.t0.elapsed().as_secs_f64();
+            let ahead = self.bytes as f64 - allowed;
+            if ahead > 65536.0 {
+                std::thread::sleep(Duration::from_secs_f64(
+                    ahead / self.limit_bytes_per_s as f64,
+                ));
+            }
+        }
         self.w.write_all(b).map_err(io_err("send"))
     }
     fn json<T: Serialize>(&mut self, tag: u8, v: &T) -> Result<(), MigrateError> {
@@ -297,6 +313,7 @@ pub fn migrate(
         .map_err(io_err("connect"))?;
     let mut reader = BufReader::new(stream.try_clone().map_err(io_err("connect"))?);
     let mut out = Out::new(stream);
+    out.limit_bytes_per_s = opts.max_bandwidth_mbps.saturating_mul(1_000_000);
     let hello = Hello {
         vm_name: vm.dir.name.clone(),
         config: vm.cfg.clone(),
@@ -357,7 +374,7 @@ fn precopy_and_switch<W: Write>(
     }
     out.flush().map_err(f)?;
     let pass_s = t.elapsed().as_secs_f64();
-    let mut bw = if out.bytes > (4 << 20) {
+    let mut bw = if out.bytes > (256 << 10) && pass_s > 0.0 {
         out.bytes as f64 / pass_s
     } else {
         1e9
@@ -419,8 +436,8 @@ fn precopy_and_switch<W: Write>(
         out.flush().map_err(f)?;
         let sent = out.bytes - before;
         let el = t.elapsed().as_secs_f64();
-        if sent > (1 << 20) && el > 0.0 {
-            bw = bw.max(sent as f64 / el);
+        if sent > (256 << 10) && el > 0.0 {
+            bw = sent as f64 / el;
         }
         progress(&format!(
             "round {rounds}: {n} dirty pages, {} KB in {:.1} ms, expected downtime {:.1} ms",

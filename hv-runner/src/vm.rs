@@ -105,7 +105,7 @@ pub struct VmConfig {
     pub image: String,
     /// Test guest: MiB of RAM (from 2 MiB) rewritten continuously; 0 = none. Default: 8.
     pub dirty_mib: u64,
-    /// Test guest: pages per second it rewrites; 0 = idle, u64::MAX = as fast as it can.
+    /// Test guest: pages per second it rewrites; 0 = idle, 10^9 = as fast as it can.
     /// Default: 2000.
     pub dirty_pages_per_sec: u64,
     /// Test guest: fill all RAM above 2 MiB with a pattern at boot. Default: false.

@@ -1,0 +1,556 @@
+#![allow(clippy::tests_outside_test_module)]
+#![allow(clippy::unwrap_used)] // test helpers: a failed unwrap is a failed test
+//! hv-runner end to end: the real binary as processes on one machine, VMs in a temporary
+//! "volume" directory. Live migration there and back (serial sequence, disk records,
+//! memory checks, RAM compared byte for byte at switch-over), a destination killed
+//! mid-migration, save/restore across processes, the owner record, and the convergence
+//! policy. Guests are small (64-128 MiB) so the file runs in seconds.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// KVM guests are CPU-bound and the machine is small: run one test at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Path of the hv-runner binary, built once for this profile.
+fn bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let exe = std::env::current_exe().unwrap();
+        let profile_dir = exe.parent().unwrap().parent().unwrap().to_owned();
+        let release = profile_dir.file_name().is_some_and(|n| n == "release");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "-q", "-p", "hv-runner", "--bin", "hv-runner"]);
+        if release {
+            cmd.arg("--release");
+        }
+        let target_dir = profile_dir.parent().unwrap();
+        cmd.env("CARGO_TARGET_DIR", target_dir);
+        let st = cmd.status().unwrap();
+        assert!(st.success(), "building hv-runner failed");
+        let p = profile_dir.join("hv-runner");
+        assert!(p.exists(), "{} missing", p.display());
+        p
+    })
+}
+
+struct Env {
+    root: PathBuf,
+    volume: PathBuf,
+}
+
+impl Env {
+    fn new(name: &str) -> Self {
+        let root = std::env::temp_dir().join(format!("hvtest-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let volume = root.join("volume");
+        std::fs::create_dir_all(&volume).unwrap();
+        Self { root, volume }
+    }
+    fn rt(&self, node: &str) -> PathBuf {
+        self.root.join(format!("run-{node}"))
+    }
+    fn cmd(&self, node: &str) -> Command {
+        let mut c = Command::new(bin());
+        c.env("HV_RUNNER_RUNTIME_DIR", self.rt(node))
+            .env("HV_RUNNER_NODE", node)
+            .env("RUST_LOG", "info");
+        c
+    }
+    fn output(&self, node: &str, args: &[&str]) -> Output {
+        self.cmd(node).args(args).output().unwrap()
+    }
+    fn ok(&self, node: &str, args: &[&str]) -> String {
+        let o = self.output(node, args);
+        assert!(
+            o.status.success(),
+            "hv-runner {args:?} failed: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+    fn vm_dir(&self, name: &str) -> PathBuf {
+        self.volume.join(name)
+    }
+    fn create(&self, name: &str, extra: &[&str]) {
+        let v = self.volume.to_str().unwrap().to_owned();
+        let mut args = vec!["create", "--volume", &v, "--name", name];
+        args.extend_from_slice(extra);
+        self.ok("a", &args);
+    }
+    fn run(&self, node: &str, name: &str) -> Proc {
+        let dir = self.vm_dir(name);
+        let child = self
+            .cmd(node)
+            .arg("run")
+            .arg(&dir)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(self.root.join(format!("{node}-run.log"))).unwrap())
+            .spawn()
+            .unwrap();
+        let p = Proc { child };
+        let sock = self.rt(node).join(format!("{name}.sock"));
+        wait_for(Duration::from_secs(20), "control socket", || sock.exists());
+        p
+    }
+    /// Starts `receive` on an ephemeral port; returns the process, its address and its
+    /// stderr reader.
+    fn receive(&self, node: &str) -> (Proc, String, BufReader<std::process::ChildStderr>) {
+        let mut child = self
+            .cmd(node)
+            .args(["receive", "--listen", "127.0.0.1:0", "--volume"])
+            .arg(&self.volume)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        let addr = line
+            .strip_prefix("listening ")
+            .unwrap_or_else(|| panic!("unexpected receive output {line:?}"))
+            .trim()
+            .to_owned();
+        // Keep stdout drained so the process never blocks on it.
+        std::thread::spawn(move || for _ in out.lines() {});
+        let err = BufReader::new(child.stderr.take().unwrap());
+        (Proc { child }, addr, err)
+    }
+    fn console(&self, name: &str) -> String {
+        std::fs::read_to_string(self.vm_dir(name).join("console.log")).unwrap_or_default()
+    }
+    fn last_seq(&self, name: &str) -> Option<u64> {
+        seqs(&self.console(name)).last().copied()
+    }
+    fn wait_seq(&self, name: &str, at_least: u64) {
+        wait_for(Duration::from_secs(30), &format!("seq {at_least}"), || {
+            self.last_seq(name).is_some_and(|s| s >= at_least)
+        });
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.root);
+        }
+    }
+}
+
+/// A child process killed (SIGKILL) and reaped on drop.
+struct Proc {
+    child: Child,
+}
+
+impl Proc {
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+    /// Waits for exit with a deadline; returns success.
+    fn wait_exit(&mut self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st.success();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "process {} did not exit",
+                self.child.id()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    fn running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn wait_for(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn seqs(console: &str) -> Vec<u64> {
+    console
+        .lines()
+        .filter_map(|l| l.strip_prefix("seq="))
+        .map(|s| s.trim().parse().unwrap())
+        .collect()
+}
+
+/// Console: heartbeats 0..n without gap or repeat, no memory or disk failure reported.
+fn check_console(console: &str) -> u64 {
+    for l in console.lines() {
+        assert!(
+            !l.contains("MEMFAIL") && !l.contains("DISKFAIL"),
+            "guest reported: {l}"
+        );
+    }
+    let s = seqs(console);
+    for (i, &v) in s.iter().enumerate() {
+        assert_eq!(v, i as u64, "heartbeat sequence broken at line {i}: {s:?}");
+    }
+    s.len() as u64
+}
+
+fn mix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// Disk: a valid record for every heartbeat 0..n (records are written before the
+/// heartbeat line is printed).
+fn check_disk(disk: &Path, n: u64) {
+    const MAGIC: u64 = 0x5245_434f_5244_5631;
+    let d = std::fs::read(disk).unwrap();
+    let sectors = d.len() as u64 / 512;
+    assert!(n < sectors, "test wrote more records than the disk holds");
+    let mut found = 0;
+    for (i, sec) in d.chunks_exact(512).enumerate() {
+        let w: Vec<u64> = sec
+            .chunks_exact(8)
+            .map(|b| u64::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        if w[0] != MAGIC {
+            continue;
+        }
+        let seq = w[1];
+        assert_eq!(seq % sectors, i as u64, "record {seq} in wrong sector {i}");
+        let mut sum = MAGIC ^ seq;
+        for (k, &v) in w.iter().enumerate().take(63).skip(2) {
+            assert_eq!(v, mix(seq * 64 + k as u64), "record {seq} word {k} corrupt");
+            sum = mix(sum ^ v);
+        }
+        assert_eq!(w[63], sum, "record {seq} checksum");
+        found += 1;
+    }
+    assert!(
+        found >= n,
+        "only {found} records on disk for {n} heartbeats"
+    );
+}
+
+fn migrate(env: &Env, node: &str, name: &str, to: &str, extra: &[&str]) -> Output {
+    let mut args = vec!["migrate", name, "--to", to];
+    args.extend_from_slice(extra);
+    env.output(node, &args)
+}
+
+fn report(o: &Output) -> serde_json::Value {
+    assert!(
+        o.status.success(),
+        "migrate failed: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let text = String::from_utf8_lossy(&o.stdout);
+    let json = text.lines().find(|l| l.starts_with('{')).unwrap();
+    serde_json::from_str(json).unwrap()
+}
+
+fn same_ram(dump: &Path) {
+    let a = std::fs::read(dump.join("src.ram")).unwrap();
+    let b = std::fs::read(dump.join("dst.ram")).unwrap();
+    assert_eq!(a.len(), b.len());
+    if let Some(i) = a.iter().zip(&b).position(|(x, y)| x != y) {
+        panic!("destination RAM differs from source RAM at byte {i:#x}");
+    }
+    // The guest really ran: its filled/dirtied area is not all zero.
+    assert!(a[0x20_0000..].iter().any(|&x| x != 0), "guest RAM is empty");
+    std::fs::remove_file(dump.join("src.ram")).unwrap();
+    std::fs::remove_file(dump.join("dst.ram")).unwrap();
+}
+
+#[test]
+fn live_migration_there_and_back_keeps_guest_intact() {
+    let _s = serial();
+    let env = Env::new("there-and-back");
+    env.create(
+        "vm1",
+        &[
+            "--memory",
+            "64M",
+            "--dirty",
+            "16M",
+            "--dirty-rate",
+            "max",
+            "--fill",
+            "--heartbeat-ms",
+            "10",
+        ],
+    );
+    let mut a = env.run("a", "vm1");
+    env.wait_seq("vm1", 20);
+
+    // A second runner on another "node" is refused while the VM runs.
+    let o = env.output("b", &["run", env.vm_dir("vm1").to_str().unwrap()]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("is running on node a"),
+        "unexpected refusal: {err}"
+    );
+
+    let dump = env.root.join("dump");
+    std::fs::create_dir_all(&dump).unwrap();
+    let dump_s = dump.to_str().unwrap().to_owned();
+    let (mut b, addr_b, _eb) = env.receive("b");
+    let r = report(&migrate(
+        &env,
+        "a",
+        "vm1",
+        &addr_b,
+        &["--debug-dump-dir", &dump_s],
+    ));
+    assert!(r["downtime_ms"].as_f64().unwrap() > 0.0);
+    assert!(
+        r["pages_sent"].as_u64().unwrap() > 16 * 256,
+        "filled guest sent too few pages: {r}"
+    );
+    assert!(
+        a.wait_exit(Duration::from_secs(10)),
+        "source runner failed after migration"
+    );
+    same_ram(&dump);
+    let owner = std::fs::read_to_string(env.vm_dir("vm1").join("owner.toml")).unwrap();
+    assert!(
+        owner.contains("node = \"b\""),
+        "owner after migration: {owner}"
+    );
+
+    let s = env.last_seq("vm1").unwrap();
+    env.wait_seq("vm1", s + 20);
+    assert!(b.running());
+
+    // And back, to a fresh runner on node a.
+    let (mut a2, addr_a, _ea) = env.receive("a");
+    let r = report(&migrate(
+        &env,
+        "b",
+        "vm1",
+        &addr_a,
+        &["--debug-dump-dir", &dump_s],
+    ));
+    assert!(r["total_ms"].as_f64().unwrap() > 0.0);
+    assert!(
+        b.wait_exit(Duration::from_secs(10)),
+        "runner b failed after migration"
+    );
+    same_ram(&dump);
+    let s = env.last_seq("vm1").unwrap();
+    env.wait_seq("vm1", s + 20);
+    env.ok("a", &["stop", "vm1"]);
+    assert!(a2.wait_exit(Duration::from_secs(10)));
+    assert!(
+        !env.vm_dir("vm1").join("owner.toml").exists(),
+        "owner record left after stop"
+    );
+
+    let n = check_console(&env.console("vm1"));
+    assert!(n >= 60, "only {n} heartbeats");
+    check_disk(&env.vm_dir("vm1").join("disk.img"), n);
+}
+
+#[test]
+fn destination_killed_mid_migration_leaves_vm_on_source() {
+    let _s = serial();
+    let env = Env::new("dest-killed");
+    env.create(
+        "vm2",
+        &[
+            "--memory",
+            "256M",
+            "--dirty",
+            "8M",
+            "--fill",
+            "--heartbeat-ms",
+            "10",
+        ],
+    );
+    let mut a = env.run("a", "vm2");
+    wait_for(Duration::from_secs(60), "fill", || {
+        env.console("vm2").contains("fill done")
+    });
+    env.wait_seq("vm2", 5);
+
+    let (mut b, addr_b, mut eb) = env.receive("b");
+    let vol = env.volume.clone();
+    let mig = std::thread::spawn({
+        let bin = bin().to_owned();
+        let rt = env.rt("a");
+        move || {
+            let _ = vol;
+            Command::new(bin)
+                .env("HV_RUNNER_RUNTIME_DIR", rt)
+                .env("HV_RUNNER_NODE", "a")
+                .args(["migrate", "vm2", "--to", &addr_b])
+                .output()
+                .unwrap()
+        }
+    });
+    // Kill the destination as soon as it has accepted the VM (during the full pass).
+    let mut line = String::new();
+    loop {
+        line.clear();
+        assert!(eb.read_line(&mut line).unwrap() > 0, "receiver ended early");
+        if line.contains("incoming vm") {
+            break;
+        }
+    }
+    b.kill();
+    let o = mig.join().unwrap();
+    assert!(
+        !o.status.success(),
+        "migration to a killed destination reported success"
+    );
+    assert!(a.running(), "source runner died");
+
+    // The guest keeps running on the source.
+    let s = env.last_seq("vm2").unwrap();
+    env.wait_seq("vm2", s + 10);
+    let st = env.ok("a", &["status", "vm2"]);
+    assert!(st.contains("running"), "status: {st}");
+    let owner = std::fs::read_to_string(env.vm_dir("vm2").join("owner.toml")).unwrap();
+    assert!(owner.contains("node = \"a\""), "owner: {owner}");
+
+    // A later migration succeeds.
+    let (mut c, addr_c, _ec) = env.receive("c");
+    report(&migrate(&env, "a", "vm2", &addr_c, &[]));
+    assert!(a.wait_exit(Duration::from_secs(10)));
+    let s = env.last_seq("vm2").unwrap();
+    env.wait_seq("vm2", s + 10);
+    env.ok("c", &["stop", "vm2"]);
+    assert!(c.wait_exit(Duration::from_secs(10)));
+    let n = check_console(&env.console("vm2"));
+    check_disk(&env.vm_dir("vm2").join("disk.img"), n);
+}
+
+#[test]
+fn save_on_one_node_restore_on_another() {
+    let _s = serial();
+    let env = Env::new("save-restore");
+    env.create(
+        "vm3",
+        &["--memory", "64M", "--dirty", "8M", "--heartbeat-ms", "10"],
+    );
+    let mut a = env.run("a", "vm3");
+    env.wait_seq("vm3", 15);
+    env.ok("a", &["save", "vm3"]);
+    assert!(a.wait_exit(Duration::from_secs(10)));
+    let dir = env.vm_dir("vm3");
+    assert!(dir.join("state.hvm").exists());
+    let saved_at = env.last_seq("vm3").unwrap();
+
+    // `run` refuses a VM with a saved state; `restore` on node b resumes it.
+    let o = env.output("b", &["run", dir.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("saved state"));
+    let child = env
+        .cmd("b")
+        .arg("restore")
+        .arg(&dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut b = Proc { child };
+    env.wait_seq("vm3", saved_at + 15);
+    assert!(
+        !dir.join("state.hvm").exists(),
+        "state file kept after restore"
+    );
+    env.ok("b", &["stop", "vm3"]);
+    assert!(b.wait_exit(Duration::from_secs(10)));
+    let n = check_console(&env.console("vm3"));
+    check_disk(&dir.join("disk.img"), n);
+}
+
+#[test]
+fn non_converging_guest_is_cancelled_or_throttled() {
+    let _s = serial();
+    let env = Env::new("converge");
+    env.create(
+        "vm4",
+        &[
+            "--memory",
+            "64M",
+            "--dirty",
+            "4M",
+            "--dirty-rate",
+            "max",
+            "--heartbeat-ms",
+            "10",
+        ],
+    );
+    let mut a = env.run("a", "vm4");
+    env.wait_seq("vm4", 10);
+
+    // On a 4 MB/s link the guest (rewriting 2 MiB continuously) dirties faster than the
+    // link carries pages: the migration must be cancelled within 5 rounds or 10 s.
+    let (_b, addr_b, _eb) = env.receive("b");
+    let t = Instant::now();
+    let o = migrate(&env, "a", "vm4", &addr_b, &["--max-bandwidth-mbps", "4"]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("does not converge"), "unexpected error: {err}");
+    assert!(
+        t.elapsed() < Duration::from_secs(12),
+        "detection took {:?}",
+        t.elapsed()
+    );
+    assert!(a.running());
+    let s = env.last_seq("vm4").unwrap();
+    env.wait_seq("vm4", s + 5);
+
+    // With throttling the same migration completes (stop-and-copy at the round cap).
+    let (mut c, addr_c, _ec) = env.receive("c");
+    let r = report(&migrate(
+        &env,
+        "a",
+        "vm4",
+        &addr_c,
+        &[
+            "--max-bandwidth-mbps",
+            "6",
+            "--on-no-converge",
+            "throttle",
+            "--max-rounds",
+            "8",
+        ],
+    ));
+    assert!(
+        r["throttle_pct"].as_u64().unwrap() > 0,
+        "no throttling reported: {r}"
+    );
+    assert!(a.wait_exit(Duration::from_secs(10)));
+    let s = env.last_seq("vm4").unwrap();
+    env.wait_seq("vm4", s + 5);
+    env.ok("c", &["stop", "vm4"]);
+    assert!(c.wait_exit(Duration::from_secs(10)));
+    check_console(&env.console("vm4"));
+}
