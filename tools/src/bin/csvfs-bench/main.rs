@@ -1,0 +1,39 @@
+//! `csvfs-bench`: prints measured figures side by side with a baseline measured in the same
+//! run on the same machine. One subcommand per benchmark, each in its own module:
+//! `lun` (block layer: our NBD client and server against fio and nbdkit).
+#![forbid(unsafe_code)]
+
+mod lun;
+mod output;
+
+use clap::{Parser, Subcommand};
+
+/// csvfs benchmarks: each prints our figures next to a baseline from the same run.
+#[derive(Debug, Parser)]
+#[command(name = "csvfs-bench", version)]
+struct Cli {
+    /// The benchmark to run.
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// One benchmark per subcommand.
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// The LUN path: fio's nbd engine and our NBD client against nbdkit's file plugin, and
+    /// fio against our NBD server.
+    Lun(lun::LunArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Lun(args) => lun::run(&args),
+    }
+}
