@@ -591,8 +591,9 @@ impl DataPath {
         first
     }
 
-    /// setattr. A size change commits this node's pending writes first and zeroes the
-    /// tail of the last cluster past the new end, so a later extension reads zeros.
+    /// setattr. A size change commits this node's pending writes first; the coordinator
+    /// zeroes the written tail of the last cluster past a smaller end (FORMAT.md,
+    /// unwritten rule), so a later extension reads zeros.
     pub fn set_attr(
         &self,
         uid: u32,
@@ -616,10 +617,6 @@ impl DataPath {
         let Response::Attr(attr) = resp else {
             return Err(unexpected("setattr", &resp).into());
         };
-        if new_size % self.cluster_bytes != 0 {
-            let tail_end = align_up(new_size, self.cluster_bytes);
-            self.zero_written(uid, gid, ino, new_size, tail_end)?;
-        }
         if let Some(f) = &file {
             let mut st = f.state.lock();
             st.map
@@ -631,48 +628,8 @@ impl DataPath {
         Ok(attr)
     }
 
-    /// Writes zeros on the LUN over the written clusters of `[start, end)` of `ino`.
-    fn zero_written(
-        &self,
-        uid: u32,
-        gid: u32,
-        ino: InodeId,
-        start: u64,
-        end: u64,
-    ) -> Result<(), NodeError> {
-        let resp = self.meta.call(
-            uid,
-            gid,
-            Request::GetExtents {
-                ino,
-                offset_bytes: start,
-                len_bytes: end - start,
-            },
-        )?;
-        let Response::Mapped { extents, .. } = resp else {
-            return Err(unexpected("get extents", &resp).into());
-        };
-        let mut map = ExtentMap::new();
-        for e in extents {
-            map.insert(e);
-        }
-        let mut zeroed = false;
-        for p in map.pieces(start, end) {
-            if let Backing::Written { lun_offset_bytes } = p.backing {
-                self.lun
-                    .write_zeroes(lun_offset_bytes, p.len_bytes)
-                    .map_err(NodeError::lun("zero range"))?;
-                zeroed = true;
-            }
-        }
-        if zeroed {
-            self.lun.flush().map_err(NodeError::lun("flush"))?;
-        }
-        Ok(())
-    }
-
-    /// fallocate. Punch-hole and zero-range also zero, on the LUN, the written parts of
-    /// the range the coordinator kept allocated (partial clusters at the edges).
+    /// fallocate. Commits this node's pending writes first; the coordinator zeroes the
+    /// written partial clusters at the edges of a punch-hole or zero-range (FORMAT.md).
     pub fn fallocate(
         &self,
         uid: u32,
@@ -700,10 +657,6 @@ impl DataPath {
         let Response::Attr(attr) = resp else {
             return Err(unexpected("fallocate", &resp).into());
         };
-        if matches!(mode, FallocMode::PunchHole | FallocMode::ZeroRange) {
-            let end = offset_bytes.saturating_add(len_bytes);
-            self.zero_written(uid, gid, ino, offset_bytes, end)?;
-        }
         if let Some(f) = &file {
             let mut st = f.state.lock();
             st.attr = attr.clone();
@@ -782,9 +735,12 @@ pub(crate) mod tests {
 
     /// An in-memory metadata store for files only: enough of the contract to drive the
     /// data path (open, extents, allocate, commit, setattr size, fallocate, fsync).
+    /// Follows the coordinator's side of the unwritten rule: zeroes the written partial
+    /// clusters at the edges of a truncate or punch on `lun`.
     #[derive(Default)]
     pub(crate) struct MemStore {
         inner: Mutex<MemInner>,
+        lun: Option<Arc<MemDevice>>,
     }
 
     #[derive(Default)]
@@ -816,8 +772,15 @@ pub(crate) mod tests {
     }
 
     impl MemStore {
-        pub(crate) fn new(cluster_bytes: u64, total_clusters: u64) -> MemStore {
-            let s = MemStore::default();
+        pub(crate) fn new(
+            cluster_bytes: u64,
+            total_clusters: u64,
+            lun: Arc<MemDevice>,
+        ) -> MemStore {
+            let s = MemStore {
+                lun: Some(lun),
+                ..MemStore::default()
+            };
             {
                 let mut i = s.inner.lock();
                 i.cluster_bytes = cluster_bytes;
@@ -831,6 +794,14 @@ pub(crate) mod tests {
                 .lock()
                 .files
                 .insert(ino, (file_attr(ino), ExtentMap::new()));
+        }
+
+        fn zero_written(&self, map: &ExtentMap, start: u64, end: u64) {
+            for p in map.pieces(start, end) {
+                if let (Backing::Written { lun_offset_bytes }, Some(lun)) = (p.backing, &self.lun) {
+                    lun.write_zeroes(lun_offset_bytes, p.len_bytes).unwrap();
+                }
+            }
         }
 
         fn all_extents(map: &ExtentMap, start: u64, end: u64) -> Vec<Extent> {
@@ -937,6 +908,9 @@ pub(crate) mod tests {
                 Request::SetAttr { ino, set } => {
                     let (a, m) = inner.files.get_mut(ino).ok_or(FsError::NotFound)?;
                     if let Some(s) = set.size_bytes {
+                        if s < a.size_bytes {
+                            self.zero_written(m, s, align_up(s, cl));
+                        }
                         m.punch(align_up(s, cl), u64::MAX);
                         a.size_bytes = s;
                     }
@@ -950,6 +924,9 @@ pub(crate) mod tests {
                 } => {
                     let (a, m) = inner.files.get_mut(ino).ok_or(FsError::NotFound)?;
                     if *mode == FallocMode::PunchHole {
+                        let end = offset_bytes + len_bytes;
+                        self.zero_written(m, *offset_bytes, align_up(*offset_bytes, cl).min(end));
+                        self.zero_written(m, align_down(end, cl).max(*offset_bytes), end);
                         m.punch(
                             align_up(*offset_bytes, cl),
                             align_down(offset_bytes + len_bytes, cl),
@@ -997,9 +974,9 @@ pub(crate) mod tests {
     const CL: u64 = 64 * 1024;
 
     fn setup() -> (DataPath, Arc<MemStore>, Arc<MemDevice>) {
-        let store = Arc::new(MemStore::new(CL, 64));
-        store.add_file(InodeId(10));
         let lun = Arc::new(MemDevice::new(CL * 64));
+        let store = Arc::new(MemStore::new(CL, 64, lun.clone()));
+        store.add_file(InodeId(10));
         // Stale data everywhere: nothing may leak into a file.
         lun.write_at(
             &vec![0xEE; to_usize(CL * 64).unwrap()],

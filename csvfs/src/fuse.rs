@@ -55,6 +55,8 @@ struct Inner {
     next_fh: AtomicU64,
     ttl: Duration,
     blksize_bytes: u32,
+    /// The node's span (volume, node, epoch); request spans are its children.
+    span: tracing::Span,
 }
 
 /// The FUSE file system of one node.
@@ -219,12 +221,13 @@ impl Inner {
 impl CsvFs {
     /// A file system over `meta` and `data`, running its work on `pool`'s blocking
     /// threads. Attributes and entries are cached by the kernel for `ttl` (coordinator
-    /// invalidations end them earlier).
+    /// invalidations end them earlier). Request spans are children of `span`.
     pub fn new(
         meta: Arc<dyn Metadata>,
         data: Arc<DataPath>,
         pool: tokio::runtime::Handle,
         ttl: Duration,
+        span: tracing::Span,
     ) -> CsvFs {
         let blksize_bytes = u32::try_from(data.cluster_bytes().min(1 << 20)).unwrap_or(1 << 20);
         CsvFs {
@@ -235,6 +238,7 @@ impl CsvFs {
                 next_fh: AtomicU64::new(1),
                 ttl,
                 blksize_bytes,
+                span,
             }),
             pool,
         }
@@ -247,7 +251,7 @@ impl CsvFs {
     {
         let inner = self.inner.clone();
         drop(self.pool.spawn_blocking(move || {
-            let span = debug_span!("fuse", op, inode = ino);
+            let span = debug_span!(parent: &inner.span, "fuse", op, inode = ino);
             let _g = span.enter();
             f(&inner);
         }));
@@ -1102,6 +1106,18 @@ impl Invalidator {
             d.invalidate(ino);
         }
         self.send(KernelInval::Inode(ino));
+    }
+
+    /// The coordinator cannot name what went stale: drop every open file's layout and
+    /// attributes (names expire with their TTL).
+    pub fn all(&self) {
+        if let Some(d) = self.data.get() {
+            for f in d.open_files() {
+                d.invalidate(f.ino());
+                self.send(KernelInval::Inode(f.ino()));
+            }
+        }
+        self.send(KernelInval::Inode(InodeId::ROOT));
     }
 
     /// The name `name` in directory `parent` changed elsewhere.

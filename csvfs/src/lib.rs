@@ -11,7 +11,13 @@
 pub mod cli;
 pub mod config;
 pub mod data;
+pub mod demo;
 pub mod errno;
 pub mod extents;
 pub mod fuse;
+pub mod helper;
+pub mod local;
 pub mod meta;
+pub mod mount;
+pub mod output;
+pub mod state;

@@ -1,0 +1,472 @@
+//! `csvfs mount`: bring one node of the cluster up and serve the mount until it goes away.
+//!
+//! ```text
+//!  open LUN ─▶ read + validate superblock ─▶ read secret
+//!     ─▶ lease: acquire_or_find ─┬─ Coordinator{epoch}: open store, start server on
+//!                                │   --listen (published in the lease), keep the lease
+//!                                └─ Follower: nothing to host
+//!     ─▶ connect the metadata client (coordinator found through the lease)
+//!     ─▶ heartbeat thread, periodic commit thread
+//!     ─▶ FUSE session (AutoUnmount through fusermount when present)
+//!     ─▶ runs until unmounted, SIGTERM or SIGINT ─▶ commit, close, release the lease
+//! ```
+
+use crate::config::MountConfig;
+use crate::data::DataPath;
+use crate::fuse::{CsvFs, Invalidator};
+use crate::meta::Metadata;
+use block_client::{open_device, BlockDevice, BlockError};
+use metadata_server::client::{
+    ClientConfig, ConnectError, CoordinatorLocator, InvalidationHandler, MetadataClient,
+};
+use metadata_server::format::{Superblock, SuperblockError};
+use metadata_server::lease::{self, LeaseError, LeaseKeeper, LeaseRole, NodeState};
+use metadata_server::proto::{Invalidation, Request, Response};
+use metadata_server::server::{Server, ServerConfig, ServerError, ServerHandle};
+use metadata_server::store::{Store, StoreError};
+use metadata_server::types::{Epoch, FsError, NodeId};
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tracing::{info, warn};
+
+/// Lease timeout this node promises to renew within when it is coordinator.
+pub const LEASE_TIMEOUT_MS: u64 = 6000;
+/// Lease renewal interval.
+pub const LEASE_RENEW_MS: u64 = 1000;
+/// Heartbeat interval of every node.
+const HEARTBEAT_MS: u64 = 1000;
+/// Interval of the background commit of pending writes.
+const COMMIT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Why a mount could not be brought up.
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    /// The LUN could not be opened or reached.
+    #[error("open the LUN {lun}")]
+    OpenLun {
+        /// The LUN URI or path.
+        lun: String,
+        /// Why.
+        #[source]
+        source: BlockError,
+    },
+    /// The LUN does not hold a usable csvfs volume (not csvfs, unsupported version, ...).
+    #[error("read the superblock of {lun}")]
+    Superblock {
+        /// The LUN.
+        lun: String,
+        /// Why.
+        #[source]
+        source: SuperblockError,
+    },
+    /// The secret file could not be read.
+    #[error("read the cluster secret {path}")]
+    ReadSecret {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The secret file is empty.
+    #[error("the cluster secret file {path} is empty")]
+    EmptySecret {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The node id does not fit the volume.
+    #[error("{node} is outside this volume's node ids 1..={max_nodes}")]
+    NodeOutOfRange {
+        /// The node.
+        node: NodeId,
+        /// Highest node id of the volume.
+        max_nodes: u32,
+    },
+    /// The listen address could not be bound.
+    #[error("bind the metadata server address {addr}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Taking or finding the coordinator lease failed.
+    #[error("take or find the coordinator lease")]
+    Lease(#[source] LeaseError),
+    /// This node won the lease but could not open the metadata store.
+    #[error("open the metadata store as coordinator ({epoch})")]
+    OpenStore {
+        /// The epoch won.
+        epoch: Epoch,
+        /// Why.
+        #[source]
+        source: StoreError,
+    },
+    /// This node won the lease but could not start the metadata server.
+    #[error("start the metadata server")]
+    StartServer(#[source] ServerError),
+    /// The coordinator could not be reached or refused this node.
+    #[error("connect to the coordinator")]
+    Connect(#[source] ConnectError),
+    /// The first request to the coordinator failed.
+    #[error("ask the coordinator for the volume's usage")]
+    FirstRequest(#[source] FsError),
+    /// A thread or runtime could not be started.
+    #[error("start {what}")]
+    Start {
+        /// What.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The FUSE mount failed.
+    #[error("mount FUSE at {mountpoint}")]
+    Fuse {
+        /// The mountpoint.
+        mountpoint: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The metadata client as the node's [`Metadata`] service.
+struct ClientMeta(Arc<MetadataClient>);
+
+impl Metadata for ClientMeta {
+    fn call(&self, uid: u32, gid: u32, req: Request) -> Result<Response, FsError> {
+        self.0.call(uid, gid, req)
+    }
+}
+
+/// Coordinator invalidations to the data path and the kernel.
+struct Handler(Arc<Invalidator>);
+
+impl InvalidationHandler for Handler {
+    fn invalidate(&self, inv: &Invalidation) {
+        match inv {
+            Invalidation::Inode { ino } => self.0.inode(*ino),
+            Invalidation::Entry { parent, name } => self.0.entry(*parent, name),
+            Invalidation::All => self.0.all(),
+        }
+    }
+}
+
+/// Reads the cluster secret: the file's bytes without trailing whitespace.
+pub fn read_secret(path: &Path) -> Result<Vec<u8>, MountError> {
+    let mut bytes = std::fs::read(path).map_err(|source| MountError::ReadSecret {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    while bytes.last().is_some_and(|b| b.is_ascii_whitespace()) {
+        bytes.pop();
+    }
+    if bytes.is_empty() {
+        return Err(MountError::EmptySecret {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(bytes)
+}
+
+/// Opens the LUN and validates its superblock.
+pub fn open_volume(lun: &str) -> Result<(Arc<dyn BlockDevice>, Superblock), MountError> {
+    let dev = open_device(lun).map_err(|source| MountError::OpenLun {
+        lun: lun.to_string(),
+        source,
+    })?;
+    let sb = Superblock::read_arc(&dev).map_err(|source| MountError::Superblock {
+        lun: lun.to_string(),
+        source,
+    })?;
+    if sb.read_only {
+        warn!("volume has unknown read-only-compatible features; writes will fail");
+    }
+    Ok((dev, sb.superblock))
+}
+
+/// A concrete address for `listen`: port 0 is replaced by a free port, so the address can
+/// be published in the lease before the server binds it.
+fn concrete_addr(listen: SocketAddr) -> Result<SocketAddr, MountError> {
+    if listen.port() != 0 {
+        return Ok(listen);
+    }
+    let l = TcpListener::bind(listen).map_err(|source| MountError::Listen {
+        addr: listen,
+        source,
+    })?;
+    l.local_addr().map_err(|source| MountError::Listen {
+        addr: listen,
+        source,
+    })
+}
+
+/// What this node hosts as coordinator.
+struct Hosted {
+    server: ServerHandle,
+    keeper: LeaseKeeper,
+    store: Arc<Store>,
+}
+
+fn fusermount_present() -> bool {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .any(|d| d.join("fusermount3").is_file() || d.join("fusermount").is_file())
+}
+
+/// Runs a mount in the foreground until it is unmounted or the process is told to stop.
+pub fn run(cfg: &MountConfig) -> Result<(), MountError> {
+    let (lun, sb) = open_volume(&cfg.lun)?;
+    let secret = read_secret(&cfg.secret)?;
+    let g = &sb.geometry;
+    if cfg.node.0 == 0 || cfg.node.0 > g.max_nodes {
+        return Err(MountError::NodeOutOfRange {
+            node: cfg.node,
+            max_nodes: g.max_nodes,
+        });
+    }
+    let span = tracing::info_span!(
+        "node",
+        volume = %sb.volume,
+        node = cfg.node.0,
+        epoch = tracing::field::Empty
+    );
+    let _enter = span.enter();
+
+    let my_addr = concrete_addr(cfg.listen)?;
+    let role = lease::acquire_or_find(&lun, cfg.node, my_addr, LEASE_TIMEOUT_MS)
+        .map_err(MountError::Lease)?;
+    let hosted = match role {
+        LeaseRole::Coordinator { epoch } => {
+            span.record("epoch", epoch.0);
+            info!(%epoch, addr = %my_addr, "this node is coordinator");
+            let store = Arc::new(
+                Store::open(lun.clone(), epoch)
+                    .map_err(|source| MountError::OpenStore { epoch, source })?,
+            );
+            let keeper = LeaseKeeper::start(lun.clone(), cfg.node, epoch, LEASE_RENEW_MS)
+                .map_err(MountError::Lease)?;
+            let server = Server::start(
+                store.clone(),
+                ServerConfig::new(my_addr, secret.clone(), sb.volume, epoch),
+            )
+            .map_err(MountError::StartServer)?;
+            Some(Hosted {
+                server,
+                keeper,
+                store,
+            })
+        }
+        LeaseRole::Follower {
+            coordinator,
+            addr,
+            epoch,
+        } => {
+            span.record("epoch", epoch.0);
+            info!(%coordinator, %addr, %epoch, "following the coordinator");
+            None
+        }
+    };
+
+    let invalidator = Invalidator::new().map_err(|source| MountError::Start {
+        what: "the invalidation thread",
+        source,
+    })?;
+    let client = MetadataClient::connect(
+        ClientConfig {
+            node: cfg.node,
+            secret,
+            volume: Some(sb.volume),
+            locator: CoordinatorLocator::Lease(lun.clone()),
+            request_timeout_ms: cfg.request_timeout_ms,
+        },
+        Arc::new(Handler(invalidator.clone())),
+    )
+    .map_err(MountError::Connect)?;
+    let meta: Arc<dyn Metadata> = Arc::new(ClientMeta(client.clone()));
+    // One round trip before mounting, so a refusing coordinator fails the mount, not the
+    // first `ls`.
+    meta.call(0, 0, Request::StatFs)
+        .map_err(MountError::FirstRequest)?;
+
+    let data = Arc::new(DataPath::new(
+        lun.clone(),
+        meta.clone(),
+        u64::from(g.cluster_bytes),
+        cfg.prealloc_bytes,
+    ));
+    invalidator.set_data(data.clone());
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let background = start_background(&lun, cfg.node, &client, &data, &stop, &span)?;
+
+    let pool = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .max_blocking_threads(cfg.workers)
+        .thread_name("csvfs-worker")
+        .enable_all()
+        .build()
+        .map_err(|source| MountError::Start {
+            what: "the worker pool",
+            source,
+        })?;
+    let fs = CsvFs::new(
+        meta,
+        data.clone(),
+        pool.handle().clone(),
+        cfg.attr_ttl,
+        span.clone(),
+    );
+
+    let mut options = vec![
+        fuser::MountOption::FSName(cfg.lun.clone()),
+        fuser::MountOption::Subtype("csvfs".into()),
+        fuser::MountOption::DefaultPermissions,
+        fuser::MountOption::Dev,
+        fuser::MountOption::Suid,
+    ];
+    let auto_unmount = fusermount_present();
+    if auto_unmount {
+        options.push(fuser::MountOption::AutoUnmount);
+    }
+    let mut fuse_cfg = fuser::Config::default();
+    fuse_cfg.mount_options = options;
+    fuse_cfg.acl = fuser::SessionACL::All;
+    fuse_cfg.n_threads = Some(2);
+    let mut session =
+        fuser::Session::new(fs, &cfg.mountpoint, &fuse_cfg).map_err(|source| MountError::Fuse {
+            mountpoint: cfg.mountpoint.clone(),
+            source,
+        })?;
+    invalidator.set_notifier(session.notifier());
+    let mut unmounter = session.unmount_callable();
+    let mountpoint = cfg.mountpoint.clone();
+    pool.spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            warn!("cannot watch SIGTERM/SIGINT; unmount with umount");
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM: unmounting"),
+            _ = int.recv() => info!("SIGINT: unmounting"),
+        }
+        // umount(8) rather than fuser's unmounter: with fusermount's auto-unmount the
+        // latter only closes the socket and leaves the unmount to fusermount.
+        let ok = std::process::Command::new("umount")
+            .arg(&mountpoint)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            warn!(mountpoint = %mountpoint.display(), "unmount failed (busy?); detaching");
+            if let Err(e) = unmounter.unmount() {
+                warn!(error = %e, "fuser unmount failed");
+            }
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&mountpoint)
+                .status();
+        }
+    });
+    info!(
+        mountpoint = %cfg.mountpoint.display(),
+        auto_unmount,
+        coordinator = hosted.is_some(),
+        "mounted"
+    );
+    let result = session.run();
+    info!("unmounted");
+
+    stop.store(true, Ordering::SeqCst);
+    for t in background {
+        let _ = t.join();
+    }
+    if let Err(e) = data.commit_all() {
+        tracing::error!(error = %e, "final commit failed");
+    }
+    client.close();
+    pool.shutdown_timeout(Duration::from_secs(2));
+    if let Some(h) = hosted {
+        h.server.shutdown();
+        if let Err(e) = h.store.shutdown() {
+            tracing::error!(error = %e, "closing the metadata store failed");
+        }
+        if let Err(e) = h.keeper.release() {
+            warn!(error = %e, "releasing the coordinator lease failed");
+        }
+    }
+    result.map_err(|source| MountError::Fuse {
+        mountpoint: cfg.mountpoint.clone(),
+        source,
+    })
+}
+
+/// Starts the heartbeat and periodic-commit threads.
+fn start_background(
+    lun: &Arc<dyn BlockDevice>,
+    node: NodeId,
+    client: &Arc<MetadataClient>,
+    data: &Arc<DataPath>,
+    stop: &Arc<AtomicBool>,
+    span: &tracing::Span,
+) -> Result<Vec<std::thread::JoinHandle<()>>, MountError> {
+    let start = |what: &'static str, f: Box<dyn FnOnce() + Send>| {
+        std::thread::Builder::new()
+            .name(what.into())
+            .spawn(f)
+            .map_err(|source| MountError::Start { what, source })
+    };
+    let hb = {
+        let (lun, client, stop, span) = (lun.clone(), client.clone(), stop.clone(), span.clone());
+        start(
+            "csvfs-heartbeat",
+            Box::new(move || {
+                let _e = span.enter();
+                let mut failing = false;
+                while !stop.load(Ordering::SeqCst) {
+                    match lease::heartbeat(&lun, node, client.epoch(), &NodeState::Direct) {
+                        Ok(_) => failing = false,
+                        Err(e) if !failing => {
+                            warn!(error = %e, "heartbeat failed");
+                            failing = true;
+                        }
+                        Err(_) => {}
+                    }
+                    sleep_unless(&stop, Duration::from_millis(HEARTBEAT_MS));
+                }
+            }),
+        )?
+    };
+    let committer = {
+        let (data, stop, span) = (data.clone(), stop.clone(), span.clone());
+        start(
+            "csvfs-commit",
+            Box::new(move || {
+                let _e = span.enter();
+                while !stop.load(Ordering::SeqCst) {
+                    sleep_unless(&stop, COMMIT_INTERVAL);
+                    let _ = data.commit_all();
+                }
+            }),
+        )?
+    };
+    Ok(vec![hb, committer])
+}
+
+fn sleep_unless(stop: &AtomicBool, d: Duration) {
+    let step = Duration::from_millis(50);
+    let mut left = d;
+    while !stop.load(Ordering::SeqCst) && !left.is_zero() {
+        let s = step.min(left);
+        std::thread::sleep(s);
+        left -= s;
+    }
+}

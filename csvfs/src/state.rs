@@ -1,0 +1,97 @@
+//! `csvfs state`: what the LUN says about the volume's nodes, in the manner of
+//! Get-ClusterSharedVolumeState. Reads the superblock, the lease area and the cluster
+//! bitmap; needs no coordinator.
+
+use crate::mount::{open_volume, MountError};
+use block_client::BlockDevice;
+use metadata_server::format::lease::LeaseRecord;
+use metadata_server::format::{
+    BitmapBlock, BitmapKind, Superblock, BITMAP_BITS_PER_BLOCK, BLOCK_BYTES, BLOCK_LEN,
+};
+use metadata_server::lease::{self, LeaseError, SlotInfo};
+use metadata_server::types::Timestamp;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Why the state could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// The LUN or its superblock could not be used.
+    #[error(transparent)]
+    Volume(#[from] MountError),
+    /// The lease area could not be read.
+    #[error("read the lease area")]
+    Lease(#[source] LeaseError),
+    /// The cluster bitmap could not be read or is damaged.
+    #[error("read the cluster bitmap block {index}")]
+    Bitmap {
+        /// Block index within the bitmap.
+        index: u64,
+        /// Why.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+/// The volume as `csvfs state` reports it.
+#[derive(Debug, Clone)]
+pub struct VolumeState {
+    /// The LUN it was read from.
+    pub lun: String,
+    /// The superblock.
+    pub superblock: Superblock,
+    /// The coordinator lease record, if ever written.
+    pub lease: Option<LeaseRecord>,
+    /// Every node that ever heartbeated.
+    pub slots: Vec<SlotInfo>,
+    /// Free data clusters per the on-disk bitmap (as of the last checkpoint).
+    pub free_clusters: u64,
+    /// Wall-clock now, to age heartbeats.
+    pub now: Timestamp,
+}
+
+/// Reads the volume's state from the LUN.
+pub fn read_state(lun_uri: &str) -> Result<VolumeState, StateError> {
+    let (lun, sb) = open_volume(lun_uri)?;
+    let area = lease::read_all(&lun).map_err(StateError::Lease)?;
+    let free_clusters = count_free_clusters(lun.as_ref(), &sb)?;
+    let d = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    Ok(VolumeState {
+        lun: lun_uri.to_string(),
+        superblock: sb,
+        lease: area.lease,
+        slots: area.slots,
+        free_clusters,
+        now: Timestamp {
+            secs: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+            nanos: d.subsec_nanos(),
+        },
+    })
+}
+
+fn count_free_clusters(lun: &dyn BlockDevice, sb: &Superblock) -> Result<u64, StateError> {
+    let g = &sb.geometry;
+    let region = g.bitmap_region(BitmapKind::Clusters);
+    let bits = g.bitmap_bits(BitmapKind::Clusters);
+    let mut used = 0u64;
+    let mut buf = vec![0u8; BLOCK_LEN];
+    let blocks = bits.div_ceil(BITMAP_BITS_PER_BLOCK).min(region.len_blocks);
+    for index in 0..blocks {
+        let at = region.start_bytes() + index * BLOCK_BYTES;
+        lun.read_at(&mut buf, at).map_err(|e| StateError::Bitmap {
+            index,
+            source: Box::new(e),
+        })?;
+        let block = BitmapBlock::decode(&buf, at, BitmapKind::Clusters, index).map_err(|e| {
+            StateError::Bitmap {
+                index,
+                source: Box::new(e),
+            }
+        })?;
+        let first = index * BITMAP_BITS_PER_BLOCK;
+        let n = (bits - first).min(BITMAP_BITS_PER_BLOCK);
+        used += (0..n).filter(|&i| block.get(i)).count() as u64;
+    }
+    Ok(g.cluster_count.saturating_sub(used))
+}
