@@ -16,6 +16,8 @@
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -369,7 +371,12 @@ fn precopy_and_switch<W: Write>(
 
     // Full pass: zero pages are skipped (destination RAM starts zeroed).
     let t = Instant::now();
+    // Pages never populated on this host are zero: skip them without reading.
+    let untouched = vm.ram.never_populated();
     for p in 0..pages {
+        if untouched.as_ref().is_some_and(|u| u[p]) {
+            continue;
+        }
         out.page(vm, p, true).map_err(f)?;
     }
     out.flush().map_err(f)?;
@@ -465,16 +472,23 @@ fn precopy_and_switch<W: Write>(
     for p in ones(&dirty, pages) {
         out.page(vm, p, false).map_err(fp)?;
     }
+    tracing::debug!(us = paused_at.elapsed().as_micros(), "final pages queued");
     let state = vm.save_state().map_err(|e| fp(e.into()))?;
     out.json(T_STATE, &state).map_err(fp)?;
     out.flush().map_err(fp)?;
     if let Some(d) = &opts.debug_dump_dir {
         dump_ram(vm, &d.join("src.ram")).map_err(fp)?;
     }
+    tracing::debug!(us = paused_at.elapsed().as_micros(), "state sent");
     read_reply(reader, "ready", R_READY).map_err(fp)?;
     // Switch-over: the disk and console are handed to the destination.
+    tracing::debug!(us = paused_at.elapsed().as_micros(), "destination ready");
     vm.close_devices().map_err(|e| (e.into(), true, true))?;
     vm.release_owner();
+    tracing::debug!(
+        us = paused_at.elapsed().as_micros(),
+        "devices closed, owner released"
+    );
     let commit = out.put(&[T_COMMIT]).and_then(|()| out.flush());
     if let Err(e) = commit {
         return Err((e, true, true));
@@ -526,6 +540,14 @@ fn precopy_and_switch<W: Write>(
         throttle_pct: throttle,
         bandwidth_mbps: bw / 1e6,
     })
+}
+
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
 }
 
 /// Wall clock in µs since the Unix epoch.
@@ -645,6 +667,15 @@ pub fn receive(
         w.flush().map_err(io_err("hello reply"))?;
     }
     tracing::info!(vm = %hello.vm_name, from = %hello.source_node, "incoming vm");
+    let stop_prefault = Arc::new(AtomicBool::new(false));
+    if replies.is_some() {
+        let ram = Arc::clone(&vm.ram);
+        let stop = Arc::clone(&stop_prefault);
+        let _ = std::thread::Builder::new()
+            .name("prefault".into())
+            .spawn(move || ram.prefault(&stop));
+    }
+    let _stop_on_exit = StopOnDrop(Arc::clone(&stop_prefault));
     let mut page = Box::new([0u8; PAGE_SIZE]);
     let pages = vm.ram.pages();
     let mut have_state = false;
@@ -668,10 +699,13 @@ pub fn receive(
                 tracing::debug!(round = r, "round");
             }
             T_STATE => {
+                stop_prefault.store(true, Ordering::Relaxed);
+                let t_state = Instant::now();
                 let state: MachineState = read_json(input, "state")?;
                 if let Err(e) = vm.load_state(&state) {
                     return Err(refuse(&mut replies, format!("load state: {e}")));
                 }
+                tracing::debug!(us = t_state.elapsed().as_micros(), "state loaded");
                 have_state = true;
                 if let Some(w) = replies.as_mut() {
                     w.write_all(&[R_READY]).map_err(io_err("ready"))?;
@@ -691,6 +725,7 @@ pub fn receive(
             }
         }
     }
+    let t_commit = Instant::now();
     // Switch-over on this side.
     if let Some(d) = &hello.debug_dump_dir {
         dump_ram(&vm, &d.join("dst.ram"))?;
@@ -704,6 +739,7 @@ pub fn receive(
         vm.release_owner();
         return Err(refuse(&mut replies, format!("start vm: {e}")));
     }
+    tracing::debug!(us = t_commit.elapsed().as_micros(), "resumed after commit");
     if let Some(w) = replies.as_mut() {
         let mut m = vec![R_RESUMED];
         m.extend_from_slice(&unix_us().to_le_bytes());

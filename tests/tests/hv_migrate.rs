@@ -193,8 +193,10 @@ fn wait_for(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// Heartbeat numbers of the complete lines (the runner may be mid-write of the last one).
 fn seqs(console: &str) -> Vec<u64> {
-    console
+    let complete = &console[..console.rfind('\n').map_or(0, |i| i + 1)];
+    complete
         .lines()
         .filter_map(|l| l.strip_prefix("seq="))
         .map(|s| s.trim().parse().unwrap())

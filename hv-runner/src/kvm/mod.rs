@@ -201,6 +201,52 @@ impl GuestRam {
         Ok(())
     }
 
+    /// Pages that have never been populated in this process (so they read as zeros), or
+    /// `None` when that cannot be known (mincore failed, or swap is on: a swapped-out
+    /// page is not resident either).
+    pub fn never_populated(&self) -> Option<Vec<bool>> {
+        let swap_on = std::fs::read_to_string("/proc/swaps")
+            .map(|s| s.lines().count() > 1)
+            .unwrap_or(true);
+        if swap_on {
+            return None;
+        }
+        let mut vec = vec![0u8; self.pages()];
+        // SAFETY: `ptr` is page aligned and `len_bytes` lies inside our live mapping;
+        // `vec` has one byte per page of that range, as mincore requires.
+        let r = unsafe { libc::mincore(self.ptr.cast(), self.len_bytes, vec.as_mut_ptr()) };
+        if r != 0 {
+            return None;
+        }
+        Some(vec.into_iter().map(|b| b & 1 == 0).collect())
+    }
+
+    /// Populates RAM from the end towards the start in 2 MiB chunks (MADV_POPULATE_WRITE,
+    /// which never changes the content of a page already present) until `stop` is set.
+    /// An incoming migration runs this beside the receiving thread, so the kernel's
+    /// page clearing overlaps the network transfer.
+    pub fn prefault(&self, stop: &std::sync::atomic::AtomicBool) {
+        const CHUNK: usize = 2 << 20;
+        let mut end = self.len_bytes;
+        while end > 0 && !stop.load(Ordering::Relaxed) {
+            let start = end.saturating_sub(CHUNK);
+            // SAFETY: `start..end` lies inside our live mapping; MADV_POPULATE_WRITE only
+            // faults pages in (zeroed if absent) and never alters present pages, so it is
+            // harmless to concurrent copies into the same range.
+            let r = unsafe {
+                libc::madvise(
+                    self.ptr.add(start).cast(),
+                    end - start,
+                    libc::MADV_POPULATE_WRITE,
+                )
+            };
+            if r != 0 {
+                return;
+            }
+            end = start;
+        }
+    }
+
     /// Takes (and clears) the bitmap of pages written by the runner itself.
     pub fn take_vmm_dirty(&self) -> Vec<u64> {
         self.vmm_dirty

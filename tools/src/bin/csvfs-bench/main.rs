@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 mod lun;
+mod migrate;
 mod output;
 
 use clap::{Parser, Subcommand};
@@ -23,6 +24,8 @@ enum Command {
     /// The LUN path: fio's nbd engine and our NBD client against nbdkit's file plugin, and
     /// fio against our NBD server.
     Lun(lun::LunArgs),
+    /// Live migration: hv-runner against QEMU over loopback (idle, filled, busy guests).
+    Migrate(migrate::MigrateArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -35,5 +38,6 @@ fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().command {
         Command::Lun(args) => lun::run(&args),
+        Command::Migrate(args) => migrate::run(&args),
     }
 }
