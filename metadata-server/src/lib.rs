@@ -4,7 +4,9 @@
 //! the node that holds the lease, with its client stub. `format` and `proto` do no I/O.
 #![forbid(unsafe_code)]
 
+pub mod format;
 pub mod proto;
+pub mod store;
 pub mod types;
 
 use proto::{Caller, Request, Response};

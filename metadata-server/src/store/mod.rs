@@ -1,0 +1,635 @@
+//! The journaled metadata store: the coordinator's single writer of metadata. Implements
+//! [`MetadataStore`] over a formatted volume (see FORMAT.md).
+//!
+//! ```text
+//!  Store::open(dev, epoch)
+//!    read superblock (backup if the primary is damaged)
+//!    Journal::open -> records after the tail -> write each transaction home -> flush
+//!    -> checkpoint; load bitmaps, DRC and the held list; free orphans nobody holds;
+//!    mark the volume in use (one transaction)
+//!
+//!  execute(caller, req)                                   (one store lock)
+//!    read-only request ─► answer from the cache (Fsync waits for the last Lsn)
+//!    mutation: DRC hit? ─► wait for the journal, answer the recorded outcome
+//!              run on the cache ─► error: reload touched state from disk + overlay
+//!              ok: DRC slot + every touched structure ─► one Transaction
+//!                  ─► journal.submit (in lock order) ─► overlay
+//!                  ─► journal more than half full? checkpoint
+//!              unlock ─► journal.wait_durable(lsn) (group commit) ─► answer
+//!
+//!  checkpoint: wait durable, write the overlay home, flush, journal.checkpoint
+//!  shutdown:   state = clean (one transaction), checkpoint, refuse further work
+//! ```
+//!
+//! Any failed journal or device write makes the store refuse all further work (sticky),
+//! like the journal itself; the coordinator reopens it (replay) to continue.
+
+mod extmap;
+mod meta;
+mod ops;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use block_client::{BlockDevice, BlockError, WriteFlags};
+use journal::{Journal, JournalError, ReplayError};
+use parking_lot::Mutex;
+
+use crate::format::{
+    DecodeError, DrcPayload, DrcSlot, Geometry, Superblock, SuperblockError, Transaction,
+    VolumeState,
+};
+use crate::proto::{Caller, Request, Response};
+use crate::types::{Epoch, FsError, Lsn, NodeId, VolumeId};
+use crate::MetadataStore;
+use meta::Meta;
+pub use meta::StoreStats;
+pub use ops::{MAX_LINKS, MAX_XATTR_TOTAL_BYTES, MAX_XATTR_VALUE_BYTES};
+
+/// Why a store could not be opened or shut down.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The superblock could not be read or is not usable.
+    #[error("read superblock")]
+    Superblock(#[from] SuperblockError),
+    /// Replaying the journal failed (includes being fenced by a newer epoch).
+    #[error("open journal")]
+    Replay(#[from] ReplayError),
+    /// A journal record's payload is not a valid transaction.
+    #[error("journal record {lsn} is not a valid transaction")]
+    Record {
+        /// The record.
+        lsn: Lsn,
+        /// What is wrong.
+        #[source]
+        source: DecodeError,
+    },
+    /// Writing a replayed transaction home failed.
+    #[error("write replayed {lsn} home at byte {at}")]
+    ApplyRecord {
+        /// The record.
+        lsn: Lsn,
+        /// Byte offset.
+        at: u64,
+        /// Cause.
+        #[source]
+        source: BlockError,
+    },
+    /// Flushing the device failed.
+    #[error("flush device")]
+    Flush {
+        /// Cause.
+        #[source]
+        source: BlockError,
+    },
+    /// A journal operation failed (checkpoint or the first transaction).
+    #[error("journal")]
+    Journal(#[from] JournalError),
+    /// Loading or checking metadata failed; carries the file-system error (Corrupt or Io).
+    #[error("load metadata")]
+    Load(#[source] FsError),
+    /// A damaged structure found while opening.
+    #[error("corrupt {what} at byte {at}")]
+    Corrupt {
+        /// What is damaged.
+        what: String,
+        /// Byte offset.
+        at: u64,
+    },
+}
+
+#[derive(Debug)]
+struct Inner {
+    meta: Meta,
+    last_lsn: Lsn,
+    failed: Option<String>,
+    closed: bool,
+}
+
+/// The journaled metadata store of one volume. Thread-safe; see the module documentation.
+#[derive(Debug)]
+pub struct Store {
+    dev: Arc<dyn BlockDevice>,
+    journal: Option<Journal>,
+    inner: Mutex<Inner>,
+    read_only: bool,
+    volume: VolumeId,
+    geometry: Geometry,
+}
+
+fn is_mutation(req: &Request) -> bool {
+    !matches!(
+        req,
+        Request::Lookup { .. }
+            | Request::GetAttr { .. }
+            | Request::ReadLink { .. }
+            | Request::ReadDir { .. }
+            | Request::StatFs
+            | Request::GetXattr { .. }
+            | Request::ListXattr { .. }
+            | Request::GetExtents { .. }
+            | Request::Fsync { .. }
+    )
+}
+
+fn journal_err(e: &JournalError) -> FsError {
+    FsError::Io(format!("journal: {e}"))
+}
+
+impl Store {
+    /// Opens the volume on `dev` as its coordinator with epoch `epoch`: replays the journal,
+    /// loads the metadata and frees orphans left by a crash. A volume with unknown
+    /// read-only-compatible features opens read-only (mutations fail with `ReadOnly`); its
+    /// journal is replayed in memory only.
+    pub fn open(dev: Arc<dyn BlockDevice>, epoch: Epoch) -> Result<Store, StoreError> {
+        let first = Superblock::read(dev.as_ref())?;
+        let g = first.superblock.geometry;
+        let (jstart, jlen) = (g.journal.start_bytes(), g.journal.len_bytes());
+        if first.read_only {
+            let summary = Journal::replay_read_only(dev.as_ref(), jstart, jlen)?;
+            let mut overlay = HashMap::new();
+            for rec in &summary.records {
+                let t = Transaction::decode(&rec.payload, rec.lsn.0).map_err(|source| {
+                    StoreError::Record {
+                        lsn: rec.lsn,
+                        source,
+                    }
+                })?;
+                for w in t.writes {
+                    overlay.insert(w.offset_bytes, w.bytes);
+                }
+            }
+            let meta = Meta::load(dev.clone(), first.superblock.clone(), overlay)
+                .map_err(StoreError::Load)?;
+            tracing::info!(volume = %first.superblock.volume, "metadata store opened read-only (unknown ro-compat features)");
+            return Ok(Store {
+                dev,
+                journal: None,
+                inner: Mutex::new(Inner {
+                    meta,
+                    last_lsn: Lsn(0),
+                    failed: None,
+                    closed: false,
+                }),
+                read_only: true,
+                volume: first.superblock.volume,
+                geometry: g,
+            });
+        }
+        let (journal, records) = Journal::open(dev.clone(), jstart, jlen, epoch)?;
+        let replayed = records.len();
+        let mut last = None;
+        for rec in &records {
+            let t = Transaction::decode(&rec.payload, rec.lsn.0).map_err(|source| {
+                StoreError::Record {
+                    lsn: rec.lsn,
+                    source,
+                }
+            })?;
+            for w in &t.writes {
+                dev.write_at(&w.bytes, w.offset_bytes, WriteFlags::default())
+                    .map_err(|source| StoreError::ApplyRecord {
+                        lsn: rec.lsn,
+                        at: w.offset_bytes,
+                        source,
+                    })?;
+            }
+            last = Some(rec.lsn);
+        }
+        if let Some(l) = last {
+            dev.flush().map_err(|source| StoreError::Flush { source })?;
+            journal.checkpoint(l)?;
+        }
+        // The superblock may have been rewritten by the replay.
+        let r = Superblock::read(dev.as_ref())?;
+        let sb = r.superblock;
+        if sb.volume != first.superblock.volume {
+            return Err(StoreError::Corrupt {
+                what: "superblock changed volume during replay".into(),
+                at: 0,
+            });
+        }
+        let mut meta =
+            Meta::load(dev.clone(), sb.clone(), HashMap::new()).map_err(StoreError::Load)?;
+        let reaped = meta.reap_orphans().map_err(StoreError::Load)?;
+        meta.sb.state = VolumeState::InUse;
+        meta.txn.sb = true;
+        let mut last_lsn = journal.durable_lsn();
+        if let Some(t) = meta.finish_txn().map_err(StoreError::Load)? {
+            let lsn = journal.append(t.encode())?;
+            for w in t.writes {
+                meta.overlay.insert(w.offset_bytes, w.bytes);
+            }
+            last_lsn = lsn;
+        }
+        tracing::info!(volume = %sb.volume, %epoch, replayed, orphans_freed = reaped, "metadata store opened");
+        Ok(Store {
+            dev,
+            journal: Some(journal),
+            inner: Mutex::new(Inner {
+                meta,
+                last_lsn,
+                failed: None,
+                closed: false,
+            }),
+            read_only: false,
+            volume: sb.volume,
+            geometry: g,
+        })
+    }
+
+    /// The volume's UUID.
+    pub fn volume(&self) -> VolumeId {
+        self.volume
+    }
+
+    /// The volume's layout.
+    pub fn geometry(&self) -> Geometry {
+        self.geometry
+    }
+
+    /// True when the store refuses mutations (unknown read-only-compatible features).
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// Counters for tests and monitoring.
+    pub fn stats(&self) -> StoreStats {
+        self.inner.lock().meta.stats
+    }
+
+    /// Writes every committed change home and empties the journal.
+    pub fn checkpoint(&self) -> Result<(), FsError> {
+        let mut g = self.inner.lock();
+        self.checkpoint_locked(&mut g)
+    }
+
+    fn checkpoint_locked(&self, g: &mut Inner) -> Result<(), FsError> {
+        let Some(j) = &self.journal else {
+            return Ok(());
+        };
+        if g.meta.overlay.is_empty() {
+            return Ok(());
+        }
+        let upto = g.last_lsn;
+        let r = j
+            .wait_durable(upto)
+            .map_err(|e| journal_err(&e))
+            .and_then(|()| meta::write_home(self.dev.as_ref(), &g.meta.overlay))
+            .and_then(|()| j.checkpoint(upto).map_err(|e| journal_err(&e)));
+        if let Err(e) = r {
+            tracing::error!(error = %e, "checkpoint failed; the store refuses further work");
+            g.failed = Some(e.to_string());
+            return Err(e);
+        }
+        g.meta.overlay.clear();
+        g.meta.stats.checkpoints += 1;
+        Ok(())
+    }
+
+    /// Marks the volume clean, writes everything home and empties the journal. The store
+    /// refuses further work afterwards.
+    pub fn shutdown(&self) -> Result<(), FsError> {
+        let mut g = self.inner.lock();
+        if let Some(f) = &g.failed {
+            return Err(FsError::Io(f.clone()));
+        }
+        if g.closed || self.read_only {
+            g.closed = true;
+            return Ok(());
+        }
+        g.meta.sb.state = VolumeState::Clean;
+        g.meta.txn.sb = true;
+        self.commit_locked(&mut g)?;
+        self.checkpoint_locked(&mut g)?;
+        g.closed = true;
+        tracing::info!(volume = %self.volume, "metadata store shut down cleanly");
+        Ok(())
+    }
+
+    /// Submits the current transaction; returns its Lsn (or the last one if empty).
+    fn commit_locked(&self, g: &mut Inner) -> Result<Lsn, FsError> {
+        let Some(j) = &self.journal else {
+            return Err(FsError::ReadOnly);
+        };
+        let t = match g.meta.finish_txn() {
+            Ok(Some(t)) => t,
+            Ok(None) => return Ok(g.last_lsn),
+            Err(e) => {
+                self.rollback(g);
+                return Err(e);
+            }
+        };
+        let payload = t.encode();
+        g.meta.stats.transactions += 1;
+        g.meta.stats.last_txn_bytes = payload.len() as u64;
+        g.meta.stats.max_txn_bytes = g.meta.stats.max_txn_bytes.max(payload.len() as u64);
+        let lsn = match j.submit(payload.clone()) {
+            Ok(l) => l,
+            Err(JournalError::Full { .. }) => {
+                self.checkpoint_locked(g)?;
+                match j.submit(payload) {
+                    Ok(l) => l,
+                    Err(e) => return Err(self.fail(g, &e)),
+                }
+            }
+            Err(e @ JournalError::RecordTooLarge { .. }) => {
+                self.rollback(g);
+                return Err(FsError::Io(format!(
+                    "transaction too large for the journal: {e}"
+                )));
+            }
+            Err(e) => return Err(self.fail(g, &e)),
+        };
+        for w in t.writes {
+            g.meta.overlay.insert(w.offset_bytes, w.bytes);
+        }
+        g.last_lsn = lsn;
+        if j.used_bytes() > j.free_bytes() {
+            self.checkpoint_locked(g)?;
+        }
+        Ok(lsn)
+    }
+
+    fn fail(&self, g: &mut Inner, e: &JournalError) -> FsError {
+        tracing::error!(error = %e, "journal write failed; the store refuses further work");
+        let err = journal_err(e);
+        g.failed = Some(err.to_string());
+        err
+    }
+
+    /// Throws away uncommitted in-memory changes: reloads from disk + overlay.
+    fn rollback(&self, g: &mut Inner) {
+        let overlay = std::mem::take(&mut g.meta.overlay);
+        let stats = g.meta.stats;
+        let sb = g.meta.sb.clone();
+        match Meta::load(self.dev.clone(), sb, overlay.clone()) {
+            Ok(mut m) => {
+                if !overlay.contains_key(&0) {
+                    // The superblock on disk is the committed one.
+                    if let Ok(r) = Superblock::read(self.dev.as_ref()) {
+                        m.sb = r.superblock;
+                    }
+                    // Reload dependent state with the committed superblock.
+                    if let Ok(m2) = Meta::load(self.dev.clone(), m.sb.clone(), overlay) {
+                        m = m2;
+                    }
+                }
+                m.stats = stats;
+                g.meta = m;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "reloading metadata after a failed operation failed");
+                g.failed = Some(e.to_string());
+                g.meta.overlay = overlay;
+            }
+        }
+    }
+
+    fn wait(&self, lsn: Lsn) -> Result<(), FsError> {
+        let Some(j) = &self.journal else {
+            return Ok(());
+        };
+        if lsn == Lsn(0) {
+            return Ok(());
+        }
+        j.wait_durable(lsn).map_err(|e| {
+            let err = journal_err(&e);
+            self.inner.lock().failed = Some(err.to_string());
+            err
+        })
+    }
+
+    fn check_usable(&self, g: &Inner) -> Result<(), FsError> {
+        if let Some(f) = &g.failed {
+            return Err(FsError::Io(format!("store failed earlier: {f}")));
+        }
+        if g.closed {
+            return Err(FsError::Io("metadata store is shut down".into()));
+        }
+        Ok(())
+    }
+
+    fn run_read(m: &mut Meta, req: &Request) -> Result<Response, FsError> {
+        Ok(match req {
+            Request::Lookup { parent, name } => Response::Attr(m.lookup(*parent, name)?),
+            Request::GetAttr { ino } => Response::Attr(m.attr(*ino)?),
+            Request::ReadLink { ino } => Response::Bytes(m.readlink(*ino)?),
+            Request::ReadDir {
+                ino,
+                after_cookie,
+                max_entries,
+                plus,
+            } => m.readdir(*ino, *after_cookie, *max_entries, *plus)?,
+            Request::StatFs => Response::StatFs(m.statfs()),
+            Request::GetXattr { ino, name } => Response::Bytes(m.getxattr(*ino, name)?),
+            Request::ListXattr { ino } => Response::Names(m.listxattr(*ino)?),
+            Request::GetExtents {
+                ino,
+                offset_bytes,
+                len_bytes,
+            } => m.mapped(*ino, *offset_bytes, *len_bytes)?,
+            Request::Fsync { ino } => {
+                m.attr(*ino)?;
+                Response::Done
+            }
+            _ => return Err(FsError::Invalid("not a read-only request".into())),
+        })
+    }
+
+    fn run_mutation(m: &mut Meta, caller: &Caller, req: &Request) -> Result<Response, FsError> {
+        Ok(match req {
+            Request::SetAttr { ino, set } => Response::Attr(m.setattr(*ino, set)?),
+            Request::Create {
+                parent,
+                name,
+                kind,
+                perm,
+                rdev,
+                exclusive,
+            } => Response::Attr(m.create(caller, *parent, name, *kind, *perm, *rdev, *exclusive)?),
+            Request::Symlink {
+                parent,
+                name,
+                target,
+            } => Response::Attr(m.symlink(caller, *parent, name, target)?),
+            Request::Link {
+                ino,
+                new_parent,
+                new_name,
+            } => Response::Attr(m.link(*ino, *new_parent, new_name)?),
+            Request::Unlink { parent, name } => {
+                m.unlink(*parent, name)?;
+                Response::Done
+            }
+            Request::Rmdir { parent, name } => {
+                m.rmdir(*parent, name)?;
+                Response::Done
+            }
+            Request::Rename {
+                parent,
+                name,
+                new_parent,
+                new_name,
+                flags,
+            } => {
+                m.rename(*parent, name, *new_parent, new_name, *flags)?;
+                Response::Done
+            }
+            Request::SetXattr {
+                ino,
+                name,
+                value,
+                mode,
+            } => {
+                m.setxattr(*ino, name, value, *mode)?;
+                Response::Done
+            }
+            Request::RemoveXattr { ino, name } => {
+                m.removexattr(*ino, name)?;
+                Response::Done
+            }
+            Request::Open { ino, write: _ } => m.open(caller.node, *ino)?,
+            Request::Release { ino } => {
+                m.release(caller.node, *ino)?;
+                Response::Done
+            }
+            Request::Allocate {
+                ino,
+                offset_bytes,
+                len_bytes,
+                hint_bytes,
+            } => m.allocate(*ino, *offset_bytes, *len_bytes, *hint_bytes)?,
+            Request::Commit {
+                ino,
+                written,
+                size_bytes,
+            } => Response::Attr(m.commit(*ino, written, *size_bytes)?),
+            Request::Fallocate {
+                ino,
+                offset_bytes,
+                len_bytes,
+                mode,
+            } => Response::Attr(m.fallocate(*ino, *offset_bytes, *len_bytes, *mode)?),
+            _ => return Self::run_read(m, req),
+        })
+    }
+
+    /// The answer to a retried request whose recorded outcome was too large to keep.
+    fn replay_answer(m: &mut Meta, req: &Request) -> Result<Response, FsError> {
+        match req {
+            Request::Open { ino, .. } => m.mapped(*ino, 0, u64::MAX),
+            Request::Allocate {
+                ino,
+                offset_bytes,
+                len_bytes,
+                hint_bytes,
+            } => m.mapped(*ino, *offset_bytes, len_bytes.saturating_add(*hint_bytes)),
+            _ => Err(FsError::Invalid(
+                "retried request has no recorded answer".into(),
+            )),
+        }
+    }
+}
+
+impl MetadataStore for Store {
+    fn execute(&self, caller: &Caller, req: &Request) -> Result<Response, FsError> {
+        let mut g = self.inner.lock();
+        self.check_usable(&g)?;
+        if !is_mutation(req) {
+            let r = Self::run_read(&mut g.meta, req);
+            if matches!(req, Request::Fsync { .. }) && r.is_ok() {
+                let lsn = g.last_lsn;
+                drop(g);
+                self.wait(lsn)?;
+            }
+            return r;
+        }
+        if self.read_only {
+            return Err(FsError::ReadOnly);
+        }
+        let slots = g.meta.g.drc_slots_per_node;
+        let slot = u32::try_from(caller.request.0 % u64::from(slots)).unwrap_or(0);
+        let Some(slot_at) = g.meta.g.drc_slot_offset(caller.node, slot) else {
+            return Err(FsError::Invalid(format!(
+                "{} is not a node of this volume",
+                caller.node
+            )));
+        };
+        if let Some(s) = g.meta.drc.get(&(caller.node, slot)) {
+            if s.request == caller.request {
+                let payload = s.payload.clone();
+                let answer = match payload {
+                    DrcPayload::Outcome(bytes) => {
+                        bincode::deserialize::<Result<Response, FsError>>(&bytes)
+                            .map_err(|e| FsError::Corrupt(format!("duplicate-request slot: {e}")))?
+                    }
+                    DrcPayload::Executed => Self::replay_answer(&mut g.meta, req),
+                };
+                let lsn = g.last_lsn;
+                drop(g);
+                self.wait(lsn)?;
+                tracing::debug!(node = %caller.node, request = %caller.request, "duplicate request answered from the cache");
+                return answer;
+            }
+        }
+        let result = Self::run_mutation(&mut g.meta, caller, req);
+        let resp = match result {
+            Ok(r) => r,
+            Err(e) => {
+                if g.meta.txn.mutated {
+                    self.rollback(&mut g);
+                } else {
+                    g.meta.txn = Default::default();
+                }
+                return Err(e);
+            }
+        };
+        let enc = bincode::serialize(&Ok::<&Response, FsError>(&resp))
+            .map_err(|e| FsError::Io(format!("encode response: {e}")))?;
+        let ds = DrcSlot {
+            node: caller.node,
+            request: caller.request,
+            payload: if enc.len() <= crate::format::DRC_DATA_BYTES {
+                DrcPayload::Outcome(enc)
+            } else {
+                DrcPayload::Executed
+            },
+        };
+        g.meta.txn.raw.insert(slot_at, ds.encode());
+        g.meta.txn.mutated = true;
+        let prev_slot = g.meta.drc.insert((caller.node, slot), ds);
+        let lsn = match self.commit_locked(&mut g) {
+            Ok(l) => l,
+            Err(e) => {
+                if let Some(p) = prev_slot {
+                    g.meta.drc.insert((caller.node, slot), p);
+                }
+                return Err(e);
+            }
+        };
+        drop(g);
+        self.wait(lsn)?;
+        Ok(resp)
+    }
+
+    fn node_gone(&self, node: NodeId) -> Result<(), FsError> {
+        let mut g = self.inner.lock();
+        self.check_usable(&g)?;
+        if self.read_only {
+            return Err(FsError::ReadOnly);
+        }
+        if let Err(e) = g.meta.node_gone(node) {
+            self.rollback(&mut g);
+            return Err(e);
+        }
+        let lsn = self.commit_locked(&mut g)?;
+        drop(g);
+        self.wait(lsn)?;
+        tracing::info!(%node, "released the opens of a departed node");
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;
