@@ -4,8 +4,11 @@
 //! the node that holds the lease, with its client stub. `format` and `proto` do no I/O.
 #![forbid(unsafe_code)]
 
+pub mod client;
 pub mod format;
+pub mod lease;
 pub mod proto;
+pub mod server;
 pub mod store;
 pub mod types;
 

@@ -1,0 +1,802 @@
+//! The node's client stub for the metadata server: one authenticated TCP connection to the
+//! coordinator, shared by every thread of the node, with many requests in flight and
+//! replies matched by request id. Protocol: metadata-server/PROTOCOL.md.
+//!
+//! ```text
+//!            connect()  ── locate (fixed address, or the lease on the LUN)
+//!                │          ── handshake; wrong secret / refused ─▶ ConnectError at once;
+//!                │             unreachable ─▶ retry with back-off ─▶ ConnectError::Unreachable
+//!                ▼
+//!   ┌──────▶ connected ── call(): register (id, request) as pending, send; reply ─▶ caller
+//!   │            │         Invalidate ─▶ handler thread ─▶ InvalidateAck
+//!   │            │ socket error, or silent coordinator (pings unanswered)
+//!   │            ▼
+//!   │       disconnected ── calls wait as pending; a pending call unanswered for
+//!   │            │           request_timeout_ms while disconnected fails with
+//!   │            │           FsError::Io("coordinator unreachable ...")
+//!   │            │ re-locate (re-reads the lease), back-off 50 ms … 1 s
+//!   └────────────┘ on success: every pending request is sent again with the SAME id;
+//!                  the store's duplicate-request cache makes it run once
+//! ```
+//!
+//! Request ids start at the wall clock in nanoseconds when the client starts and count up
+//! by one, so a restarted node never reuses an id it sent before (unless the clock went
+//! back by more than the ids it used).
+
+use crate::lease::{self, LeaseError};
+use crate::proto::{
+    encode_frame, Caller, ClientHello, Frame, Invalidation, Request, Response, Transcript,
+    MAX_FRAME_BYTES, MAX_HANDSHAKE_FRAME_BYTES, MIN_PROTOCOL_VERSION, NONCE_BYTES,
+    PROTOCOL_VERSION,
+};
+use crate::server::io::{read_frame, write_bytes, WireError};
+use crate::types::{Epoch, FsError, NodeId, RequestId, VolumeId};
+use block_client::BlockDevice;
+use parking_lot::Mutex;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::io::{AsyncWriteExt, BufWriter};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tracing::Instrument;
+
+/// Where the coordinator is.
+#[derive(Clone)]
+pub enum CoordinatorLocator {
+    /// A fixed address (tests, or a cluster with a static coordinator).
+    Fixed(SocketAddr),
+    /// Read the coordinator's address and epoch from the lease record on the LUN; read it
+    /// again before every reconnect.
+    Lease(Arc<dyn BlockDevice>),
+}
+
+impl fmt::Debug for CoordinatorLocator {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CoordinatorLocator::Fixed(a) => write!(f, "Fixed({a})"),
+            CoordinatorLocator::Lease(d) => write!(f, "Lease({d:?})"),
+        }
+    }
+}
+
+/// How a node connects to the coordinator.
+#[derive(Clone)]
+pub struct ClientConfig {
+    /// This node.
+    pub node: NodeId,
+    /// The cluster secret.
+    pub secret: Vec<u8>,
+    /// The volume expected, when known; a coordinator serving another volume is refused.
+    pub volume: Option<VolumeId>,
+    /// Where the coordinator is.
+    pub locator: CoordinatorLocator,
+    /// How long a call (or `connect`) waits for an unreachable coordinator before it fails,
+    /// in milliseconds. A reachable coordinator is waited for as long as it answers pings.
+    pub request_timeout_ms: u64,
+}
+
+impl fmt::Debug for ClientConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientConfig")
+            .field("node", &self.node)
+            .field("secret", &"<redacted>")
+            .field("volume", &self.volume)
+            .field("locator", &self.locator)
+            .field("request_timeout_ms", &self.request_timeout_ms)
+            .finish()
+    }
+}
+
+/// Receives the coordinator's invalidations. Called on a client thread, one at a time; the
+/// client acknowledges each invalidation to the coordinator after `invalidate` returns.
+pub trait InvalidationHandler: Send + Sync {
+    /// Drop the cached state `inv` names.
+    fn invalidate(&self, inv: &Invalidation);
+}
+
+/// Why `connect` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The configuration cannot work.
+    #[error("invalid client configuration: {reason}")]
+    InvalidConfig {
+        /// What is wrong.
+        reason: &'static str,
+    },
+    /// The client's runtime or threads could not be started.
+    #[error("start the metadata client runtime")]
+    Runtime(#[source] std::io::Error),
+    /// The coordinator could not be found in the lease on the LUN.
+    #[error("find the coordinator in the lease")]
+    Locate(#[source] LeaseError),
+    /// No coordinator answered within the timeout.
+    #[error("coordinator unreachable at {target} within {timeout_ms} ms")]
+    Unreachable {
+        /// Where it was looked for.
+        target: String,
+        /// The timeout.
+        timeout_ms: u64,
+        /// The last failure.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The coordinator refused the hello (protocol version, volume or epoch).
+    #[error("coordinator at {addr} refused the connection: {reason}")]
+    Refused {
+        /// The coordinator.
+        addr: SocketAddr,
+        /// Its reason.
+        reason: String,
+    },
+    /// The coordinator refused this node's proof: the node's cluster secret is wrong.
+    #[error("coordinator at {addr} refused authentication (wrong cluster secret?): {reason}")]
+    AuthRefused {
+        /// The coordinator.
+        addr: SocketAddr,
+        /// Its reason.
+        reason: String,
+    },
+    /// The coordinator's proof does not match this node's cluster secret: one of the two
+    /// has the wrong secret (or the peer is not a coordinator of this cluster).
+    #[error("cluster secret mismatch: the coordinator at {addr} did not prove this node's cluster secret")]
+    SecretMismatch {
+        /// The peer.
+        addr: SocketAddr,
+    },
+    /// The coordinator's epoch is older than one this node has seen: it is stale.
+    #[error("coordinator at {addr} is stale ({epoch}, node has seen {seen})")]
+    StaleCoordinator {
+        /// The peer.
+        addr: SocketAddr,
+        /// Its epoch.
+        epoch: Epoch,
+        /// The highest this node has seen.
+        seen: Epoch,
+    },
+    /// The coordinator broke the protocol during the handshake.
+    #[error("protocol error with coordinator at {addr}: {reason}")]
+    Protocol {
+        /// The peer.
+        addr: SocketAddr,
+        /// What happened.
+        reason: String,
+    },
+}
+
+impl ConnectError {
+    /// True when retrying the same coordinator later can help (network trouble), false
+    /// when it is refused for a reason that will not go away by itself.
+    fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            ConnectError::Unreachable { .. }
+                | ConnectError::Locate(_)
+                | ConnectError::Protocol { .. }
+                | ConnectError::StaleCoordinator { .. }
+        )
+    }
+}
+
+struct Pending {
+    caller: Caller,
+    req: Request,
+    registered: Instant,
+    done: std::sync::mpsc::SyncSender<Result<Response, FsError>>,
+}
+
+struct State {
+    pending: BTreeMap<RequestId, Pending>,
+    conn: Option<mpsc::UnboundedSender<Frame>>,
+    disconnected_since: Option<Instant>,
+    epoch: Epoch,
+    volume: Option<VolumeId>,
+    addr: SocketAddr,
+    instance: u64,
+    last_error: String,
+}
+
+struct Inner {
+    cfg: ClientConfig,
+    state: Mutex<State>,
+    next_id: AtomicU64,
+    closed: AtomicBool,
+    handler_tx: std::sync::mpsc::Sender<(Invalidation, u64, mpsc::UnboundedSender<Frame>)>,
+}
+
+/// A connection to the coordinator's metadata server. Share it (`Arc`) between threads.
+pub struct MetadataClient {
+    inner: Arc<Inner>,
+    runtime: Mutex<Option<tokio::runtime::Runtime>>,
+}
+
+impl fmt::Debug for MetadataClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MetadataClient")
+            .field("node", &self.inner.cfg.node)
+            .field("coordinator", &self.coordinator_addr())
+            .field("epoch", &self.epoch())
+            .finish()
+    }
+}
+
+/// A handshake that succeeded.
+struct Session {
+    rd: OwnedReadHalf,
+    wr: OwnedWriteHalf,
+    addr: SocketAddr,
+    epoch: Epoch,
+    volume: VolumeId,
+    version: u32,
+    instance: u64,
+}
+
+impl MetadataClient {
+    /// Connects to the coordinator. Waits up to `cfg.request_timeout_ms` for a reachable
+    /// one; a refusal (wrong secret, wrong volume, no common version) fails at once.
+    pub fn connect(
+        cfg: ClientConfig,
+        handler: Arc<dyn InvalidationHandler>,
+    ) -> Result<Arc<MetadataClient>, ConnectError> {
+        if cfg.node.0 == 0 {
+            return Err(ConnectError::InvalidConfig {
+                reason: "node id 0 is invalid",
+            });
+        }
+        if cfg.secret.is_empty() {
+            return Err(ConnectError::InvalidConfig {
+                reason: "the cluster secret is empty",
+            });
+        }
+        if cfg.request_timeout_ms == 0 {
+            return Err(ConnectError::InvalidConfig {
+                reason: "request_timeout_ms is 0",
+            });
+        }
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("csvfs-mdc")
+            .enable_all()
+            .build()
+            .map_err(ConnectError::Runtime)?;
+        let (handler_tx, handler_rx) =
+            std::sync::mpsc::channel::<(Invalidation, u64, mpsc::UnboundedSender<Frame>)>();
+        let node = cfg.node;
+        std::thread::Builder::new()
+            .name("csvfs-mdc-inval".into())
+            .spawn(move || {
+                let span = tracing::debug_span!("invalidations", %node);
+                let _enter = span.enter();
+                while let Ok((inv, seq, conn)) = handler_rx.recv() {
+                    handler.invalidate(&inv);
+                    let _ = conn.send(Frame::InvalidateAck { seq });
+                }
+            })
+            .map_err(ConnectError::Runtime)?;
+        let start_ns = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX / 2))
+            .unwrap_or(1);
+        let inner = Arc::new(Inner {
+            state: Mutex::new(State {
+                pending: BTreeMap::new(),
+                conn: None,
+                disconnected_since: None,
+                epoch: Epoch(0),
+                volume: cfg.volume,
+                addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+                instance: 0,
+                last_error: String::new(),
+            }),
+            next_id: AtomicU64::new(start_ns.max(1)),
+            closed: AtomicBool::new(false),
+            handler_tx,
+            cfg,
+        });
+        let span = tracing::info_span!("metadata_client", node = %inner.cfg.node);
+        let timeout = Duration::from_millis(inner.cfg.request_timeout_ms);
+        // Run on the client's runtime and wait here (not `block_on`), so `connect` also
+        // works from a thread that is inside another runtime.
+        let (done_tx, done_rx) = std::sync::mpsc::sync_channel(1);
+        let first_inner = inner.clone();
+        let first = async move {
+            let inner = first_inner;
+            let r = async {
+                let deadline = Instant::now() + timeout;
+                let mut backoff = Duration::from_millis(50);
+                loop {
+                    match establish(&inner, false).await {
+                        Ok(s) => return Ok(s),
+                        Err(e) if e.is_transient() && Instant::now() + backoff < deadline => {
+                            tracing::debug!(error = %chain(&e), "coordinator not reachable yet");
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(Duration::from_secs(1));
+                        }
+                        Err(ConnectError::Unreachable { target, source, .. }) => {
+                            return Err(ConnectError::Unreachable {
+                                target,
+                                timeout_ms: inner.cfg.request_timeout_ms,
+                                source,
+                            })
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+            .await;
+            let _ = done_tx.send(r);
+        };
+        runtime.spawn(first.instrument(span.clone()));
+        let session = match done_rx.recv() {
+            Ok(r) => r?,
+            Err(_) => {
+                return Err(ConnectError::Runtime(io_err(
+                    "the connect task stopped without an answer".into(),
+                )))
+            }
+        };
+        let ready = install(&inner, &session);
+        runtime.spawn(run(inner.clone(), session, ready).instrument(span.clone()));
+        runtime.spawn(reaper(inner.clone()).instrument(span));
+        Ok(Arc::new(MetadataClient {
+            inner,
+            runtime: Mutex::new(Some(runtime)),
+        }))
+    }
+
+    /// Runs `req` at the coordinator as `uid`/`gid` of this node and waits for the answer.
+    /// Callable from many threads at once. A lost connection is re-established and the
+    /// request re-sent with the same id; if the coordinator stays unreachable for
+    /// `request_timeout_ms`, fails with `FsError::Io("coordinator unreachable ...")`.
+    pub fn call(&self, uid: u32, gid: u32, req: Request) -> Result<Response, FsError> {
+        let inner = &self.inner;
+        if inner.closed.load(Ordering::Acquire) {
+            return Err(FsError::Io("metadata client is closed".into()));
+        }
+        let id = RequestId(inner.next_id.fetch_add(1, Ordering::Relaxed));
+        let caller = Caller {
+            node: inner.cfg.node,
+            request: id,
+            uid,
+            gid,
+        };
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        {
+            let mut st = inner.state.lock();
+            // Checked again under the lock: `close` drains `pending` under it.
+            if inner.closed.load(Ordering::Acquire) {
+                return Err(FsError::Io("metadata client is closed".into()));
+            }
+            if let Some(conn) = &st.conn {
+                let _ = conn.send(Frame::Request {
+                    id,
+                    caller,
+                    req: req.clone(),
+                });
+            }
+            st.pending.insert(
+                id,
+                Pending {
+                    caller,
+                    req,
+                    registered: Instant::now(),
+                    done: tx,
+                },
+            );
+        }
+        match rx.recv() {
+            Ok(r) => r,
+            Err(_) => Err(FsError::Io("metadata client is closed".into())),
+        }
+    }
+
+    /// This node.
+    pub fn node(&self) -> NodeId {
+        self.inner.cfg.node
+    }
+
+    /// The coordinator's epoch (the highest seen).
+    pub fn epoch(&self) -> Epoch {
+        self.inner.state.lock().epoch
+    }
+
+    /// The address of the coordinator this client is (or was last) connected to.
+    pub fn coordinator_addr(&self) -> SocketAddr {
+        self.inner.state.lock().addr
+    }
+
+    /// The volume the coordinator serves.
+    pub fn volume(&self) -> Option<VolumeId> {
+        self.inner.state.lock().volume
+    }
+
+    /// True while a session with the coordinator is up.
+    pub fn is_connected(&self) -> bool {
+        self.inner.state.lock().conn.is_some()
+    }
+
+    /// Closes the connection; pending and later calls fail. Also done on drop.
+    pub fn close(&self) {
+        self.inner.closed.store(true, Ordering::Release);
+        let pending = {
+            let mut st = self.inner.state.lock();
+            st.conn = None;
+            std::mem::take(&mut st.pending)
+        };
+        for (_, p) in pending {
+            let _ = p
+                .done
+                .try_send(Err(FsError::Io("metadata client is closed".into())));
+        }
+        if let Some(rt) = self.runtime.lock().take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl Drop for MetadataClient {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    crate::server::io::error_chain(e)
+}
+
+fn io_err(msg: String) -> std::io::Error {
+    std::io::Error::other(msg)
+}
+
+/// Finds the coordinator: its address and, from the lease, its epoch.
+async fn locate(inner: &Inner) -> Result<(SocketAddr, Option<Epoch>), ConnectError> {
+    match &inner.cfg.locator {
+        CoordinatorLocator::Fixed(a) => Ok((*a, None)),
+        CoordinatorLocator::Lease(dev) => {
+            let dev = dev.clone();
+            let found = tokio::task::spawn_blocking(move || lease::find_coordinator(&dev))
+                .await
+                .map_err(|e| ConnectError::Unreachable {
+                    target: "lease".into(),
+                    timeout_ms: inner.cfg.request_timeout_ms,
+                    source: io_err(format!("lease reader failed: {e}")),
+                })?
+                .map_err(ConnectError::Locate)?;
+            Ok((found.addr, Some(found.epoch)))
+        }
+    }
+}
+
+/// One attempt: locate, connect, handshake.
+async fn establish(inner: &Inner, resumed: bool) -> Result<Session, ConnectError> {
+    let (addr, lease_epoch) = locate(inner).await?;
+    let timeout_ms = inner.cfg.request_timeout_ms;
+    let attempt = Duration::from_millis(timeout_ms.clamp(100, 5000));
+    let unreachable = |source: std::io::Error| ConnectError::Unreachable {
+        target: addr.to_string(),
+        timeout_ms,
+        source,
+    };
+    let stream = match tokio::time::timeout(attempt, TcpStream::connect(addr)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Err(unreachable(e)),
+        Err(_) => return Err(unreachable(io_err("connect timed out".into()))),
+    };
+    let _ = stream.set_nodelay(true);
+    let (mut rd, mut wr) = stream.into_split();
+    let (seen, volume) = {
+        let st = inner.state.lock();
+        (st.epoch.max(lease_epoch.unwrap_or(Epoch(0))), st.volume)
+    };
+    let mut nonce = [0u8; NONCE_BYTES];
+    rand::Rng::fill(&mut rand::thread_rng(), &mut nonce[..]);
+    let hello = ClientHello {
+        version: PROTOCOL_VERSION,
+        min_version: MIN_PROTOCOL_VERSION,
+        node: inner.cfg.node,
+        volume,
+        epoch: seen,
+        resumed,
+        nonce,
+    };
+    let hs = async {
+        send(&mut wr, &Frame::ClientHello(hello.clone()), addr).await?;
+        let sh = match read_frame(&mut rd, MAX_HANDSHAKE_FRAME_BYTES).await {
+            Ok(Frame::ServerHello(sh)) => sh,
+            Ok(Frame::HelloRefused { reason }) => {
+                return Err(ConnectError::Refused { addr, reason })
+            }
+            Ok(other) => {
+                return Err(ConnectError::Protocol {
+                    addr,
+                    reason: format!("expected server-hello, got {}", other.kind()),
+                })
+            }
+            Err(e) => return Err(wire(addr, &e)),
+        };
+        if sh.version < MIN_PROTOCOL_VERSION || sh.version > PROTOCOL_VERSION {
+            return Err(ConnectError::Protocol {
+                addr,
+                reason: format!("coordinator chose unsupported version {}", sh.version),
+            });
+        }
+        let t = Transcript::new(&hello, sh.version, sh.volume, sh.epoch, sh.nonce);
+        if !t.verify_server(&inner.cfg.secret, &sh.proof) {
+            let _ = send(&mut wr, &Frame::ClientAuth { proof: None }, addr).await;
+            return Err(ConnectError::SecretMismatch { addr });
+        }
+        if sh.epoch < seen {
+            return Err(ConnectError::StaleCoordinator {
+                addr,
+                epoch: sh.epoch,
+                seen,
+            });
+        }
+        if let Some(v) = volume {
+            if v != sh.volume {
+                return Err(ConnectError::Refused {
+                    addr,
+                    reason: format!("serves volume {}, expected {v}", sh.volume),
+                });
+            }
+        }
+        let proof = t.client_proof(&inner.cfg.secret);
+        send(&mut wr, &Frame::ClientAuth { proof: Some(proof) }, addr).await?;
+        match read_frame(&mut rd, MAX_HANDSHAKE_FRAME_BYTES).await {
+            Ok(Frame::AuthOk) => {}
+            Ok(Frame::AuthRefused { reason }) => {
+                return Err(ConnectError::AuthRefused { addr, reason })
+            }
+            Ok(other) => {
+                return Err(ConnectError::Protocol {
+                    addr,
+                    reason: format!("expected auth-ok, got {}", other.kind()),
+                })
+            }
+            Err(e) => return Err(wire(addr, &e)),
+        }
+        Ok(sh)
+    };
+    let sh = match tokio::time::timeout(attempt, hs).await {
+        Ok(r) => r?,
+        Err(_) => return Err(unreachable(io_err("handshake timed out".into()))),
+    };
+    Ok(Session {
+        rd,
+        wr,
+        addr,
+        epoch: sh.epoch,
+        volume: sh.volume,
+        version: sh.version,
+        instance: sh.instance,
+    })
+}
+
+fn wire(addr: SocketAddr, e: &WireError) -> ConnectError {
+    match e {
+        WireError::Frame(_) => ConnectError::Protocol {
+            addr,
+            reason: chain(e),
+        },
+        _ => ConnectError::Unreachable {
+            target: addr.to_string(),
+            timeout_ms: 0,
+            source: io_err(chain(e)),
+        },
+    }
+}
+
+async fn send(wr: &mut OwnedWriteHalf, f: &Frame, addr: SocketAddr) -> Result<(), ConnectError> {
+    let bytes = encode_frame(f, MAX_HANDSHAKE_FRAME_BYTES).map_err(|e| ConnectError::Protocol {
+        addr,
+        reason: chain(&e),
+    })?;
+    write_bytes(wr, &bytes).await.map_err(|e| wire(addr, &e))
+}
+
+/// Makes `s` the current session: records what it learned and re-sends every pending
+/// request with its id. Returns the receiving end of the session's outgoing queue.
+fn install(inner: &Inner, s: &Session) -> mpsc::UnboundedReceiver<Frame> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let mut st = inner.state.lock();
+    if st.instance != 0 && st.instance != s.instance {
+        tracing::info!(addr = %s.addr, epoch = %s.epoch, "connected to a new coordinator instance");
+    }
+    st.epoch = st.epoch.max(s.epoch);
+    st.volume = Some(s.volume);
+    st.addr = s.addr;
+    st.instance = s.instance;
+    st.disconnected_since = None;
+    let resent = st.pending.len();
+    for (id, p) in &st.pending {
+        let _ = tx.send(Frame::Request {
+            id: *id,
+            caller: p.caller,
+            req: p.req.clone(),
+        });
+    }
+    st.conn = Some(tx);
+    tracing::info!(addr = %s.addr, epoch = %s.epoch, version = s.version, resent, "connected to coordinator");
+    rx
+}
+
+/// Serves sessions forever: the current one, then reconnects.
+async fn run(inner: Arc<Inner>, first: Session, first_rx: mpsc::UnboundedReceiver<Frame>) {
+    let mut session = first;
+    let mut rx = first_rx;
+    loop {
+        let reason = serve(&inner, session, rx).await;
+        {
+            let mut st = inner.state.lock();
+            st.conn = None;
+            st.disconnected_since = Some(Instant::now());
+            st.last_error = reason.clone();
+        }
+        if inner.closed.load(Ordering::Acquire) {
+            return;
+        }
+        tracing::warn!("lost the coordinator connection: {reason}; reconnecting");
+        let mut backoff = Duration::from_millis(50);
+        session = loop {
+            if inner.closed.load(Ordering::Acquire) {
+                return;
+            }
+            match establish(&inner, true).await {
+                Ok(s) => break s,
+                Err(e) => {
+                    let msg = chain(&e);
+                    if e.is_transient() {
+                        tracing::debug!(error = %msg, "reconnect failed");
+                    } else {
+                        tracing::error!(error = %msg, "coordinator refused this node");
+                    }
+                    inner.state.lock().last_error = msg;
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+            }
+        };
+        rx = install(&inner, &session);
+    }
+}
+
+/// One established session until it breaks; returns why.
+async fn serve(inner: &Arc<Inner>, s: Session, mut rx: mpsc::UnboundedReceiver<Frame>) -> String {
+    let timeout_ms = inner.cfg.request_timeout_ms;
+    let ping = Duration::from_millis((timeout_ms / 4).clamp(100, 1000));
+    let dead_after = Duration::from_millis(timeout_ms.clamp(1000, 5000)).max(ping * 3);
+    let conn_tx = match inner.state.lock().conn.clone() {
+        Some(c) => c,
+        None => return "client closed".into(),
+    };
+    let Session { mut rd, wr, .. } = s;
+    let winner = inner.clone();
+    let mut writer = tokio::spawn(
+        async move {
+            let mut w = BufWriter::with_capacity(64 * 1024, wr);
+            let mut tick = tokio::time::interval(ping);
+            let mut n: u64 = 0;
+            loop {
+                let first = tokio::select! {
+                    f = rx.recv() => f,
+                    _ = tick.tick() => { n += 1; Some(Frame::Ping { nonce: n }) }
+                };
+                let Some(mut f) = first else { break };
+                loop {
+                    match encode_frame(&f, MAX_FRAME_BYTES) {
+                        Ok(b) => {
+                            if let Err(e) = w.write_all(&b).await {
+                                return format!("write: {e}");
+                            }
+                        }
+                        Err(e) => {
+                            // Too large to send: fail that call instead of the session.
+                            tracing::warn!(error = %chain(&e), "request does not fit in a frame");
+                            if let Frame::Request { id, .. } = f {
+                                let p = winner.state.lock().pending.remove(&id);
+                                if let Some(p) = p {
+                                    let _ = p.done.try_send(Err(FsError::TooBig));
+                                }
+                            }
+                        }
+                    }
+                    match rx.try_recv() {
+                        Ok(next) => f = next,
+                        Err(_) => break,
+                    }
+                }
+                if let Err(e) = w.flush().await {
+                    return format!("write: {e}");
+                }
+            }
+            "client closed".to_string()
+        }
+        .in_current_span(),
+    );
+    let reason = loop {
+        let read = tokio::select! {
+            r = tokio::time::timeout(dead_after, read_frame(&mut rd, MAX_FRAME_BYTES)) => r,
+            w = &mut writer => {
+                break match w {
+                    Ok(why) => why,
+                    Err(e) => format!("writer task failed: {e}"),
+                };
+            }
+        };
+        let frame = match read {
+            Err(_) => break format!("coordinator silent for {} ms", dead_after.as_millis()),
+            Ok(Err(WireError::Closed)) => break "coordinator closed the connection".into(),
+            Ok(Err(e)) => break chain(&e),
+            Ok(Ok(f)) => f,
+        };
+        match frame {
+            Frame::Reply { id, result } => {
+                let p = inner.state.lock().pending.remove(&id);
+                if let Some(p) = p {
+                    let _ = p.done.try_send(result);
+                }
+            }
+            Frame::Invalidate { seq, inv } => {
+                if inner.handler_tx.send((inv, seq, conn_tx.clone())).is_err() {
+                    break "invalidation handler stopped".into();
+                }
+            }
+            Frame::Ping { nonce } => {
+                let _ = conn_tx.send(Frame::Pong { nonce });
+            }
+            Frame::Pong { .. } => {}
+            other => break format!("protocol violation: unexpected {} frame", other.kind()),
+        }
+    };
+    writer.abort();
+    reason
+}
+
+/// Fails calls that have waited too long for an unreachable coordinator.
+async fn reaper(inner: Arc<Inner>) {
+    let timeout = Duration::from_millis(inner.cfg.request_timeout_ms);
+    let mut tick = tokio::time::interval(
+        (timeout / 10).clamp(Duration::from_millis(10), Duration::from_millis(200)),
+    );
+    loop {
+        tick.tick().await;
+        let mut expired = Vec::new();
+        let last;
+        {
+            let mut st = inner.state.lock();
+            let Some(since) = st.disconnected_since else {
+                continue;
+            };
+            let now = Instant::now();
+            let ids: Vec<RequestId> = st
+                .pending
+                .iter()
+                .filter(|(_, p)| now.duration_since(p.registered.max(since)) >= timeout)
+                .map(|(id, _)| *id)
+                .collect();
+            for id in ids {
+                if let Some(p) = st.pending.remove(&id) {
+                    expired.push(p);
+                }
+            }
+            last = st.last_error.clone();
+        }
+        if !expired.is_empty() {
+            tracing::warn!(
+                count = expired.len(),
+                "failing calls: coordinator unreachable for {} ms",
+                timeout.as_millis()
+            );
+        }
+        for p in expired {
+            let _ = p.done.try_send(Err(FsError::Io(format!(
+                "coordinator unreachable for {} ms: {last}",
+                timeout.as_millis()
+            ))));
+        }
+    }
+}

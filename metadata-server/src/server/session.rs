@@ -1,0 +1,399 @@
+//! One node connection on the server: handshake, then the request loop.
+
+use super::io::{error_chain as chain, read_frame, write_bytes, WireError};
+use super::Shared;
+use crate::proto::{
+    encode_frame, request_kind, Caller, ClientHello, Frame, Request, ServerHello, Transcript,
+    MAX_HANDSHAKE_FRAME_BYTES, MIN_PROTOCOL_VERSION, NONCE_BYTES, PROTOCOL_VERSION,
+};
+use crate::types::{FsError, NodeId, RequestId};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncWriteExt, BufWriter};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
+use tracing::Instrument;
+
+/// The result of a successful handshake.
+struct Established {
+    node: NodeId,
+    version: u32,
+    resumed: bool,
+}
+
+/// Serves one connection until it closes. Every way it can end is logged here, once.
+pub(super) async fn run(stream: TcpStream, peer: SocketAddr, conn: u64, shared: Arc<Shared>) {
+    let (mut rd, mut wr) = stream.into_split();
+    let timeout = Duration::from_millis(shared.config.handshake_timeout_ms);
+    let est = match tokio::time::timeout(timeout, handshake(&mut rd, &mut wr, &shared)).await {
+        Ok(Ok(est)) => est,
+        Ok(Err(reason)) => {
+            tracing::warn!(%peer, "connection refused during handshake: {reason}");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(%peer, timeout_ms = shared.config.handshake_timeout_ms, "connection closed: handshake not completed in time");
+            return;
+        }
+    };
+    let node = est.node;
+    let span = tracing::info_span!("session", %node, version = est.version);
+    established(rd, wr, conn, est, shared.clone())
+        .instrument(span)
+        .await;
+    if shared.coherence.detach(node, conn) {
+        schedule_node_gone(node, &shared);
+    }
+}
+
+async fn send_pre_auth(wr: &mut OwnedWriteHalf, frame: &Frame) -> Result<(), String> {
+    let bytes = encode_frame(frame, MAX_HANDSHAKE_FRAME_BYTES)
+        .map_err(|e| format!("encode {}: {e}", frame.kind()))?;
+    write_bytes(wr, &bytes)
+        .await
+        .map_err(|e| format!("send {}: {}", frame.kind(), chain(&e)))
+}
+
+async fn refuse_hello(wr: &mut OwnedWriteHalf, reason: String) -> String {
+    let _ = send_pre_auth(
+        wr,
+        &Frame::HelloRefused {
+            reason: reason.clone(),
+        },
+    )
+    .await;
+    let _ = wr.shutdown().await;
+    reason
+}
+
+/// Runs the handshake; on failure returns the reason to log.
+async fn handshake(
+    rd: &mut OwnedReadHalf,
+    wr: &mut OwnedWriteHalf,
+    shared: &Shared,
+) -> Result<Established, String> {
+    let cfg = &shared.config;
+    let hello: ClientHello = match read_frame(rd, MAX_HANDSHAKE_FRAME_BYTES).await {
+        Ok(Frame::ClientHello(h)) => h,
+        Ok(other) => {
+            return Err(format!(
+                "unauthenticated frame: expected client-hello, got {}",
+                other.kind()
+            ))
+        }
+        Err(e) => return Err(format!("reading client-hello: {}", chain(&e))),
+    };
+    let node = hello.node;
+    if node.0 == 0 {
+        return Err(refuse_hello(wr, "node id 0 is invalid".into()).await);
+    }
+    let lowest = hello.min_version.max(MIN_PROTOCOL_VERSION);
+    let version = hello.version.min(PROTOCOL_VERSION);
+    if version < lowest {
+        return Err(refuse_hello(
+            wr,
+            format!(
+                "{node}: no common protocol version (node speaks {}..={}, coordinator {}..={})",
+                hello.min_version, hello.version, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION
+            ),
+        )
+        .await);
+    }
+    if let Some(v) = hello.volume {
+        if v != cfg.volume {
+            return Err(refuse_hello(
+                wr,
+                format!(
+                    "{node}: wrong volume (node expects {v}, coordinator serves {})",
+                    cfg.volume
+                ),
+            )
+            .await);
+        }
+    }
+    if hello.epoch > cfg.epoch {
+        return Err(refuse_hello(
+            wr,
+            format!(
+                "{node}: stale coordinator (node has seen {}, this coordinator has {})",
+                hello.epoch, cfg.epoch
+            ),
+        )
+        .await);
+    }
+    let mut server_nonce = [0u8; NONCE_BYTES];
+    rand::Rng::fill(&mut rand::thread_rng(), &mut server_nonce[..]);
+    let transcript = Transcript::new(&hello, version, cfg.volume, cfg.epoch, server_nonce);
+    send_pre_auth(
+        wr,
+        &Frame::ServerHello(ServerHello {
+            version,
+            volume: cfg.volume,
+            epoch: cfg.epoch,
+            instance: shared.instance,
+            nonce: server_nonce,
+            proof: transcript.server_proof(&cfg.secret),
+        }),
+    )
+    .await?;
+    match read_frame(rd, MAX_HANDSHAKE_FRAME_BYTES).await {
+        Ok(Frame::ClientAuth { proof: Some(proof) }) => {
+            if !transcript.verify_client(&cfg.secret, &proof) {
+                let reason = format!(
+                    "{node}: authentication failed: the node does not know the cluster secret"
+                );
+                let _ = send_pre_auth(
+                    wr,
+                    &Frame::AuthRefused {
+                        reason: "authentication failed: wrong cluster secret".into(),
+                    },
+                )
+                .await;
+                let _ = wr.shutdown().await;
+                return Err(reason);
+            }
+        }
+        Ok(Frame::ClientAuth { proof: None }) => {
+            return Err(format!(
+                "{node} refused the coordinator's proof: the cluster secrets differ"
+            ))
+        }
+        Ok(other) => {
+            return Err(format!(
+                "{node}: unauthenticated frame: expected client-auth, got {}",
+                other.kind()
+            ))
+        }
+        Err(e) => return Err(format!("{node}: reading client-auth: {}", chain(&e))),
+    }
+    send_pre_auth(wr, &Frame::AuthOk).await?;
+    Ok(Established {
+        node,
+        version,
+        resumed: hello.resumed,
+    })
+}
+
+/// The request loop of an authenticated session.
+async fn established(
+    mut rd: OwnedReadHalf,
+    wr: OwnedWriteHalf,
+    conn: u64,
+    est: Established,
+    shared: Arc<Shared>,
+) {
+    let node = est.node;
+    let max = shared.config.max_frame_bytes;
+    let (tx, rx) = mpsc::unbounded_channel::<Frame>();
+    // Register before the writer starts so missed invalidations go out first.
+    let kick = Arc::new(Notify::new());
+    let first = shared.coherence.attach(
+        node,
+        conn,
+        est.version,
+        est.resumed,
+        tx.clone(),
+        kick.clone(),
+    );
+    for f in first {
+        let _ = tx.send(f);
+    }
+    *shared.generations.lock().entry(node).or_insert(0) += 1;
+    tracing::info!(resumed = est.resumed, "node connected");
+    let writer = tokio::spawn(writer(wr, rx, max).in_current_span());
+    let running = Arc::new(Semaphore::new(
+        usize::try_from(shared.config.max_in_flight_per_conn.max(1)).unwrap_or(256),
+    ));
+    // Requests read but not yet running. The reader only stops reading (and answering
+    // pings and acks) past this bound, so a busy store does not look like a dead link.
+    let queued = Arc::new(Semaphore::new(MAX_QUEUED_PER_CONN));
+    let idle = Duration::from_millis(shared.config.idle_timeout_ms);
+    let mut shutdown = shared.shutdown.clone();
+    let (reason, unexpected): (String, bool) = loop {
+        let frame = tokio::select! {
+            _ = shutdown.changed() => break ("server shutting down".into(), false),
+            _ = kick.notified() => {
+                break ("replaced by a newer session of the same node".into(), false)
+            }
+            r = tokio::time::timeout(idle, read_frame(&mut rd, max)) => r,
+        };
+        let frame = match frame {
+            Err(_) => break (format!("no frame for {} ms", idle.as_millis()), true),
+            Ok(Err(WireError::Closed)) => break ("node closed the connection".into(), false),
+            Ok(Err(e)) => break (chain(&e), true),
+            Ok(Ok(f)) => f,
+        };
+        match frame {
+            Frame::Request { id, caller, req } => {
+                if caller.node != node || caller.request != id {
+                    break (
+                        format!(
+                            "protocol violation: request {id} claims {} / {}",
+                            caller.node, caller.request
+                        ),
+                        true,
+                    );
+                }
+                let Ok(slot) = queued.clone().acquire_owned().await else {
+                    break ("request queue closed".into(), true);
+                };
+                let span = tracing::debug_span!("request", %id, op = request_kind(&req));
+                let job = Job {
+                    shared: shared.clone(),
+                    node,
+                    conn,
+                    id,
+                    caller,
+                    req,
+                };
+                tokio::spawn(handle(job, running.clone(), slot).instrument(span));
+            }
+            Frame::InvalidateAck { seq } => shared.coherence.ack(node, conn, seq),
+            Frame::Ping { nonce } => {
+                let _ = tx.send(Frame::Pong { nonce });
+            }
+            Frame::Pong { .. } => {}
+            other => {
+                break (
+                    format!("protocol violation: unexpected {} frame", other.kind()),
+                    true,
+                )
+            }
+        }
+    };
+    if unexpected {
+        tracing::warn!("node connection closed: {reason}");
+    } else {
+        tracing::info!("node connection closed: {reason}");
+    }
+    drop(tx);
+    writer.abort();
+}
+
+/// Requests of one connection read and waiting to run, at most.
+const MAX_QUEUED_PER_CONN: usize = 4096;
+
+/// One request to run.
+struct Job {
+    shared: Arc<Shared>,
+    node: NodeId,
+    conn: u64,
+    id: RequestId,
+    caller: Caller,
+    req: Request,
+}
+
+/// Runs one request: the store call on a blocking thread, then the invalidations it
+/// requires, then the reply.
+async fn handle(job: Job, running: Arc<Semaphore>, slot: OwnedSemaphorePermit) {
+    let Job {
+        shared,
+        node,
+        conn,
+        id,
+        caller,
+        req,
+    } = job;
+    let Ok(permit) = running.acquire_owned().await else {
+        return;
+    };
+    drop(slot);
+    let start = shared.coherence.mark(node, conn);
+    let store = shared.store.clone();
+    let joined = tokio::task::spawn_blocking(move || {
+        let result = store.execute(&caller, &req);
+        (req, result)
+    })
+    .await;
+    // Release the permit first: waiting for other nodes' acks must not hold up this
+    // node's other requests.
+    drop(permit);
+    let (req, result) = match joined {
+        Ok(x) => x,
+        Err(e) => {
+            tracing::error!(error = %e, "store call panicked");
+            let reply = Frame::Reply {
+                id,
+                result: Err(FsError::Io("coordinator store call failed".into())),
+            };
+            let _ = shared
+                .coherence
+                .reply(node, conn, start, &Request::StatFs, reply);
+            return;
+        }
+    };
+    if let Ok(resp) = &result {
+        shared.coherence.invalidate_for(node, &req, resp).await;
+    }
+    if !shared
+        .coherence
+        .reply(node, conn, start, &req, Frame::Reply { id, result })
+    {
+        tracing::debug!("session gone before the reply; the node will retry");
+    }
+}
+
+async fn writer(wr: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<Frame>, max: u32) {
+    let mut w = BufWriter::with_capacity(64 * 1024, wr);
+    while let Some(frame) = rx.recv().await {
+        let mut next = Some(frame);
+        while let Some(f) = next.take() {
+            match encode_frame(&f, max) {
+                Ok(bytes) => {
+                    if let Err(e) = w.write_all(&bytes).await {
+                        tracing::debug!(error = %e, "write to node failed");
+                        return;
+                    }
+                }
+                Err(e) => {
+                    // A reply too large for a frame: tell the node instead of dropping it.
+                    tracing::warn!(error = %e, "frame does not fit; sending an error instead");
+                    if let Frame::Reply { id, .. } = f {
+                        next = Some(Frame::Reply {
+                            id,
+                            result: Err(FsError::TooBig),
+                        });
+                        continue;
+                    }
+                }
+            }
+            next = rx.try_recv().ok();
+        }
+        if let Err(e) = w.flush().await {
+            tracing::debug!(error = %e, "write to node failed");
+            return;
+        }
+    }
+    let _ = w.shutdown().await;
+}
+
+/// After the grace period, a node that did not come back is gone for good.
+fn schedule_node_gone(node: NodeId, shared: &Arc<Shared>) {
+    let generation = shared.generations.lock().get(&node).copied().unwrap_or(0);
+    let grace = Duration::from_millis(shared.config.node_grace_ms);
+    let shared = shared.clone();
+    tokio::spawn(
+        async move {
+            tokio::time::sleep(grace).await;
+            let now = shared.generations.lock().get(&node).copied().unwrap_or(0);
+            if now != generation || shared.coherence.is_connected(node) {
+                return;
+            }
+            tracing::info!(
+                grace_ms = grace.as_millis(),
+                "node did not come back; releasing its opens"
+            );
+            let store = shared.store.clone();
+            match tokio::task::spawn_blocking(move || store.node_gone(node)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "store could not release the node's opens")
+                }
+                Err(e) => tracing::error!(error = %e, "node_gone panicked"),
+            }
+        }
+        .instrument(tracing::info_span!("node_gone", %node)),
+    );
+}

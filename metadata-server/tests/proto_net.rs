@@ -1,0 +1,952 @@
+//! Metadata server and client over real TCP on loopback, against an in-memory store that
+//! implements `MetadataStore` here (with its own duplicate-request cache, like the real
+//! store): authentication, versions, bad frames, concurrency, restart with resend,
+//! invalidations, node-gone, unreachable coordinator.
+#![allow(clippy::tests_outside_test_module)]
+// Test helpers outside #[test] functions; a failure there is a test failure.
+#![allow(clippy::unwrap_used)]
+
+use block_client::testing::MemDevice;
+use block_client::BlockDevice;
+use metadata_server::client::{
+    ClientConfig, ConnectError, CoordinatorLocator, InvalidationHandler, MetadataClient,
+};
+use metadata_server::format::{mkfs, MkfsOptions, Superblock};
+use metadata_server::lease::{self, LeaseKeeper, LeaseRole};
+use metadata_server::proto::{
+    decode_frame, encode_frame, Caller, ClientHello, Frame, Invalidation, Request, Response,
+    Transcript, MAX_FRAME_BYTES, NONCE_BYTES,
+};
+use metadata_server::server::{Server, ServerConfig, ServerHandle};
+use metadata_server::types::{
+    Attr, DirEntry, Epoch, FileKind, FsError, InodeId, NodeId, RequestId, StatFs, Timestamp,
+    VolumeId,
+};
+use metadata_server::MetadataStore;
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const SECRET: &[u8] = b"the cluster secret";
+const VOLUME: VolumeId = VolumeId([0x11; 16]);
+
+fn attr(ino: InodeId, kind: FileKind) -> Attr {
+    Attr {
+        ino,
+        generation: 1,
+        kind,
+        perm: 0o755,
+        uid: 0,
+        gid: 0,
+        nlink: 1,
+        size_bytes: 0,
+        allocated_bytes: 0,
+        rdev: 0,
+        atime: Timestamp::default(),
+        mtime: Timestamp::default(),
+        ctime: Timestamp::default(),
+        crtime: Timestamp::default(),
+    }
+}
+
+#[derive(Default)]
+struct MemState {
+    names: HashMap<(InodeId, Vec<u8>), InodeId>,
+    next_ino: u64,
+    /// Answers by (node, request): the duplicate-request cache.
+    drc: HashMap<(NodeId, RequestId), Result<Response, FsError>>,
+    /// How many times each (node, request) really ran.
+    executed: HashMap<(NodeId, RequestId), u32>,
+    /// Every call to `execute`, in order.
+    calls: Vec<(NodeId, RequestId)>,
+    gone: Vec<NodeId>,
+}
+
+/// An in-memory namespace (one level is enough here) with a duplicate-request cache.
+#[derive(Default)]
+struct MemStore {
+    st: Mutex<MemState>,
+    delay_ms: AtomicU64,
+    running: AtomicU64,
+    max_running: AtomicU64,
+}
+
+impl MemStore {
+    fn executed(&self, node: NodeId, id: RequestId) -> u32 {
+        self.st
+            .lock()
+            .unwrap()
+            .executed
+            .get(&(node, id))
+            .copied()
+            .unwrap_or(0)
+    }
+    fn calls_of(&self, node: NodeId, id: RequestId) -> usize {
+        let st = self.st.lock().unwrap();
+        st.calls.iter().filter(|c| **c == (node, id)).count()
+    }
+}
+
+impl MetadataStore for MemStore {
+    fn execute(&self, caller: &Caller, req: &Request) -> Result<Response, FsError> {
+        let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+        self.max_running.fetch_max(now, Ordering::SeqCst);
+        let delay = self.delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            std::thread::sleep(Duration::from_millis(delay));
+        }
+        let key = (caller.node, caller.request);
+        let mut st = self.st.lock().unwrap();
+        st.calls.push(key);
+        self.running.fetch_sub(1, Ordering::SeqCst);
+        if let Some(r) = st.drc.get(&key) {
+            return r.clone();
+        }
+        *st.executed.entry(key).or_insert(0) += 1;
+        let r = match req {
+            Request::Lookup { parent, name } => st
+                .names
+                .get(&(*parent, name.clone()))
+                .map(|i| Response::Attr(attr(*i, FileKind::File)))
+                .ok_or(FsError::NotFound),
+            Request::GetAttr { ino } => Ok(Response::Attr(attr(*ino, FileKind::Dir))),
+            Request::Create {
+                parent,
+                name,
+                exclusive,
+                ..
+            } => {
+                if let Some(i) = st.names.get(&(*parent, name.clone())) {
+                    if *exclusive {
+                        Err(FsError::Exists)
+                    } else {
+                        Ok(Response::Attr(attr(*i, FileKind::File)))
+                    }
+                } else {
+                    st.next_ino += 1;
+                    let ino = InodeId(st.next_ino + 100);
+                    st.names.insert((*parent, name.clone()), ino);
+                    Ok(Response::Attr(attr(ino, FileKind::File)))
+                }
+            }
+            Request::Unlink { parent, name } => st
+                .names
+                .remove(&(*parent, name.clone()))
+                .map(|_| Response::Done)
+                .ok_or(FsError::NotFound),
+            Request::ReadDir { ino, .. } => {
+                let mut v: Vec<(DirEntry, Option<Attr>)> = st
+                    .names
+                    .iter()
+                    .filter(|((p, _), _)| p == ino)
+                    .map(|((_, n), i)| {
+                        (
+                            DirEntry {
+                                name: n.clone(),
+                                ino: *i,
+                                kind: FileKind::File,
+                                cookie: i.0,
+                            },
+                            Some(attr(*i, FileKind::File)),
+                        )
+                    })
+                    .collect();
+                v.sort_by_key(|e| e.0.cookie);
+                Ok(Response::Entries(v))
+            }
+            Request::StatFs => Ok(Response::StatFs(StatFs {
+                cluster_size_bytes: 1 << 20,
+                total_clusters: 100,
+                free_clusters: 50,
+                total_inodes: 10,
+                free_inodes: 5,
+                max_name_bytes: 255,
+            })),
+            Request::GetXattr { .. } => Ok(Response::Bytes(vec![7; 100])),
+            _ => Err(FsError::Invalid("not in the test store".into())),
+        };
+        if req_is_mutation(req) {
+            st.drc.insert(key, r.clone());
+        }
+        r
+    }
+
+    fn node_gone(&self, node: NodeId) -> Result<(), FsError> {
+        self.st.lock().unwrap().gone.push(node);
+        Ok(())
+    }
+}
+
+fn req_is_mutation(req: &Request) -> bool {
+    matches!(req, Request::Create { .. } | Request::Unlink { .. })
+}
+
+fn server_cfg(addr: SocketAddr) -> ServerConfig {
+    ServerConfig {
+        invalidation_timeout_ms: 500,
+        node_grace_ms: 300,
+        ..ServerConfig::new(addr, SECRET.to_vec(), VOLUME, Epoch(3))
+    }
+}
+
+fn start(store: &Arc<MemStore>) -> ServerHandle {
+    let s: Arc<dyn MetadataStore> = store.clone();
+    Server::start(s, server_cfg("127.0.0.1:0".parse().unwrap())).unwrap()
+}
+
+#[derive(Default)]
+struct Recorder {
+    seen: Mutex<Vec<(Invalidation, Instant)>>,
+    hold_ms: AtomicU64,
+}
+
+impl InvalidationHandler for Recorder {
+    fn invalidate(&self, inv: &Invalidation) {
+        let hold = self.hold_ms.load(Ordering::SeqCst);
+        if hold > 0 {
+            std::thread::sleep(Duration::from_millis(hold));
+        }
+        self.seen
+            .lock()
+            .unwrap()
+            .push((inv.clone(), Instant::now()));
+    }
+}
+
+fn client_cfg(node: u32, addr: SocketAddr) -> ClientConfig {
+    ClientConfig {
+        node: NodeId(node),
+        secret: SECRET.to_vec(),
+        volume: Some(VOLUME),
+        locator: CoordinatorLocator::Fixed(addr),
+        request_timeout_ms: 2000,
+    }
+}
+
+fn connect(node: u32, addr: SocketAddr) -> (Arc<MetadataClient>, Arc<Recorder>) {
+    let rec = Arc::new(Recorder::default());
+    let c = MetadataClient::connect(client_cfg(node, addr), rec.clone()).unwrap();
+    (c, rec)
+}
+
+fn create(name: &[u8]) -> Request {
+    Request::Create {
+        parent: InodeId::ROOT,
+        name: name.to_vec(),
+        kind: FileKind::File,
+        perm: 0o644,
+        rdev: 0,
+        exclusive: true,
+    }
+}
+
+fn lookup(name: &[u8]) -> Request {
+    Request::Lookup {
+        parent: InodeId::ROOT,
+        name: name.to_vec(),
+    }
+}
+
+/// Polls `f` until it is true or the deadline passes.
+fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let end = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+// ---- raw wire helpers -------------------------------------------------------------------
+
+fn raw_send(s: &mut TcpStream, f: &Frame) {
+    s.write_all(&encode_frame(f, MAX_FRAME_BYTES).unwrap())
+        .unwrap();
+}
+
+fn raw_recv(s: &mut TcpStream) -> Option<Frame> {
+    let mut h = [0u8; 4];
+    s.read_exact(&mut h).ok()?;
+    let mut p = vec![0u8; u32::from_le_bytes(h) as usize];
+    s.read_exact(&mut p).ok()?;
+    decode_frame(&p).ok()
+}
+
+/// True when the server closes the connection (EOF or reset) within the timeout.
+fn closed_by_server(s: &mut TcpStream) -> bool {
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut =>
+            {
+                return false
+            }
+            Err(_) => return true,
+        }
+    }
+}
+
+fn hello(node: u32, min: u32, max: u32) -> ClientHello {
+    ClientHello {
+        version: max,
+        min_version: min,
+        node: NodeId(node),
+        volume: Some(VOLUME),
+        epoch: Epoch(0),
+        resumed: false,
+        nonce: [9; NONCE_BYTES],
+    }
+}
+
+/// Runs a handshake by hand with `secret`; returns the socket and the server's hello, or
+/// the frame that refused it.
+fn raw_handshake(
+    addr: SocketAddr,
+    h: ClientHello,
+    secret: &[u8],
+) -> (TcpStream, Result<u32, Frame>) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    raw_send(&mut s, &Frame::ClientHello(h.clone()));
+    let sh = match raw_recv(&mut s) {
+        Some(Frame::ServerHello(sh)) => sh,
+        Some(other) => return (s, Err(other)),
+        None => return (s, Err(Frame::Invalid)),
+    };
+    let t = Transcript::new(&h, sh.version, sh.volume, sh.epoch, sh.nonce);
+    raw_send(
+        &mut s,
+        &Frame::ClientAuth {
+            proof: Some(t.client_proof(secret)),
+        },
+    );
+    match raw_recv(&mut s) {
+        Some(Frame::AuthOk) => (s, Ok(sh.version)),
+        Some(other) => (s, Err(other)),
+        None => (s, Err(Frame::Invalid)),
+    }
+}
+
+// ---- tests ------------------------------------------------------------------------------
+
+#[test]
+fn authenticated_calls_work() {
+    let store = Arc::new(MemStore::default());
+    let srv = start(&store);
+    let (c, _) = connect(1, srv.local_addr());
+    assert_eq!(c.node(), NodeId(1));
+    assert_eq!(c.epoch(), Epoch(3));
+    assert_eq!(c.coordinator_addr(), srv.local_addr());
+    let r = c.call(1000, 1000, create(b"a")).unwrap();
+    let Response::Attr(a) = r else {
+        panic!("create answered {r:?}")
+    };
+    assert!(matches!(c.call(0, 0, lookup(b"a")), Ok(Response::Attr(b)) if b.ino == a.ino));
+    assert!(matches!(
+        c.call(0, 0, lookup(b"missing")),
+        Err(FsError::NotFound)
+    ));
+    assert!(matches!(c.call(0, 0, create(b"a")), Err(FsError::Exists)));
+    assert_eq!(srv.connected_nodes(), vec![NodeId(1)]);
+}
+
+#[test]
+fn client_with_wrong_secret_is_refused() {
+    let store = Arc::new(MemStore::default());
+    let srv = start(&store);
+    let mut cfg = client_cfg(1, srv.local_addr());
+    cfg.secret = b"not the secret".to_vec();
+    let err = MetadataClient::connect(cfg, Arc::new(Recorder::default())).unwrap_err();
+    assert!(
+        matches!(err, ConnectError::SecretMismatch { .. }),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("cluster secret"), "{err}");
+    // The server side: a proof made with the wrong secret gets AuthRefused, then close.
+    let (mut s, r) = raw_handshake(srv.local_addr(), hello(2, 1, 2), b"not the secret");
+    assert!(
+        matches!(&r, Err(Frame::AuthRefused { reason }) if reason.contains("secret")),
+        "{r:?}"
+    );
+    assert!(closed_by_server(&mut s));
+    assert!(srv.connected_nodes().is_empty());
+    // And a client that does not get the server's proof right refuses the server.
+    let other = Server::start(
+        store.clone(),
+        ServerConfig::new(
+            "127.0.0.1:0".parse().unwrap(),
+            b"impostor".to_vec(),
+            VOLUME,
+            Epoch(3),
+        ),
+    )
+    .unwrap();
+    let err = MetadataClient::connect(
+        client_cfg(1, other.local_addr()),
+        Arc::new(Recorder::default()),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, ConnectError::SecretMismatch { .. }),
+        "{err:?}"
+    );
+    assert!(other.connected_nodes().is_empty());
+}
+
+#[test]
+fn wrong_volume_and_stale_epoch_are_refused() {
+    let store = Arc::new(MemStore::default());
+    let srv = start(&store);
+    let mut cfg = client_cfg(1, srv.local_addr());
+    cfg.volume = Some(VolumeId([0x22; 16]));
+    let err = MetadataClient::connect(cfg, Arc::new(Recorder::default())).unwrap_err();
+    assert!(
+        matches!(&err, ConnectError::Refused { reason, .. } if reason.contains("wrong volume")),
+        "{err:?}"
+    );
+    let mut h = hello(1, 1, 2);
+    h.epoch = Epoch(4);
+    let (_s, r) = raw_handshake(srv.local_addr(), h, SECRET);
+    assert!(
+        matches!(&r, Err(Frame::HelloRefused { reason }) if reason.contains("stale")),
+        "{r:?}"
+    );
+}
+
+#[test]
+fn current_and_previous_versions_are_accepted_others_refused() {
+    let store = Arc::new(MemStore::default());
+    let srv = start(&store);
+    let addr = srv.local_addr();
+    assert!(matches!(
+        raw_handshake(addr, hello(1, 1, 2), SECRET).1,
+        Ok(2)
+    ));
+    assert!(matches!(
+        raw_handshake(addr, hello(2, 1, 1), SECRET).1,
+        Ok(1)
+    ));
+    // A newer node that still speaks 2 gets 2.
+    assert!(matches!(
+        raw_handshake(addr, hello(3, 2, 5), SECRET).1,
+        Ok(2)
+    ));
+    // Too new only, or too old.
+    assert!(matches!(
+        raw_handshake(addr, hello(4, 3, 3), SECRET).1,
+        Err(Frame::HelloRefused { .. })
+    ));
+    assert!(matches!(
+        raw_handshake(addr, hello(5, 0, 0), SECRET).1,
+        Err(Frame::HelloRefused { .. })
+    ));
+    // A version-1 session works for requests.
+    let (mut s, v) = raw_handshake(addr, hello(6, 1, 1), SECRET);
+    assert!(matches!(v, Ok(1)));
+    let caller = Caller {
+        node: NodeId(6),
+        request: RequestId(77),
+        uid: 0,
+        gid: 0,
+    };
+    raw_send(
+        &mut s,
+        &Frame::Request {
+            id: RequestId(77),
+            caller,
+            req: Request::StatFs,
+        },
+    );
+    assert!(matches!(
+        raw_recv(&mut s),
+        Some(Frame::Reply {
+            id: RequestId(77),
+            result: Ok(Response::StatFs(_))
+        })
+    ));
+}
+
+#[test]
+fn bad_frames_close_only_their_connection() {
+    let store = Arc::new(MemStore::default());
+    let srv = start(&store);
+    let addr = srv.local_addr();
+    let (good, _) = connect(1, addr);
+    good.call(0, 0, create(b"before")).unwrap();
+
+    // Garbage instead of a hello.
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.write_all(&[5, 0, 0, 0, 0xde, 0xad, 0xbe, 0xef, 0x01])
+        .unwrap();
+    assert!(closed_by_server(&mut s), "malformed hello");
+
+    // A length prefix far over the limit.
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.write_all(&(1u32 << 30).to_le_bytes()).unwrap();
+    assert!(closed_by_server(&mut s), "oversized frame");
+
+    // A request before authenticating.
+    let mut s = TcpStream::connect(addr).unwrap();
+    raw_send(
+        &mut s,
+        &Frame::Request {
+            id: RequestId(1),
+            caller: Caller {
+                node: NodeId(9),
+                request: RequestId(1),
+                uid: 0,
+                gid: 0,
+            },
+            req: Request::StatFs,
+        },
+    );
+    assert!(closed_by_server(&mut s), "unauthenticated request");
+
+    // Authenticated, then garbage; then an oversized frame on another session.
+    let (mut s, v) = raw_handshake(addr, hello(7, 1, 2), SECRET);
+    assert!(v.is_ok());
+    s.write_all(&[3, 0, 0, 0, 0xff, 0xff, 0xff]).unwrap();
+    assert!(closed_by_server(&mut s), "malformed frame after auth");
+    let (mut s, v) = raw_handshake(addr, hello(8, 1, 2), SECRET);
+    assert!(v.is_ok());
+    s.write_all(&(MAX_FRAME_BYTES + 1).to_le_bytes()).unwrap();
+    assert!(closed_by_server(&mut s), "oversized frame after auth");
+
+    // A request that claims another node's identity.
+    let (mut s, v) = raw_handshake(addr, hello(10, 1, 2), SECRET);
+    assert!(v.is_ok());
+    raw_send(
+        &mut s,
+        &Frame::Request {
+            id: RequestId(1),
+            caller: Caller {
+                node: NodeId(1),
+                request: RequestId(1),
+                uid: 0,
+                gid: 0,
+            },
+            req: Request::StatFs,
+        },
+    );
+    assert!(closed_by_server(&mut s), "spoofed caller");
+
+    // The good client never noticed.
+    assert!(good.is_connected());
+    good.call(0, 0, create(b"after")).unwrap();
+    assert!(matches!(
+        good.call(0, 0, lookup(b"before")),
+        Ok(Response::Attr(_))
+    ));
+}
+
+#[test]
+fn sixty_four_concurrent_calls_from_eight_threads_share_one_connection() {
+    let store = Arc::new(MemStore::default());
+    store.delay_ms.store(100, Ordering::SeqCst);
+    let srv = start(&store);
+    let (c, _) = connect(1, srv.local_addr());
+    let t0 = Instant::now();
+    let threads: Vec<_> = (0..8)
+        .map(|t| {
+            let c = c.clone();
+            std::thread::spawn(move || {
+                let handles: Vec<_> = (0..8)
+                    .map(|i| {
+                        let c = c.clone();
+                        std::thread::spawn(move || {
+                            let name = format!("f-{t}-{i}");
+                            c.call(0, 0, create(name.as_bytes()))
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().unwrap())
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let mut inos = std::collections::HashSet::new();
+    for t in threads {
+        for r in t.join().unwrap() {
+            let Ok(Response::Attr(a)) = r else {
+                panic!("{r:?}")
+            };
+            assert!(inos.insert(a.ino));
+        }
+    }
+    let elapsed = t0.elapsed();
+    assert_eq!(inos.len(), 64);
+    // Serially this is 6.4 s; pipelined on one connection it is a few rounds.
+    assert!(elapsed < Duration::from_secs(3), "took {elapsed:?}");
+    assert!(store.max_running.load(Ordering::SeqCst) >= 16);
+}
+
+#[test]
+fn restart_resends_with_the_same_request_id_and_runs_once() {
+    let store = Arc::new(MemStore::default());
+    let srv = start(&store);
+    let addr = srv.local_addr();
+    let (c, _) = connect(1, addr);
+    c.call(0, 0, create(b"warm")).unwrap();
+    // The next create is journaled by the store but the coordinator dies before replying.
+    store.delay_ms.store(400, Ordering::SeqCst);
+    let c2 = c.clone();
+    let call = std::thread::spawn(move || c2.call(0, 0, create(b"x")));
+    wait_until(
+        "the store to start the call",
+        Duration::from_secs(2),
+        || store.running.load(Ordering::SeqCst) > 0,
+    );
+    srv.shutdown();
+    store.delay_ms.store(0, Ordering::SeqCst);
+    let s: Arc<dyn MetadataStore> = store.clone();
+    let srv = Server::start(s, server_cfg(addr)).unwrap();
+    let r = call.join().unwrap();
+    assert!(matches!(r, Ok(Response::Attr(_))), "{r:?}");
+    // One request id went to the store twice and ran once.
+    let st = store.st.lock().unwrap();
+    let twice: Vec<_> = st
+        .calls
+        .iter()
+        .filter(|k| st.calls.iter().filter(|j| j == k).count() == 2)
+        .collect();
+    assert!(!twice.is_empty(), "calls: {:?}", st.calls);
+    let key = *twice[0];
+    drop(st);
+    assert_eq!(store.calls_of(key.0, key.1), 2);
+    assert_eq!(store.executed(key.0, key.1), 1);
+    assert!(c.is_connected());
+    assert!(matches!(c.call(0, 0, lookup(b"x")), Ok(Response::Attr(_))));
+    drop(srv);
+}
+
+#[test]
+fn invalidations_reach_other_nodes_and_are_acked_before_the_change_is() {
+    let store = Arc::new(MemStore::default());
+    let srv = start(&store);
+    let (a, rec_a) = connect(1, srv.local_addr());
+    let (b, rec_b) = connect(2, srv.local_addr());
+    // B caches a negative entry for "f" and the root directory's attributes.
+    assert!(matches!(b.call(0, 0, lookup(b"f")), Err(FsError::NotFound)));
+    b.call(0, 0, Request::GetAttr { ino: InodeId::ROOT })
+        .unwrap();
+    rec_b.hold_ms.store(200, Ordering::SeqCst);
+    let t0 = Instant::now();
+    let Ok(Response::Attr(f)) = a.call(0, 0, create(b"f")) else {
+        panic!("create failed")
+    };
+    let acked = Instant::now();
+    let seen = rec_b.seen.lock().unwrap().clone();
+    let entry = seen.iter().find(|(i, _)| {
+        matches!(i, Invalidation::Entry { parent, name } if *parent == InodeId::ROOT && name == b"f")
+    });
+    let dir = seen
+        .iter()
+        .find(|(i, _)| matches!(i, Invalidation::Inode { ino } if *ino == InodeId::ROOT));
+    let (Some((_, e_at)), Some((_, d_at))) = (entry, dir) else {
+        panic!("B saw {seen:?}")
+    };
+    assert!(
+        *e_at <= acked && *d_at <= acked,
+        "acked before B handled it"
+    );
+    assert!(acked - t0 >= Duration::from_millis(200));
+    assert!(rec_a.seen.lock().unwrap().is_empty(), "not the originator");
+
+    // B now caches f; A unlinks it: B is told about the entry and the inode.
+    rec_b.hold_ms.store(0, Ordering::SeqCst);
+    rec_b.seen.lock().unwrap().clear();
+    assert!(matches!(b.call(0, 0, lookup(b"f")), Ok(Response::Attr(x)) if x.ino == f.ino));
+    a.call(
+        0,
+        0,
+        Request::Unlink {
+            parent: InodeId::ROOT,
+            name: b"f".to_vec(),
+        },
+    )
+    .unwrap();
+    let seen: Vec<Invalidation> = rec_b
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(i, _)| i.clone())
+        .collect();
+    assert!(
+        seen.contains(&Invalidation::Inode { ino: f.ino }),
+        "{seen:?}"
+    );
+    assert!(seen.contains(&Invalidation::Entry {
+        parent: InodeId::ROOT,
+        name: b"f".to_vec()
+    }));
+
+    // Nothing cached by B any more about "g": A's create of g sends B only the dir inode
+    // if B cached it again; B has not, so nothing at all.
+    rec_b.seen.lock().unwrap().clear();
+    a.call(0, 0, create(b"g")).unwrap();
+    assert!(rec_b.seen.lock().unwrap().is_empty());
+}
+
+#[test]
+fn an_unresponsive_node_delays_a_change_only_up_to_the_timeout() {
+    let store = Arc::new(MemStore::default());
+    let srv = start(&store);
+    let (a, _) = connect(1, srv.local_addr());
+    let (b, rec_b) = connect(2, srv.local_addr());
+    b.call(0, 0, lookup(b"slow")).unwrap_err();
+    rec_b.hold_ms.store(3000, Ordering::SeqCst);
+    let t0 = Instant::now();
+    a.call(0, 0, create(b"slow")).unwrap();
+    let took = t0.elapsed();
+    assert!(took >= Duration::from_millis(450), "{took:?}");
+    assert!(took < Duration::from_millis(2500), "{took:?}");
+}
+
+#[test]
+fn a_node_that_does_not_come_back_is_gone() {
+    let store = Arc::new(MemStore::default());
+    let srv = start(&store);
+    let (a, _) = connect(1, srv.local_addr());
+    a.call(0, 0, Request::StatFs).unwrap();
+    drop(a);
+    wait_until("node_gone(1)", Duration::from_secs(3), || {
+        store.st.lock().unwrap().gone.contains(&NodeId(1))
+    });
+    // A node that reconnects within the grace period is not gone.
+    let (b, _) = connect(2, srv.local_addr());
+    b.call(0, 0, Request::StatFs).unwrap();
+    drop(b);
+    let (b, _) = connect(2, srv.local_addr());
+    std::thread::sleep(Duration::from_millis(600));
+    assert!(!store.st.lock().unwrap().gone.contains(&NodeId(2)));
+    b.call(0, 0, Request::StatFs).unwrap();
+}
+
+#[test]
+fn unreachable_coordinator_gives_typed_errors() {
+    // Nothing listens on this port (bound, then released).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut cfg = client_cfg(1, port);
+    cfg.request_timeout_ms = 300;
+    let t0 = Instant::now();
+    let err = MetadataClient::connect(cfg, Arc::new(Recorder::default())).unwrap_err();
+    assert!(matches!(err, ConnectError::Unreachable { .. }), "{err:?}");
+    assert!(t0.elapsed() < Duration::from_secs(2));
+
+    let store = Arc::new(MemStore::default());
+    let srv = start(&store);
+    let mut cfg = client_cfg(1, srv.local_addr());
+    cfg.request_timeout_ms = 400;
+    let c = MetadataClient::connect(cfg, Arc::new(Recorder::default())).unwrap();
+    c.call(0, 0, Request::StatFs).unwrap();
+    srv.shutdown();
+    let t0 = Instant::now();
+    let r = c.call(0, 0, Request::StatFs);
+    assert!(
+        matches!(&r, Err(FsError::Io(m)) if m.contains("coordinator unreachable")),
+        "{r:?}"
+    );
+    assert!(t0.elapsed() < Duration::from_secs(3));
+}
+
+#[test]
+fn a_restarted_coordinator_tells_reconnecting_nodes_to_drop_everything() {
+    let store = Arc::new(MemStore::default());
+    let srv = start(&store);
+    let addr = srv.local_addr();
+    let (c, rec) = connect(1, addr);
+    c.call(0, 0, Request::StatFs).unwrap();
+    srv.shutdown();
+    let s: Arc<dyn MetadataStore> = store.clone();
+    let _srv = Server::start(s, server_cfg(addr)).unwrap();
+    c.call(0, 0, Request::StatFs).unwrap();
+    wait_until("Invalidation::All", Duration::from_secs(2), || {
+        rec.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(i, _)| *i == Invalidation::All)
+    });
+}
+
+fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+#[test]
+fn lease_locator_finds_the_coordinator_and_follows_it_when_it_moves() {
+    let dev: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(64 << 20));
+    let opts = MkfsOptions {
+        max_nodes: 8,
+        ..MkfsOptions::default()
+    };
+    mkfs(dev.clone(), &opts, &mut |_, _| {}).unwrap();
+    let volume = Superblock::read(dev.as_ref()).unwrap().superblock.volume;
+    let store = Arc::new(MemStore::default());
+
+    let addr1 = free_addr();
+    let role = lease::acquire_or_find(&dev, NodeId(1), addr1, 200).unwrap();
+    assert_eq!(role, LeaseRole::Coordinator { epoch: Epoch(1) });
+    let keeper = LeaseKeeper::start(dev.clone(), NodeId(1), Epoch(1), 50).unwrap();
+    let srv1 = Server::start(
+        store.clone(),
+        ServerConfig::new(addr1, SECRET.to_vec(), volume, Epoch(1)),
+    )
+    .unwrap();
+
+    let cfg = ClientConfig {
+        node: NodeId(3),
+        secret: SECRET.to_vec(),
+        volume: None,
+        locator: CoordinatorLocator::Lease(dev.clone()),
+        request_timeout_ms: 3000,
+    };
+    let c = MetadataClient::connect(cfg, Arc::new(Recorder::default())).unwrap();
+    assert_eq!(c.coordinator_addr(), addr1);
+    assert_eq!(c.epoch(), Epoch(1));
+    assert_eq!(c.volume(), Some(volume));
+    c.call(0, 0, Request::StatFs).unwrap();
+
+    // The coordinator hands over: node 2 takes the lease at another address, epoch 2.
+    keeper.release().unwrap();
+    srv1.shutdown();
+    let addr2 = free_addr();
+    let role = lease::acquire_or_find(&dev, NodeId(2), addr2, 200).unwrap();
+    assert_eq!(role, LeaseRole::Coordinator { epoch: Epoch(2) });
+    let _srv2 = Server::start(
+        store.clone(),
+        ServerConfig::new(addr2, SECRET.to_vec(), volume, Epoch(2)),
+    )
+    .unwrap();
+    c.call(0, 0, Request::StatFs).unwrap();
+    assert_eq!(c.coordinator_addr(), addr2);
+    assert_eq!(c.epoch(), Epoch(2));
+
+    // A stale coordinator (epoch 1) is refused by the node that has seen epoch 2.
+    let stale = Server::start(
+        store.clone(),
+        ServerConfig::new(free_addr(), SECRET.to_vec(), volume, Epoch(1)),
+    )
+    .unwrap();
+    let (mut s, r) = raw_handshake(
+        stale.local_addr(),
+        ClientHello {
+            epoch: Epoch(2),
+            volume: None,
+            ..hello(3, 1, 2)
+        },
+        SECRET,
+    );
+    assert!(
+        matches!(&r, Err(Frame::HelloRefused { reason }) if reason.contains("stale")),
+        "{r:?}"
+    );
+    assert!(closed_by_server(&mut s));
+}
+
+#[test]
+fn a_second_session_of_the_same_node_replaces_the_first() {
+    let store = Arc::new(MemStore::default());
+    let srv = start(&store);
+    let (mut first, v) = raw_handshake(srv.local_addr(), hello(5, 1, 2), SECRET);
+    assert!(v.is_ok());
+    let (_second, v) = raw_handshake(srv.local_addr(), hello(5, 1, 2), SECRET);
+    assert!(v.is_ok());
+    assert!(closed_by_server(&mut first));
+    assert_eq!(srv.connected_nodes(), vec![NodeId(5)]);
+}
+
+#[test]
+fn a_silent_session_is_closed_after_the_idle_timeout() {
+    let store = Arc::new(MemStore::default());
+    let s: Arc<dyn MetadataStore> = store.clone();
+    let srv = Server::start(
+        s,
+        ServerConfig {
+            idle_timeout_ms: 300,
+            ..server_cfg("127.0.0.1:0".parse().unwrap())
+        },
+    )
+    .unwrap();
+    let (mut raw, v) = raw_handshake(srv.local_addr(), hello(4, 1, 2), SECRET);
+    assert!(v.is_ok());
+    let t0 = Instant::now();
+    assert!(closed_by_server(&mut raw));
+    assert!(t0.elapsed() >= Duration::from_millis(250));
+    // A real client pings, so it stays connected past the idle timeout.
+    let (c, _) = connect(1, srv.local_addr());
+    std::thread::sleep(Duration::from_millis(700));
+    assert!(c.is_connected());
+    assert_eq!(srv.connected_nodes(), vec![NodeId(1)]);
+}
+
+#[test]
+fn a_version_1_session_gets_no_invalidations() {
+    let store = Arc::new(MemStore::default());
+    let srv = start(&store);
+    let (a, _) = connect(1, srv.local_addr());
+    let (mut old, v) = raw_handshake(srv.local_addr(), hello(6, 1, 1), SECRET);
+    assert!(matches!(v, Ok(1)));
+    raw_send(
+        &mut old,
+        &Frame::Request {
+            id: RequestId(1),
+            caller: Caller {
+                node: NodeId(6),
+                request: RequestId(1),
+                uid: 0,
+                gid: 0,
+            },
+            req: lookup(b"v1"),
+        },
+    );
+    assert!(matches!(
+        raw_recv(&mut old),
+        Some(Frame::Reply {
+            result: Err(FsError::NotFound),
+            ..
+        })
+    ));
+    let t0 = Instant::now();
+    a.call(0, 0, create(b"v1")).unwrap();
+    assert!(
+        t0.elapsed() < Duration::from_millis(400),
+        "no ack to wait for"
+    );
+    old.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    assert!(raw_recv(&mut old).is_none(), "a v1 node got a frame");
+}
+
+#[test]
+fn server_and_client_start_from_inside_another_runtime() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let store = Arc::new(MemStore::default());
+    rt.block_on(async {
+        let srv = start(&store);
+        let (c, _) = connect(1, srv.local_addr());
+        c.call(0, 0, Request::StatFs).unwrap();
+        drop(c);
+        drop(srv);
+    });
+}
