@@ -75,22 +75,30 @@ pub struct Serial {
 }
 
 impl Serial {
-    /// A UART logging to `path` (opened for append).
-    pub fn open(path: &Path, state: SerialState) -> Result<Self, DeviceError> {
+    /// A UART that will log to `path`; output is dropped until [`Serial::open_log`].
+    pub fn new(path: &Path, state: SerialState) -> Self {
+        Self {
+            state,
+            out: None,
+            line: Vec::new(),
+            path: path.to_owned(),
+        }
+    }
+
+    /// Opens the log for append. Called when the VM starts running on this node (at the
+    /// switch-over for an incoming migration), so the file size is read then, after the
+    /// previous node closed it.
+    pub fn open_log(&mut self) -> Result<(), DeviceError> {
         let out = OpenOptions::new()
             .create(true)
             .append(true)
-            .open(path)
+            .open(&self.path)
             .map_err(|source| DeviceError::Console {
-                path: path.to_owned(),
+                path: self.path.clone(),
                 source,
             })?;
-        Ok(Self {
-            state,
-            out: Some(out),
-            line: Vec::new(),
-            path: path.to_owned(),
-        })
+        self.out = Some(out);
+        Ok(())
     }
 
     fn dlab(&self) -> bool {

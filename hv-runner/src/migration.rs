@@ -395,6 +395,7 @@ fn precopy_and_switch<W: Write>(
     ));
 
     let budget_s = opts.max_downtime_ms as f64 / 1e3;
+    let rounds_start = Instant::now();
     let mut rounds = 0u32;
     let mut throttle = 0u32;
     let final_set: Vec<u64>;
@@ -411,7 +412,7 @@ fn precopy_and_switch<W: Write>(
             final_set = dirty;
             break;
         }
-        let stuck = rounds >= 5 || start.elapsed() >= Duration::from_secs(10);
+        let stuck = rounds >= 5 || rounds_start.elapsed() >= Duration::from_secs(10);
         if stuck || rounds >= opts.max_rounds {
             match opts.on_no_converge {
                 NoConverge::Cancel => {

@@ -466,7 +466,7 @@ impl Vm {
             serial: SerialState::default(),
             blk: BlkState::default(),
         });
-        let serial = Serial::open(&dir.console_path(), devs.serial)?;
+        let serial = Serial::new(&dir.console_path(), devs.serial);
         let blk = VirtioBlk::new(&dir.name, cfg.disk_bytes, devs.blk);
         Ok(Self {
             dir,
@@ -521,10 +521,13 @@ impl Vm {
         Ok(())
     }
 
-    /// Opens `disk.img` from this VM's folder and attaches it.
+    /// Opens `console.log` and `disk.img` from this VM's folder (through this node's path)
+    /// and attaches them.
     pub fn attach_disk(&self) -> Result<(), VmError> {
         let disk = devices::open_disk(&self.dir.disk_path())?;
-        lock(&self.devices).blk.attach(disk);
+        let mut d = lock(&self.devices);
+        d.serial.open_log()?;
+        d.blk.attach(disk);
         Ok(())
     }
 
@@ -610,12 +613,8 @@ impl Vm {
         Ok(())
     }
 
-    /// Reopens the console log after [`Vm::close_devices`] (a cancelled switch-over).
+    /// Reopens console and disk after [`Vm::close_devices`] (a cancelled switch-over).
     pub fn reopen_devices(&self) -> Result<(), VmError> {
-        let mut d = lock(&self.devices);
-        let st = d.serial.state();
-        d.serial = Serial::open(&self.dir.console_path(), st)?;
-        drop(d);
         self.attach_disk()
     }
 

@@ -234,8 +234,11 @@ impl HvRunner {
         let mut child = recv.stdout(Stdio::piped()).spawn()?;
         let stdout = child.stdout.take().context("receive stdout")?;
         let _dst = Proc(child);
+        let mut reader = BufReader::new(stdout);
         let mut first = String::new();
-        BufReader::new(stdout).read_line(&mut first)?;
+        reader.read_line(&mut first)?;
+        // Keep draining so the receiver never writes into a closed pipe.
+        std::thread::spawn(move || for _ in reader.lines() {});
         let addr = first
             .strip_prefix("listening ")
             .context("receive address")?
