@@ -62,7 +62,7 @@ pub struct BitmapBlock {
     pub kind: BitmapKind,
     /// Index of the block within its bitmap.
     pub index: u64,
-    /// [`BITMAP_BYTES`] bytes of bits.
+    /// `BITMAP_BYTES` bytes of bits.
     pub bits: Vec<u8>,
 }
 
