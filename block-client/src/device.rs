@@ -112,6 +112,23 @@ pub trait BlockDevice: Send + Sync + fmt::Debug {
     /// Discards a range; its contents become unspecified.
     fn trim(&self, offset_bytes: u64, len_bytes: u64) -> Result<(), BlockError>;
 
+    /// Reads like [`read_at`](Self::read_at), but only if that cannot block (the data is
+    /// cached). Returns `Ok(false)`, with `buf` unspecified, when it would block or the
+    /// device cannot tell; the caller then uses `read_at`. Servers use it to answer cached
+    /// reads inline instead of handing them to a worker thread.
+    fn try_read_at_nowait(&self, buf: &mut [u8], offset_bytes: u64) -> Result<bool, BlockError> {
+        let _ = (buf, offset_bytes);
+        Ok(false)
+    }
+
+    /// Writes like [`write_at`](Self::write_at) without FUA, but only if that cannot block.
+    /// Returns `Ok(false)` when it would block or the device cannot tell; the caller then
+    /// uses `write_at` with the same data (a partial write is completed by that rewrite).
+    fn try_write_at_nowait(&self, buf: &[u8], offset_bytes: u64) -> Result<bool, BlockError> {
+        let _ = (buf, offset_bytes);
+        Ok(false)
+    }
+
     /// Checks that a request lies inside the device.
     fn check_range(
         &self,
@@ -156,5 +173,11 @@ impl<T: BlockDevice + ?Sized> BlockDevice for std::sync::Arc<T> {
     }
     fn trim(&self, offset_bytes: u64, len_bytes: u64) -> Result<(), BlockError> {
         (**self).trim(offset_bytes, len_bytes)
+    }
+    fn try_read_at_nowait(&self, buf: &mut [u8], offset_bytes: u64) -> Result<bool, BlockError> {
+        (**self).try_read_at_nowait(buf, offset_bytes)
+    }
+    fn try_write_at_nowait(&self, buf: &[u8], offset_bytes: u64) -> Result<bool, BlockError> {
+        (**self).try_write_at_nowait(buf, offset_bytes)
     }
 }

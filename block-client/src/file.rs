@@ -17,6 +17,8 @@ use crate::{BlockDevice, BlockError, WriteFlags};
 const DIRECT_ALIGN: usize = 4096;
 /// Largest bounce buffer used for one `O_DIRECT` chunk.
 const DIRECT_CHUNK_BYTES: usize = 4 << 20;
+/// Largest buffered write done inline when the kernel has no `RWF_NOWAIT` for writes.
+const INLINE_BUFFERED_WRITE_BYTES: usize = 64 << 10;
 /// Size of the zero buffer used when `fallocate` cannot zero a range.
 const ZERO_CHUNK_BYTES: usize = 1 << 20;
 
@@ -46,6 +48,10 @@ pub struct FileDevice {
     zero_range_ok: AtomicBool,
     /// Cleared the first time `fallocate(PUNCH_HOLE)` reports it is unsupported.
     punch_hole_ok: AtomicBool,
+    /// Cleared the first time `preadv2(RWF_NOWAIT)` reports it is unsupported.
+    nowait_read_ok: AtomicBool,
+    /// Cleared the first time `pwritev2(RWF_NOWAIT)` reports it is unsupported.
+    nowait_write_ok: AtomicBool,
 }
 
 fn device_err(
@@ -70,6 +76,18 @@ fn device_err(
             source,
         }
     }
+}
+
+/// What a failed `RWF_NOWAIT` call means: "would block" (or any error: the blocking path
+/// repeats the request and reports it), and remember when the kernel does not support it.
+fn nowait_outcome(flag: &AtomicBool, e: io::Error) -> Result<bool, BlockError> {
+    if matches!(
+        e.raw_os_error(),
+        Some(libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL)
+    ) {
+        flag.store(false, Ordering::Relaxed);
+    }
+    Ok(false)
 }
 
 fn usize_len(len_bytes: u64) -> io::Result<usize> {
@@ -126,6 +144,8 @@ impl FileDevice {
             is_block_device,
             zero_range_ok: AtomicBool::new(true),
             punch_hole_ok: AtomicBool::new(!is_block_device),
+            nowait_read_ok: AtomicBool::new(!options.direct),
+            nowait_write_ok: AtomicBool::new(!options.direct && !options.read_only),
         })
     }
 
@@ -311,6 +331,45 @@ impl BlockDevice for FileDevice {
         Ok(())
     }
 
+    fn try_read_at_nowait(&self, buf: &mut [u8], offset_bytes: u64) -> Result<bool, BlockError> {
+        self.check_range("read", offset_bytes, buf.len() as u64)?;
+        if !self.nowait_read_ok.load(Ordering::Relaxed) {
+            return Ok(false);
+        }
+        match sys::pread_nowait(&self.file, buf, offset_bytes) {
+            Ok(n) => Ok(n == buf.len()),
+            Err(e) => nowait_outcome(&self.nowait_read_ok, e),
+        }
+    }
+
+    fn try_write_at_nowait(&self, buf: &[u8], offset_bytes: u64) -> Result<bool, BlockError> {
+        self.check_range("write", offset_bytes, buf.len() as u64)?;
+        if self.direct || self.read_only {
+            return Ok(false);
+        }
+        if self.nowait_write_ok.load(Ordering::Relaxed) {
+            match sys::pwrite_nowait(&self.file, buf, offset_bytes) {
+                Ok(n) => return Ok(n == buf.len()),
+                Err(e) => {
+                    let supported = nowait_outcome(&self.nowait_write_ok, e)?;
+                    if self.nowait_write_ok.load(Ordering::Relaxed) {
+                        return Ok(supported);
+                    }
+                }
+            }
+        }
+        // The kernel cannot say (no RWF_NOWAIT for buffered writes on this filesystem). A
+        // small buffered write only copies into the page cache and blocks only under
+        // dirty-page throttling, so it is treated as non-blocking.
+        if buf.len() > INLINE_BUFFERED_WRITE_BYTES {
+            return Ok(false);
+        }
+        self.file
+            .write_all_at(buf, offset_bytes)
+            .map_err(|e| device_err("write", offset_bytes, buf.len() as u64, e))?;
+        Ok(true)
+    }
+
     fn flush(&self) -> Result<(), BlockError> {
         if self.read_only {
             return Ok(());
@@ -427,6 +486,25 @@ mod tests {
     #[test]
     fn direct_round_trip() {
         round_trip(true);
+    }
+
+    #[test]
+    fn nowait_paths_match_blocking_paths() {
+        let path = temp_path("nowait");
+        let dev = FileDevice::create(&path, 1 << 20, FileOptions::default()).unwrap();
+        let data = vec![0x3cu8; 8192];
+        if !dev.try_write_at_nowait(&data, 4096).unwrap() {
+            dev.write_at(&data, 4096, WriteFlags::default()).unwrap();
+        }
+        let mut back = vec![0u8; 8192];
+        // Just written, so cached: a non-blocking read must succeed and see the data.
+        assert!(dev.try_read_at_nowait(&mut back, 4096).unwrap());
+        assert_eq!(back, data);
+        assert!(matches!(
+            dev.try_read_at_nowait(&mut back, (1 << 20) - 10),
+            Err(BlockError::OutOfRange { .. })
+        ));
+        std::fs::remove_file(&path).unwrap();
     }
 
     #[test]

@@ -34,12 +34,15 @@ use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 
 use super::proto::*;
 use super::transport::{write_two, Stream};
 use super::uri::NbdUri;
 use crate::{BlockDevice, BlockError, WriteFlags};
+
+/// Requests whose payload is at most this size are batched with others into one send.
+const COMBINE_MAX_BYTES: usize = 64 << 10;
 
 /// Tuning of an [`NbdClient`].
 #[derive(Debug, Clone)]
@@ -120,6 +123,8 @@ struct Waiter {
     offset: u64,
     /// Read buffer (reads only; empty otherwise).
     buf: Vec<u8>,
+    /// Bytes of the read covered by structured data and hole chunks so far.
+    covered: usize,
     /// First error chunk of a structured reply.
     error: Option<u32>,
 }
@@ -133,6 +138,8 @@ struct ConnState {
 #[derive(Debug)]
 struct Conn {
     writer: Mutex<Stream>,
+    /// Encoded small requests waiting for the socket.
+    outq: Mutex<Vec<u8>>,
     control: Stream,
     state: Mutex<ConnState>,
     next_cookie: AtomicU64,
@@ -170,25 +177,15 @@ impl Conn {
         self.state.lock().dead.is_some()
     }
 
-    /// Sends one request and waits for its reply.
-    fn call(
+    /// Registers and sends one request; the receiver gets its reply.
+    fn start(
         &self,
-        cmd: u16,
-        flags: u16,
-        offset: u64,
-        len: u32,
+        req: &Req,
         data: &[u8],
-        timeout: Duration,
-    ) -> Reply {
+        buf: Vec<u8>,
+    ) -> Result<mpsc::Receiver<Reply>, ReplyError> {
         let (tx, rx) = mpsc::sync_channel(1);
         let cookie = self.next_cookie.fetch_add(1, Ordering::Relaxed);
-        let buf = if cmd == CMD_READ {
-            let n = usize::try_from(len)
-                .map_err(|e| ReplyError::Lost(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
-            vec![0u8; n]
-        } else {
-            Vec::new()
-        };
         {
             let mut st = self.state.lock();
             if let Some(why) = &st.dead {
@@ -201,20 +198,22 @@ impl Conn {
                 cookie,
                 Waiter {
                     tx,
-                    offset,
+                    offset: req.offset,
                     buf,
+                    covered: 0,
                     error: None,
                 },
             );
         }
-        let header = encode_request(flags, cmd, cookie, offset, len);
-        let sent = {
-            let mut w = self.writer.lock();
-            write_two(&mut *w, &header, data)
-        };
-        if let Err(e) = sent {
+        let header = encode_request(req.flags, req.cmd, cookie, req.offset, req.len);
+        if let Err(e) = self.send(&header, data) {
             self.kill(&format!("send request: {e}"));
         }
+        Ok(rx)
+    }
+
+    /// Waits for the reply of a started request.
+    fn finish(&self, rx: &mpsc::Receiver<Reply>, timeout: Duration) -> Reply {
         match rx.recv_timeout(timeout) {
             Ok(r) => r,
             Err(mpsc::RecvTimeoutError::Timeout) => {
@@ -226,6 +225,48 @@ impl Conn {
                 io::ErrorKind::ConnectionAborted,
                 "connection closed while the request was in flight",
             ))),
+        }
+    }
+
+    /// Sends one request. Small requests are queued and sent in batches by whichever caller
+    /// holds the socket (one system call for many requests); large ones are written directly.
+    fn send(&self, header: &[u8], data: &[u8]) -> io::Result<()> {
+        if data.len() > COMBINE_MAX_BYTES {
+            let mut w = self.writer.lock();
+            self.drain_queue(&mut w)?;
+            write_two(&mut *w, header, data)?;
+            drop(w);
+        } else {
+            let mut q = self.outq.lock();
+            q.extend_from_slice(header);
+            q.extend_from_slice(data);
+        }
+        // Whoever finds the socket free sends everything queued. A caller that finds it busy
+        // leaves its request to the holder, who checks the queue again after unlocking.
+        loop {
+            let Some(mut w) = self.writer.try_lock() else {
+                return Ok(());
+            };
+            self.drain_queue(&mut w)?;
+            drop(w);
+            if self.outq.lock().is_empty() {
+                return Ok(());
+            }
+        }
+    }
+
+    fn drain_queue(&self, w: &mut Stream) -> io::Result<()> {
+        let mut batch = Vec::new();
+        loop {
+            {
+                let mut q = self.outq.lock();
+                if q.is_empty() {
+                    return Ok(());
+                }
+                std::mem::swap(&mut *q, &mut batch);
+            }
+            std::io::Write::write_all(w, &batch)?;
+            batch.clear();
         }
     }
 
@@ -299,6 +340,7 @@ impl Conn {
                             } else {
                                 dst.fill(0);
                             }
+                            w.covered += n;
                         }
                         k if k & REPLY_TYPE_ERROR_BIT != 0 => {
                             let err = read_u32(rd)?;
@@ -316,6 +358,14 @@ impl Conn {
                     if flags & REPLY_FLAG_DONE != 0 {
                         let r = match w.error {
                             Some(e) => Err(ReplyError::Errno(e)),
+                            // The buffer is recycled: every byte must have come from the reply.
+                            None if w.covered != w.buf.len() => {
+                                return Err(protocol_error(format!(
+                                    "structured read reply covered {} of {} bytes",
+                                    w.covered,
+                                    w.buf.len()
+                                )))
+                            }
                             None => Ok(std::mem::take(&mut w.buf)),
                         };
                         let _ = w.tx.send(r);
@@ -471,18 +521,63 @@ fn read_option_reply(s: &mut Stream, option: u32) -> io::Result<(u32, Vec<u8>)> 
     Ok((reply, data))
 }
 
+/// One request as the client issues it.
+#[derive(Debug, Clone, Copy)]
+struct Req {
+    op: &'static str,
+    cmd: u16,
+    flags: u16,
+    offset: u64,
+    len: u32,
+}
+
+/// A request started with [`NbdClient::start_read`] or [`NbdClient::start_write`].
+/// Dropping it without waiting abandons the reply (the request still runs on the server).
+#[derive(Debug)]
+pub struct Pending<'a> {
+    client: &'a NbdClient,
+    req: Req,
+    data: Vec<u8>,
+    inflight: Option<(Arc<Conn>, mpsc::Receiver<Reply>)>,
+    started: Instant,
+}
+
+impl Pending<'_> {
+    /// Waits for the reply: the data for a read, an empty vector for a write.
+    pub fn wait(mut self) -> Result<Vec<u8>, BlockError> {
+        let client = self.client;
+        if let Some((conn, rx)) = self.inflight.take() {
+            let reply = conn.finish(&rx, client.timeout());
+            if let Some(r) = client.complete(&self.req, &conn, reply, self.started) {
+                return r;
+            }
+        }
+        // Lost with its connection (or never sent): resend on the blocking path.
+        client.request(&self.req, &self.data)
+    }
+}
+
+impl NbdClient {
+    /// Returns a buffer obtained from [`Pending::wait`] of a read for reuse.
+    pub fn recycle_buffer(&self, buf: Vec<u8>) {
+        self.recycle(buf);
+    }
+}
+
 #[derive(Debug)]
 struct Shared {
     uri: NbdUri,
     options: NbdClientOptions,
     info: ExportInfo,
-    slots: Vec<Mutex<Option<Arc<Conn>>>>,
+    slots: Vec<RwLock<Option<Arc<Conn>>>>,
     next_slot: AtomicUsize,
     write_seq: AtomicU64,
     flushed_seq: AtomicU64,
     lost_unflushed: AtomicBool,
     closed: AtomicBool,
     reconnects: AtomicU64,
+    /// Recycled read buffers.
+    buffers: Mutex<Vec<Vec<u8>>>,
 }
 
 /// A pipelined NBD client; a [`BlockDevice`] usable from many threads at once.
@@ -503,6 +598,7 @@ fn connect(uri: &NbdUri, options: &NbdClientOptions) -> io::Result<(Arc<Conn>, E
     )))?;
     let conn = Arc::new(Conn {
         writer: Mutex::new(s.try_clone()?),
+        outq: Mutex::new(Vec::with_capacity(64 << 10)),
         control: s.try_clone()?,
         state: Mutex::new(ConnState::default()),
         next_cookie: AtomicU64::new(1),
@@ -546,14 +642,14 @@ impl NbdClient {
         } else {
             1
         };
-        let mut slots = vec![Mutex::new(Some(first))];
+        let mut slots = vec![RwLock::new(Some(first))];
         for _ in 1..n {
             // Extra connections are opened now so that a misbehaving server fails early.
             let (c, _) = connect(&uri, &options).map_err(|source| BlockError::Open {
                 target: uri.to_string(),
                 source,
             })?;
-            slots.push(Mutex::new(Some(c)));
+            slots.push(RwLock::new(Some(c)));
         }
         tracing::debug!(%uri, size_bytes = info.size_bytes, connections = n, structured = info.structured_replies, "nbd export opened");
         Ok(NbdClient {
@@ -568,6 +664,7 @@ impl NbdClient {
                 lost_unflushed: AtomicBool::new(false),
                 closed: AtomicBool::new(false),
                 reconnects: AtomicU64::new(0),
+                buffers: Mutex::new(Vec::new()),
             },
         })
     }
@@ -598,7 +695,7 @@ impl NbdClient {
             return;
         }
         for slot in &self.shared.slots {
-            if let Some(c) = slot.lock().take() {
+            if let Some(c) = slot.write().take() {
                 let h = encode_request(0, CMD_DISC, 0, 0, 0);
                 // Best effort: the server may already be gone.
                 let _ = std::io::Write::write_all(&mut *c.writer.lock(), &h);
@@ -611,7 +708,16 @@ impl NbdClient {
     fn conn(&self, started: Instant) -> Result<Arc<Conn>, io::Error> {
         let sh = &self.shared;
         let i = sh.next_slot.fetch_add(1, Ordering::Relaxed) % sh.slots.len();
-        let mut slot = sh.slots[i].lock();
+        if sh.closed.load(Ordering::SeqCst) {
+            return Err(lost(io::ErrorKind::NotConnected, "client closed"));
+        }
+        if let Some(c) = sh.slots[i].read().as_ref() {
+            if !c.is_dead() {
+                return Ok(c.clone());
+            }
+        }
+        // Slow path: one caller per slot reconnects while the others wait for it.
+        let mut slot = sh.slots[i].write();
         if sh.closed.load(Ordering::SeqCst) {
             return Err(lost(io::ErrorKind::NotConnected, "client closed"));
         }
@@ -659,53 +765,170 @@ impl NbdClient {
     }
 
     /// One request, retried over new connections while it is idempotent.
-    fn request(
-        &self,
-        op: &'static str,
-        cmd: u16,
-        flags: u16,
-        offset: u64,
-        len: u32,
-        data: &[u8],
-    ) -> Result<Vec<u8>, BlockError> {
-        let sh = &self.shared;
+    fn request(&self, req: &Req, data: &[u8]) -> Result<Vec<u8>, BlockError> {
         let started = Instant::now();
-        let timeout = Duration::from_millis(sh.options.request_timeout_ms.max(1));
-        let deadline = started + Duration::from_millis(sh.options.reconnect_timeout_ms);
         loop {
             let conn = self
                 .conn(started)
-                .map_err(|source| BlockError::PathLost { op, source })?;
-            match conn.call(cmd, flags, offset, len, data, timeout) {
-                Ok(buf) => {
-                    if cmd == CMD_WRITE && flags & CMD_FLAG_FUA == 0
-                        || cmd == CMD_WRITE_ZEROES
-                        || cmd == CMD_TRIM
-                    {
-                        let seq = sh.write_seq.fetch_add(1, Ordering::SeqCst) + 1;
-                        conn.max_write_seq.fetch_max(seq, Ordering::SeqCst);
-                    }
-                    return Ok(buf);
+                .map_err(|source| BlockError::PathLost { op: req.op, source })?;
+            let buf = self.read_buffer(req);
+            let timeout = self.timeout();
+            let reply = conn
+                .start(req, data, buf)
+                .and_then(|rx| conn.finish(&rx, timeout));
+            if let Some(result) = self.complete(req, &conn, reply, started) {
+                return result;
+            }
+        }
+    }
+
+    fn timeout(&self) -> Duration {
+        Duration::from_millis(self.shared.options.request_timeout_ms.max(1))
+    }
+
+    /// Turns a reply into the caller's result; `None` means "resend on a new connection".
+    fn complete(
+        &self,
+        req: &Req,
+        conn: &Conn,
+        reply: Reply,
+        started: Instant,
+    ) -> Option<Result<Vec<u8>, BlockError>> {
+        let sh = &self.shared;
+        match reply {
+            Ok(buf) => {
+                if req.cmd == CMD_WRITE && req.flags & CMD_FLAG_FUA == 0
+                    || req.cmd == CMD_WRITE_ZEROES
+                    || req.cmd == CMD_TRIM
+                {
+                    let seq = sh.write_seq.fetch_add(1, Ordering::SeqCst) + 1;
+                    conn.max_write_seq.fetch_max(seq, Ordering::SeqCst);
                 }
-                Err(ReplyError::Errno(e)) => {
-                    return Err(BlockError::Device {
-                        op,
-                        offset_bytes: offset,
-                        len_bytes: u64::from(len),
-                        source: io::Error::from_raw_os_error(nbd_error_to_errno(e)),
-                    })
+                Some(Ok(buf))
+            }
+            Err(ReplyError::Errno(e)) => Some(Err(BlockError::Device {
+                op: req.op,
+                offset_bytes: req.offset,
+                len_bytes: u64::from(req.len),
+                source: io::Error::from_raw_os_error(nbd_error_to_errno(e)),
+            })),
+            Err(ReplyError::Lost(source)) => {
+                self.note_lost(conn);
+                let deadline = started + Duration::from_millis(sh.options.reconnect_timeout_ms);
+                if req.cmd == CMD_FLUSH
+                    || Instant::now() >= deadline
+                    || sh.closed.load(Ordering::SeqCst)
+                {
+                    return Some(Err(BlockError::PathLost { op: req.op, source }));
                 }
-                Err(ReplyError::Lost(source)) => {
-                    self.note_lost(&conn);
-                    if cmd == CMD_FLUSH
-                        || Instant::now() >= deadline
-                        || sh.closed.load(Ordering::SeqCst)
-                    {
-                        return Err(BlockError::PathLost { op, source });
-                    }
-                    tracing::debug!(op, offset, error = %source, "nbd request lost with its connection; resending");
+                tracing::debug!(op = req.op, offset = req.offset, error = %source, "nbd request lost with its connection; resending");
+                None
+            }
+        }
+    }
+
+    /// Starts a read of `len_bytes` at `offset_bytes` without waiting for it; many can be in
+    /// flight from one thread. [`Pending::wait`] returns the data. A request lost with its
+    /// connection is resent by `wait`, exactly as the blocking methods do.
+    pub fn start_read(&self, offset_bytes: u64, len_bytes: u32) -> Result<Pending<'_>, BlockError> {
+        self.check_range("read", offset_bytes, u64::from(len_bytes))?;
+        if len_bytes > self.shared.info.max_block_bytes {
+            return Err(BlockError::OutOfRange {
+                op: "read",
+                offset_bytes,
+                len_bytes: u64::from(len_bytes),
+                size_bytes: u64::from(self.shared.info.max_block_bytes),
+            });
+        }
+        let req = Req {
+            op: "read",
+            cmd: CMD_READ,
+            flags: 0,
+            offset: offset_bytes,
+            len: len_bytes,
+        };
+        Ok(self.start_pending(req, Vec::new()))
+    }
+
+    /// Starts a write of `data` (at most [`BlockDevice::max_request_bytes`]) without waiting
+    /// for it. [`Pending::wait`] reports the outcome.
+    pub fn start_write(
+        &self,
+        data: Vec<u8>,
+        offset_bytes: u64,
+        flags: WriteFlags,
+    ) -> Result<Pending<'_>, BlockError> {
+        let len = data.len() as u64;
+        self.check_range("write", offset_bytes, len)?;
+        let len_bytes = u32::try_from(len)
+            .ok()
+            .filter(|&l| l <= self.shared.info.max_block_bytes)
+            .ok_or(BlockError::OutOfRange {
+                op: "write",
+                offset_bytes,
+                len_bytes: len,
+                size_bytes: u64::from(self.shared.info.max_block_bytes),
+            })?;
+        if flags.fua && !self.shared.info.has(TFLAG_SEND_FUA) {
+            return Err(BlockError::Unsupported {
+                op: "write with FUA",
+            });
+        }
+        let f = if flags.fua { CMD_FLAG_FUA } else { 0 };
+        let req = Req {
+            op: "write",
+            cmd: CMD_WRITE,
+            flags: f,
+            offset: offset_bytes,
+            len: len_bytes,
+        };
+        Ok(self.start_pending(req, data))
+    }
+
+    fn start_pending(&self, req: Req, data: Vec<u8>) -> Pending<'_> {
+        let started = Instant::now();
+        let inflight = match self.conn(started) {
+            Ok(conn) => {
+                let buf = self.read_buffer(&req);
+                match conn.start(&req, &data, buf) {
+                    Ok(rx) => Some((conn, rx)),
+                    Err(_) => None,
                 }
             }
+            Err(_) => None,
+        };
+        Pending {
+            client: self,
+            req,
+            data,
+            inflight,
+            started,
+        }
+    }
+
+    /// A buffer of exactly `len` bytes for a read reply, reused when possible so that large
+    /// reads do not pay for zeroing fresh memory each time.
+    fn read_buffer(&self, req: &Req) -> Vec<u8> {
+        if req.cmd != CMD_READ {
+            return Vec::new();
+        }
+        let n = usize::try_from(req.len).unwrap_or(usize::MAX);
+        let mut b = {
+            let mut pool = self.shared.buffers.lock();
+            match pool.iter().position(|b| b.capacity() >= n) {
+                Some(i) => pool.swap_remove(i),
+                None => Vec::new(),
+            }
+        };
+        b.resize(n, 0);
+        b.truncate(n);
+        b
+    }
+
+    fn recycle(&self, buf: Vec<u8>) {
+        let mut pool = self.shared.buffers.lock();
+        if pool.len() < 64 && buf.capacity() > 0 {
+            pool.push(buf);
         }
     }
 
@@ -743,8 +966,16 @@ impl BlockDevice for NbdClient {
         let mut off = offset_bytes;
         for part in buf.chunks_mut(chunk) {
             let n = part.len() as u64;
-            let data = self.request("read", CMD_READ, 0, off, len_u32(n), &[])?;
+            let req = Req {
+                op: "read",
+                cmd: CMD_READ,
+                flags: 0,
+                offset: off,
+                len: len_u32(n),
+            };
+            let data = self.request(&req, &[])?;
             part.copy_from_slice(&data);
+            self.recycle(data);
             off += n;
         }
         Ok(())
@@ -762,7 +993,14 @@ impl BlockDevice for NbdClient {
         let mut off = offset_bytes;
         for part in buf.chunks(chunk) {
             let n = part.len() as u64;
-            self.request("write", CMD_WRITE, f, off, len_u32(n), part)?;
+            let req = Req {
+                op: "write",
+                cmd: CMD_WRITE,
+                flags: f,
+                offset: off,
+                len: len_u32(n),
+            };
+            self.request(&req, part)?;
             off += n;
         }
         if flags.fua && !native_fua {
@@ -786,7 +1024,14 @@ impl BlockDevice for NbdClient {
             return Ok(());
         }
         let seq = sh.write_seq.load(Ordering::SeqCst);
-        self.request("flush", CMD_FLUSH, 0, 0, 0, &[])?;
+        let req = Req {
+            op: "flush",
+            cmd: CMD_FLUSH,
+            flags: 0,
+            offset: 0,
+            len: 0,
+        };
+        self.request(&req, &[])?;
         sh.flushed_seq.fetch_max(seq, Ordering::SeqCst);
         Ok(())
     }
@@ -798,24 +1043,24 @@ impl BlockDevice for NbdClient {
         while done < len_bytes {
             let n = (len_bytes - done).min(chunk);
             if self.shared.info.has(TFLAG_SEND_WRITE_ZEROES) {
-                self.request(
-                    "write_zeroes",
-                    CMD_WRITE_ZEROES,
-                    0,
-                    offset_bytes + done,
-                    len_u32(n),
-                    &[],
-                )?;
+                let req = Req {
+                    op: "write_zeroes",
+                    cmd: CMD_WRITE_ZEROES,
+                    flags: 0,
+                    offset: offset_bytes + done,
+                    len: len_u32(n),
+                };
+                self.request(&req, &[])?;
             } else {
                 let zeros = vec![0u8; usize::try_from(n).unwrap_or(usize::MAX)];
-                self.request(
-                    "write_zeroes",
-                    CMD_WRITE,
-                    0,
-                    offset_bytes + done,
-                    len_u32(n),
-                    &zeros,
-                )?;
+                let req = Req {
+                    op: "write_zeroes",
+                    cmd: CMD_WRITE,
+                    flags: 0,
+                    offset: offset_bytes + done,
+                    len: len_u32(n),
+                };
+                self.request(&req, &zeros)?;
             }
             done += n;
         }
@@ -832,7 +1077,14 @@ impl BlockDevice for NbdClient {
         let mut done = 0;
         while done < len_bytes {
             let n = (len_bytes - done).min(chunk);
-            self.request("trim", CMD_TRIM, 0, offset_bytes + done, len_u32(n), &[])?;
+            let req = Req {
+                op: "trim",
+                cmd: CMD_TRIM,
+                flags: 0,
+                offset: offset_bytes + done,
+                len: len_u32(n),
+            };
+            self.request(&req, &[])?;
             done += n;
         }
         Ok(())

@@ -13,7 +13,7 @@ pub mod server;
 mod transport;
 mod uri;
 
-pub use client::{ExportInfo, NbdClient, NbdClientOptions};
+pub use client::{ExportInfo, NbdClient, NbdClientOptions, Pending};
 pub use server::{
     run_serve_lun, serve, serve_device, ListenAddr, ServeError, ServeOptions, ServerHandle,
 };
@@ -116,6 +116,44 @@ mod tests {
         c.write_at(&b, 0, WriteFlags::default()).unwrap();
         drop(c);
         drop(server);
+    }
+
+    #[test]
+    fn one_thread_keeps_many_requests_in_flight() {
+        let path = sock("pending");
+        let mem = Arc::new(MemDevice::new(4 << 20));
+        let server = serve_device(
+            mem.clone(),
+            &ListenAddr::Unix(path),
+            ServeOptions::default(),
+        )
+        .unwrap();
+        let c = NbdClient::open(&server.uri(), NbdClientOptions::default()).unwrap();
+        let writes: Vec<_> = (0..32u8)
+            .map(|i| {
+                c.start_write(vec![i; 4096], u64::from(i) * 4096, WriteFlags::default())
+                    .unwrap()
+            })
+            .collect();
+        for w in writes {
+            assert!(w.wait().unwrap().is_empty());
+        }
+        let reads: Vec<_> = (0..32u8)
+            .map(|i| c.start_read(u64::from(i) * 4096, 4096).unwrap())
+            .collect();
+        for (i, r) in reads.into_iter().enumerate() {
+            let data = r.wait().unwrap();
+            assert!(data.iter().all(|&b| usize::from(b) == i), "block {i}");
+            c.recycle_buffer(data);
+        }
+        assert!(matches!(
+            c.start_read(4 << 20, 1),
+            Err(BlockError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            c.start_read(0, 64 << 20),
+            Err(BlockError::OutOfRange { .. })
+        ));
     }
 
     #[test]

@@ -22,13 +22,13 @@
 //! requests, flushes the device and removes the Unix socket.
 
 use std::collections::HashMap;
-use std::io::{self, BufReader, Read, Write};
+use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
@@ -138,6 +138,53 @@ pub enum ServeError {
 }
 
 type Job = Box<dyn FnOnce() + Send>;
+
+/// The work queue shared by all connections' requests and the worker threads.
+#[derive(Default)]
+struct JobQueue {
+    state: Mutex<(std::collections::VecDeque<Job>, bool)>,
+    ready: Condvar,
+}
+
+impl std::fmt::Debug for JobQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JobQueue").finish_non_exhaustive()
+    }
+}
+
+impl JobQueue {
+    /// Queues a job; false when the queue is closed.
+    fn push(&self, job: Job) -> bool {
+        let mut st = self.state.lock();
+        if st.1 {
+            return false;
+        }
+        st.0.push_back(job);
+        drop(st);
+        self.ready.notify_one();
+        true
+    }
+
+    /// The next job, or `None` once the queue is closed and drained.
+    fn pop(&self) -> Option<Job> {
+        let mut st = self.state.lock();
+        loop {
+            if let Some(j) = st.0.pop_front() {
+                return Some(j);
+            }
+            if st.1 {
+                return None;
+            }
+            self.ready.wait(&mut st);
+        }
+    }
+
+    /// Refuses new jobs; workers exit when the queue is empty.
+    fn close(&self) {
+        self.state.lock().1 = true;
+        self.ready.notify_all();
+    }
+}
 
 #[derive(Debug)]
 enum Listener {
@@ -309,21 +356,15 @@ pub fn serve_device(
         read_only: options.read_only,
         max_block_bytes: options.max_block_bytes.clamp(4096, DEFAULT_MAX_BLOCK_BYTES),
     });
-    let (job_tx, job_rx) = mpsc::channel::<Job>();
-    let job_rx = Arc::new(std::sync::Mutex::new(job_rx));
+    let pool = Arc::new(JobQueue::default());
     let mut workers = Vec::new();
     for i in 0..options.workers.max(1) {
-        let rx = job_rx.clone();
+        let pool = pool.clone();
         let t = thread::Builder::new()
             .name(format!("nbd-worker-{i}"))
-            .spawn(move || loop {
-                let job = match rx.lock() {
-                    Ok(guard) => guard.recv(),
-                    Err(_) => return,
-                };
-                match job {
-                    Ok(job) => job(),
-                    Err(_) => return,
+            .spawn(move || {
+                while let Some(job) = pool.pop() {
+                    job();
                 }
             })
             .map_err(|source| ServeError::Spawn { source })?;
@@ -337,7 +378,7 @@ pub fn serve_device(
         let total = connections_total.clone();
         thread::Builder::new()
             .name("nbd-accept".into())
-            .spawn(move || accept_loop(listener, export, job_tx, workers, stop, total))
+            .spawn(move || accept_loop(listener, export, pool, workers, stop, total))
             .map_err(|source| ServeError::Spawn { source })?
     };
     tracing::info!(%addr, export = %options.export_name, "nbd server listening");
@@ -354,7 +395,7 @@ pub fn serve_device(
 fn accept_loop(
     listener: Listener,
     export: Arc<Export>,
-    job_tx: mpsc::Sender<Job>,
+    pool: Arc<JobQueue>,
     workers: Vec<JoinHandle<()>>,
     stop: Arc<AtomicBool>,
     total: Arc<AtomicU64>,
@@ -386,7 +427,7 @@ fn accept_loop(
         let mut reg = registry.lock();
         let id = reg.next_id;
         reg.next_id += 1;
-        let (export, tx, registry2) = (export.clone(), job_tx.clone(), registry.clone());
+        let (export, tx, registry2) = (export.clone(), pool.clone(), registry.clone());
         let spawned = thread::Builder::new()
             .name(format!("nbd-conn-{id}"))
             .spawn(move || {
@@ -418,7 +459,7 @@ fn accept_loop(
             tracing::error!("nbd connection thread panicked");
         }
     }
-    drop(job_tx);
+    pool.close();
     for w in workers {
         if w.join().is_err() {
             tracing::error!("nbd worker thread panicked");
@@ -445,21 +486,19 @@ impl InFlight {
     }
 }
 
-fn serve_connection(
-    stream: Stream,
-    export: &Arc<Export>,
-    jobs: &mpsc::Sender<Job>,
-) -> io::Result<()> {
-    let writer = Arc::new(Mutex::new(stream.try_clone()?));
+fn serve_connection(stream: Stream, export: &Arc<Export>, jobs: &JobQueue) -> io::Result<()> {
+    let mut hs_writer = stream.try_clone()?;
     let mut rd = BufReader::with_capacity(256 << 10, stream);
-    let Some(structured) = negotiate(&mut rd, &mut writer.lock(), export)? else {
+    let Some(structured) = negotiate(&mut rd, &mut hs_writer, export)? else {
         return Ok(());
     };
+    let writer = Arc::new(Mutex::new(BufWriter::with_capacity(256 << 10, hs_writer)));
     let inflight = Arc::new(InFlight::default());
     let r = transmission(&mut rd, &writer, export, jobs, structured, &inflight);
     inflight.wait_idle();
+    let flushed = writer.lock().flush();
     rd.get_ref().shutdown();
-    r
+    r.and(flushed)
 }
 
 /// Runs the option phase. `Some(structured)` means: enter transmission.
@@ -612,16 +651,67 @@ fn structured_header(flags: u16, kind: u16, cookie: u64, len: u32) -> [u8; 20] {
     h
 }
 
+/// Replies are written through this buffer. Inline replies stay buffered while more
+/// requests are already waiting in the read buffer; workers flush after each reply.
+type ReplyWriter = Mutex<BufWriter<Stream>>;
+
+/// Answers a read or a write on the connection thread when the device can do it without
+/// blocking (cached data). Returns false when the request must go to a worker.
+fn try_inline(
+    export: &Export,
+    writer: &ReplyWriter,
+    structured: bool,
+    req: (u16, u16, u64, u64, u32),
+    payload: &[u8],
+) -> io::Result<bool> {
+    let (flags, cmd, cookie, offset, len) = req;
+    match cmd {
+        CMD_READ if len <= export.max_block_bytes && len > 0 => {
+            let n =
+                usize::try_from(len).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+            let head = if structured { 20 + 8 } else { 16 };
+            let mut buf = vec![0u8; head + n];
+            if !matches!(
+                export.dev.try_read_at_nowait(&mut buf[head..], offset),
+                Ok(true)
+            ) {
+                return Ok(false);
+            }
+            if structured {
+                let h = structured_header(REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, cookie, len + 8);
+                buf[..20].copy_from_slice(&h);
+                buf[20..28].copy_from_slice(&offset.to_be_bytes());
+            } else {
+                buf[..16].copy_from_slice(&simple_reply(0, cookie));
+            }
+            writer.lock().write_all(&buf)?;
+            Ok(true)
+        }
+        CMD_WRITE if flags & CMD_FLAG_FUA == 0 && !export.read_only && len > 0 => {
+            if !matches!(export.dev.try_write_at_nowait(payload, offset), Ok(true)) {
+                return Ok(false);
+            }
+            writer.lock().write_all(&simple_reply(0, cookie))?;
+            Ok(true)
+        }
+        _ => Ok(false),
+    }
+}
+
 /// The transmission phase: reads requests and hands them to workers until DISC or EOF.
 fn transmission(
-    rd: &mut impl Read,
-    writer: &Arc<Mutex<Stream>>,
+    rd: &mut BufReader<Stream>,
+    writer: &Arc<ReplyWriter>,
     export: &Arc<Export>,
-    jobs: &mpsc::Sender<Job>,
+    jobs: &JobQueue,
     structured: bool,
     inflight: &Arc<InFlight>,
 ) -> io::Result<()> {
     loop {
+        if rd.buffer().len() < REQUEST_HEADER_BYTES {
+            // About to wait for the client: send the replies answered inline so far.
+            writer.lock().flush()?;
+        }
         let mut h = [0u8; REQUEST_HEADER_BYTES];
         match rd.read_exact(&mut h) {
             Ok(()) => {}
@@ -652,15 +742,24 @@ fn transmission(
         } else {
             Vec::new()
         };
+        if try_inline(
+            export,
+            writer,
+            structured,
+            (flags, cmd, cookie, offset, len),
+            &payload,
+        )? {
+            continue;
+        }
         *inflight.count.lock() += 1;
         let (export, writer, inflight2) = (export.clone(), writer.clone(), inflight.clone());
         let job: Job = Box::new(move || {
             let r = run_request(
                 &export, &writer, structured, flags, cmd, cookie, offset, len, &payload,
             );
-            if let Err(e) = r {
+            if let Err(e) = r.and_then(|()| writer.lock().flush()) {
                 tracing::debug!(error = %e, "nbd reply failed; closing connection");
-                writer.lock().shutdown();
+                writer.lock().get_ref().shutdown();
             }
             let mut c = inflight2.count.lock();
             *c -= 1;
@@ -668,7 +767,7 @@ fn transmission(
                 inflight2.idle.notify_all();
             }
         });
-        if jobs.send(job).is_err() {
+        if !jobs.push(job) {
             return Err(io::Error::other("server is shutting down"));
         }
     }
@@ -677,7 +776,7 @@ fn transmission(
 #[allow(clippy::too_many_arguments)]
 fn run_request(
     export: &Export,
-    writer: &Mutex<Stream>,
+    writer: &ReplyWriter,
     structured: bool,
     flags: u16,
     cmd: u16,

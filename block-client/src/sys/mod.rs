@@ -176,3 +176,33 @@ impl TerminationSignals {
         Ok(sig)
     }
 }
+
+/// `preadv2(RWF_NOWAIT)`: reads only if the data is already in the page cache. Returns the
+/// bytes read; fails with `WouldBlock` (EAGAIN) when it would have to wait for the device.
+pub fn pread_nowait(file: &File, buf: &mut [u8], offset_bytes: u64) -> io::Result<usize> {
+    let off = libc::off_t::try_from(offset_bytes)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: `iov` describes `buf`, a live, writable slice borrowed for the whole call; the
+    // count is 1 and `file` keeps the descriptor open.
+    let n = unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, off, libc::RWF_NOWAIT) };
+    usize::try_from(n).map_err(|_| io::Error::last_os_error())
+}
+
+/// `pwritev2(RWF_NOWAIT)`: writes only if it can do so without blocking. Returns the bytes
+/// written; fails with `WouldBlock` (EAGAIN) when it would block.
+pub fn pwrite_nowait(file: &File, buf: &[u8], offset_bytes: u64) -> io::Result<usize> {
+    let off = libc::off_t::try_from(offset_bytes)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let iov = libc::iovec {
+        iov_base: buf.as_ptr().cast_mut().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: `iov` describes `buf`, a live slice borrowed for the whole call, which the
+    // kernel only reads; the count is 1 and `file` keeps the descriptor open.
+    let n = unsafe { libc::pwritev2(file.as_raw_fd(), &iov, 1, off, libc::RWF_NOWAIT) };
+    usize::try_from(n).map_err(|_| io::Error::last_os_error())
+}

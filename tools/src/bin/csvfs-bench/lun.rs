@@ -3,9 +3,11 @@
 //! Four workloads (sequential write and read, 1 MiB, 16 in flight; random write and read,
 //! 4 KiB, 32 in flight) in three setups over Unix sockets to a file in the page cache:
 //! (a) fio's nbd engine against nbdkit's file plugin: the baseline; (b) our `NbdClient`
-//! against the same nbdkit export, 16 or 32 threads each with one request in flight;
-//! (c) fio's nbd engine against our server (`block_client::nbd::serve`). Each figure is
-//! printed with its ratio to (a).
+//! against the same nbdkit export, one thread keeping 16 or 32 requests in flight
+//! (`start_read`/`start_write`, as fio does); (b') the same through the blocking
+//! `BlockDevice` methods from 16 or 32 threads (how FUSE workers use it); (c) fio's nbd
+//! engine against our server (`block_client::nbd::serve`). Each figure is printed with its
+//! ratio to (a).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -205,8 +207,57 @@ fn fio(
     })
 }
 
+/// Drives our client from one thread keeping `queue_depth` requests in flight.
+fn ours_pipelined(client: &NbdClient, w: &Workload, seconds: u64) -> anyhow::Result<Figure> {
+    let bs = u64::from(w.block_bytes);
+    let slots = client.size_bytes() / bs;
+    let data = vec![0x5au8; usize::try_from(w.block_bytes)?];
+    let mut rng = 0x2545_f491_4f6c_dd1du64;
+    let mut seq = 0u64;
+    let mut next_offset = || {
+        let slot = if w.random {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng % slots
+        } else {
+            seq += 1;
+            (seq - 1) % slots
+        };
+        slot * bs
+    };
+    let start = |off: u64| {
+        if w.write {
+            client.start_write(data.clone(), off, WriteFlags::default())
+        } else {
+            client.start_read(off, w.block_bytes)
+        }
+    };
+    let mut ring = std::collections::VecDeque::new();
+    for _ in 0..w.queue_depth {
+        ring.push_back(start(next_offset())?);
+    }
+    let started = Instant::now();
+    let until = started + Duration::from_secs(seconds);
+    let mut ops = 0u32;
+    while let Some(p) = ring.pop_front() {
+        let got = p.wait().context("benchmark I/O through our client")?;
+        client.recycle_buffer(got);
+        ops += 1;
+        if Instant::now() < until {
+            ring.push_back(start(next_offset())?);
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let n = f64::from(ops);
+    Ok(Figure {
+        iops: n / secs,
+        mib_per_s: n * f64::from(w.block_bytes) / secs / f64::from(1u32 << 20),
+    })
+}
+
 /// Drives our client with `queue_depth` threads, each with one request in flight.
-fn ours(client: &Arc<NbdClient>, w: &Workload, seconds: u64) -> anyhow::Result<Figure> {
+fn ours_threads(client: &Arc<NbdClient>, w: &Workload, seconds: u64) -> anyhow::Result<Figure> {
     let size = client.size_bytes();
     let bs = u64::from(w.block_bytes);
     let slots = size / bs;
@@ -297,7 +348,7 @@ pub fn run(args: &LunArgs) -> anyhow::Result<()> {
     let dir = Scratch(base.join(format!("csvfs-bench-lun-{}", std::process::id())));
     std::fs::create_dir_all(&dir.0).with_context(|| format!("create {}", dir.0.display()))?;
     let image = dir.0.join("lun.img");
-    let total = WORKLOADS.len() * 3;
+    let total = WORKLOADS.len() * 4;
     progress(&format!(
         "image {image_mib} MiB, {seconds} s per measurement, {total} measurements (about {} s)",
         total as u64 * (seconds + 1) + 3
@@ -306,6 +357,7 @@ pub fn run(args: &LunArgs) -> anyhow::Result<()> {
 
     let mut baseline = [Figure::default(); 4];
     let mut client = [Figure::default(); 4];
+    let mut client_threads = [Figure::default(); 4];
     let mut server = [Figure::default(); 4];
     let mut step = 0;
     let mut note = |what: &str, w: &Workload| {
@@ -335,8 +387,10 @@ pub fn run(args: &LunArgs) -> anyhow::Result<()> {
     for (i, w) in WORKLOADS.iter().enumerate() {
         note("fio -> nbdkit", w);
         baseline[i] = fio(&kit_uri, w, seconds, size_bytes, &dir.0)?;
-        note("csvfs client -> nbdkit", w);
-        client[i] = ours(&c, w, seconds)?;
+        note("csvfs client (1 thread, pipelined) -> nbdkit", w);
+        client[i] = ours_pipelined(&c, w, seconds)?;
+        note("csvfs client (blocking, QD threads) -> nbdkit", w);
+        client_threads[i] = ours_threads(&c, w, seconds)?;
     }
     drop(c);
     drop(kit);
@@ -363,22 +417,30 @@ pub fn run(args: &LunArgs) -> anyhow::Result<()> {
             f64::NAN
         }
     };
+    let figure_json = |f: &Figure, base: Option<(&Figure, &Workload)>| {
+        let mut j = format!(
+            "{{\"mib_per_s\":{},\"iops\":{}",
+            json_number(f.mib_per_s),
+            json_number(f.iops)
+        );
+        if let Some((b, w)) = base {
+            j.push_str(&format!(",\"ratio\":{}", json_number(ratio(f, b, w))));
+        }
+        j.push('}');
+        j
+    };
     if args.json {
         let mut rows = Vec::new();
         for (i, w) in WORKLOADS.iter().enumerate() {
-            let (a, b, c) = (&baseline[i], &client[i], &server[i]);
+            let a = &baseline[i];
             rows.push(format!(
-                "{{\"workload\":{},\"unit\":{},\"baseline_fio_nbdkit\":{{\"mib_per_s\":{},\"iops\":{}}},\"client_vs_nbdkit\":{{\"mib_per_s\":{},\"iops\":{},\"ratio\":{}}},\"fio_vs_server\":{{\"mib_per_s\":{},\"iops\":{},\"ratio\":{}}}}}",
+                "{{\"workload\":{},\"unit\":{},\"baseline_fio_nbdkit\":{},\"client_pipelined_vs_nbdkit\":{},\"client_threads_vs_nbdkit\":{},\"fio_vs_server\":{}}}",
                 json_string(w.key),
                 json_string(if w.random { "IOPS" } else { "MiB/s" }),
-                json_number(a.mib_per_s),
-                json_number(a.iops),
-                json_number(b.mib_per_s),
-                json_number(b.iops),
-                json_number(ratio(b, a, w)),
-                json_number(c.mib_per_s),
-                json_number(c.iops),
-                json_number(ratio(c, a, w)),
+                figure_json(a, None),
+                figure_json(&client[i], Some((a, w))),
+                figure_json(&client_threads[i], Some((a, w))),
+                figure_json(&server[i], Some((a, w))),
             ));
         }
         line(&format!(
@@ -388,27 +450,32 @@ pub fn run(args: &LunArgs) -> anyhow::Result<()> {
         ));
         return Ok(());
     }
-    line(&format!("csvfs-bench lun: {seconds} s per figure, {image_mib} MiB image in the page cache, Unix sockets"));
-    line("  (a) fio nbd engine -> nbdkit file plugin (baseline)");
     line(&format!(
-        "  (b) csvfs NbdClient -> same nbdkit export ({} connections)",
+        "csvfs-bench lun: {seconds} s per figure, {image_mib} MiB image in the page cache, Unix sockets"
+    ));
+    line("  (a)  fio nbd engine -> nbdkit file plugin (baseline)");
+    line(&format!(
+        "  (b)  csvfs NbdClient -> same export, one thread pipelining QD requests ({} connections)",
         args.connections
     ));
-    line("  (c) fio nbd engine -> csvfs NBD server");
+    line("  (b') csvfs NbdClient -> same export, blocking calls from QD threads");
+    line("  (c)  fio nbd engine -> csvfs NBD server");
     line("");
     line(&format!(
-        "{:<22} {:>6} {:>12} {:>12} {:>7} {:>12} {:>7}",
-        "workload", "unit", "(a) base", "(b) client", "ratio", "(c) server", "ratio"
+        "{:<22} {:>5} {:>9} {:>9} {:>5} {:>9} {:>5} {:>9} {:>5}",
+        "workload", "unit", "(a) base", "(b)", "ratio", "(b')", "ratio", "(c)", "ratio"
     ));
     for (i, w) in WORKLOADS.iter().enumerate() {
-        let (a, b, c) = (&baseline[i], &client[i], &server[i]);
+        let (a, b, bt, c) = (&baseline[i], &client[i], &client_threads[i], &server[i]);
         line(&format!(
-            "{:<22} {:>6} {:>12.0} {:>12.0} {:>7.2} {:>12.0} {:>7.2}",
+            "{:<22} {:>5} {:>9.0} {:>9.0} {:>5.2} {:>9.0} {:>5.2} {:>9.0} {:>5.2}",
             w.label,
             if w.random { "IOPS" } else { "MiB/s" },
             a.headline(w),
             b.headline(w),
             ratio(b, a, w),
+            bt.headline(w),
+            ratio(bt, a, w),
             c.headline(w),
             ratio(c, a, w),
         ));
