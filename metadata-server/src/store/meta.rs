@@ -721,7 +721,10 @@ impl Meta {
         }
         self.txn = Txn::default();
         if txn.sb || writes.contains_key(&0) {
-            writes.insert(0, self.sb.encode_block());
+            // Both copies, so the backup never holds a stale held list or state.
+            let block = self.sb.encode_block();
+            writes.insert(self.sb.backup_offset(), block.clone());
+            writes.insert(0, block);
         }
         if writes.is_empty() {
             return Ok(None);
