@@ -162,7 +162,15 @@ impl DataPath {
         ino: InodeId,
         write: bool,
     ) -> Result<(Arc<OpenFile>, Attr), NodeError> {
-        let resp = self.meta.call(uid, gid, Request::Open { ino, write })?;
+        // The kernel looked the inode up; if it is gone by now (unlinked and freed
+        // elsewhere), ESTALE makes the VFS walk the path again instead of failing.
+        let resp = self
+            .meta
+            .call(uid, gid, Request::Open { ino, write })
+            .map_err(|e| match e {
+                FsError::NotFound => FsError::Stale,
+                e => e,
+            })?;
         let Response::Mapped { attr, extents } = resp else {
             return Err(unexpected("open", &resp).into());
         };
@@ -415,8 +423,10 @@ impl DataPath {
         };
         let alloc_start = align_down(first.file_offset_bytes, self.cluster_bytes);
         let alloc_end = align_up(last.file_offset_bytes + last.len_bytes, self.cluster_bytes);
-        let hint_bytes = if sequential || start == 0 {
-            self.prealloc_bytes
+        // A file growing sequentially gets a window proportional to its size (up to
+        // `prealloc_bytes`), so small files never hold large preallocations.
+        let hint_bytes = if sequential && start > 0 {
+            self.prealloc_bytes.min(align_up(end, self.cluster_bytes))
         } else {
             0
         };
@@ -1044,8 +1054,8 @@ pub(crate) mod tests {
         for i in 0..4u64 {
             dp.write(0, 0, &f, i * CL / 2, &chunk, false).unwrap();
         }
-        // 2 clusters written + 2 preallocated in one allocate call.
-        assert_eq!(store.inner.lock().free_next, 3);
+        // Cluster 0 without a hint, then cluster 1 with a window of 2 clusters.
+        assert_eq!(store.inner.lock().free_next, 4);
         dp.fsync(0, 0, &f).unwrap();
         let buf = dp
             .read(0, 0, &f, 0, u32::try_from(4 * CL).unwrap())

@@ -401,20 +401,51 @@ fn step_unmount(d: &mut Demo) -> Result<(), DemoError> {
     Ok(())
 }
 
+/// The fsck binary next to `exe`, if there is one.
+fn find_fsck(exe: &Path) -> Option<PathBuf> {
+    let dir = exe.parent()?;
+    ["fsck-csvfs", "fsck.csvfs"]
+        .iter()
+        .map(|n| dir.join(n))
+        .find(|p| p.is_file())
+}
+
 fn step_fsck(d: &mut Demo) -> Result<(), DemoError> {
-    let fsck = d
-        .cluster
-        .exe
-        .parent()
-        .map(|p| p.join("fsck.csvfs"))
-        .filter(|p| p.is_file());
+    let mut fsck = find_fsck(&d.cluster.exe);
+    if fsck.is_none() {
+        // Under `cargo run`, build it: `cargo run -p csvfs` builds only csvfs's binaries.
+        if let (Some(cargo), Some(manifest)) = (
+            std::env::var_os("CARGO"),
+            std::env::var_os("CARGO_MANIFEST_DIR"),
+        ) {
+            say("      building fsck-csvfs (cargo build --release -p csvfs-tools)");
+            let built = Command::new(cargo)
+                .args([
+                    "build",
+                    "--release",
+                    "-q",
+                    "-p",
+                    "csvfs-tools",
+                    "--bin",
+                    "fsck-csvfs",
+                ])
+                .current_dir(Path::new(&manifest).join(".."))
+                .status()
+                .is_ok_and(|s| s.success());
+            if built {
+                fsck = find_fsck(&d.cluster.exe);
+            }
+        }
+    }
     let Some(fsck) = fsck else {
-        say("      SKIPPED: fsck.csvfs is not next to this csvfs binary");
+        say("      SKIPPED: no fsck-csvfs next to this csvfs binary");
         say("      (build it with `cargo build --release -p csvfs-tools` and rerun the demo)");
         return Ok(());
     };
+    say(&format!("      {} -n -f {}", fsck.display(), d.cluster.uri));
     let out = Command::new(&fsck)
         .arg("-n")
+        .arg("-f")
         .arg(&d.cluster.uri)
         .output()
         .map_err(io("run", &fsck))?;

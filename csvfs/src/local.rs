@@ -172,25 +172,32 @@ pub fn log_tail(path: &Path, max_bytes: usize) -> String {
     s[start..].to_string()
 }
 
-/// Sends SIGTERM to a process (through kill(1), keeping this crate free of unsafe code).
+/// Sends SIGTERM to a process.
 pub fn terminate(pid: u32) {
-    let _ = Command::new("kill")
-        .arg("-TERM")
-        .arg(pid.to_string())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
+    if let Ok(pid) = i32::try_from(pid) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+    }
+}
+
+/// Unmounts `path`: a plain unmount first, a lazy detach when it is busy.
+pub fn unmount(path: &Path) -> std::io::Result<()> {
+    use nix::mount::{umount2, MntFlags};
+    match umount2(path, MntFlags::empty()) {
+        Ok(()) => Ok(()),
+        Err(nix::errno::Errno::EBUSY) => {
+            umount2(path, MntFlags::MNT_DETACH).map_err(std::io::Error::from)
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Detaches a mount left behind by a killed node.
 pub fn force_unmount(path: &Path) {
     if is_mounted(path) {
-        let _ = Command::new("umount")
-            .arg("-l")
-            .arg(path)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
+        let _ = nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH);
     }
 }
 

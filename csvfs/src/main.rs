@@ -6,12 +6,14 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use csvfs::cli::{Cli, Command, MountHelperCli};
 use csvfs::config::MountConfig;
+use std::io::IsTerminal;
 use tracing_subscriber::EnvFilter;
 
 fn init_tracing() {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
 }

@@ -359,21 +359,13 @@ pub fn run(cfg: &MountConfig) -> Result<(), MountError> {
             _ = term.recv() => info!("SIGTERM: unmounting"),
             _ = int.recv() => info!("SIGINT: unmounting"),
         }
-        // umount(8) rather than fuser's unmounter: with fusermount's auto-unmount the
-        // latter only closes the socket and leaves the unmount to fusermount.
-        let ok = std::process::Command::new("umount")
-            .arg(&mountpoint)
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            warn!(mountpoint = %mountpoint.display(), "unmount failed (busy?); detaching");
+        // A direct unmount rather than fuser's unmounter: with fusermount's auto-unmount
+        // the latter only closes the socket and leaves the unmount to fusermount.
+        if let Err(e) = crate::local::unmount(&mountpoint) {
+            warn!(error = %e, mountpoint = %mountpoint.display(), "unmount failed");
             if let Err(e) = unmounter.unmount() {
                 warn!(error = %e, "fuser unmount failed");
             }
-            let _ = std::process::Command::new("umount")
-                .arg("-l")
-                .arg(&mountpoint)
-                .status();
         }
     });
     info!(

@@ -3,3 +3,4 @@
 #![forbid(unsafe_code)]
 
 pub mod block_peers;
+pub mod cluster;

@@ -1,0 +1,202 @@
+#![allow(clippy::tests_outside_test_module)]
+// Test helpers outside #[test] functions unwrap too: a failure is the test failing.
+#![allow(clippy::unwrap_used)]
+//! The data path across real node processes: a 64 GiB sparse image written at random
+//! offsets on one node and checked on another, an fsynced file surviving kill -9 of its
+//! writer, and a full volume answering ENOSPC without damage.
+
+use csvfs::local::is_mounted;
+use csvfs_tests::cluster::{ClusterSpec, TestCluster};
+use metadata_server::format::MkfsOptions;
+use std::fs::{self, File, OpenOptions};
+use std::io::{ErrorKind, Read, Write};
+use std::os::unix::fs::FileExt;
+use std::thread;
+use std::time::{Duration, Instant};
+
+fn pattern(seed: u64, buf: &mut [u8]) {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    for w in buf.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let b = x.to_le_bytes();
+        w.copy_from_slice(&b[..w.len()]);
+    }
+}
+
+/// A small deterministic generator for offsets.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+#[test]
+fn cluster_data() {
+    let mut c = TestCluster::start(ClusterSpec::new("data", 3));
+    sparse_64gib_image_written_on_a_checked_on_b(&c);
+    fsynced_file_survives_kill_of_its_writer(&mut c);
+    c.finish();
+}
+
+fn sparse_64gib_image_written_on_a_checked_on_b(c: &TestCluster) {
+    let t = Instant::now();
+    let size: u64 = 64 << 30;
+    let writes = 400u64;
+    let slot = size / writes;
+    let mut rng = Rng(0x1234_5678);
+    let mut regions = Vec::new();
+    for i in 0..writes {
+        let len = 4096 * (1 + rng.next() % 64); // 4 KiB .. 256 KiB
+        let off = i * slot + (rng.next() % (slot - len)) / 512 * 512;
+        regions.push((off, len));
+    }
+    let path = c.mp(1).join("big.img");
+    let f = File::create(&path).unwrap();
+    f.set_len(size).unwrap();
+    // Random order, so allocation is not sequential.
+    let mut order: Vec<usize> = (0..regions.len()).collect();
+    for i in (1..order.len()).rev() {
+        let j = usize::try_from(rng.next() % (i as u64 + 1)).unwrap();
+        order.swap(i, j);
+    }
+    let mut buf = vec![0u8; 256 << 10];
+    for &i in &order {
+        let (off, len) = regions[i];
+        let b = &mut buf[..usize::try_from(len).unwrap()];
+        pattern(off, b);
+        f.write_all_at(b, off).unwrap();
+    }
+    f.sync_all().unwrap();
+    drop(f);
+    eprintln!(
+        "wrote {writes} regions into a 64 GiB image in {:?}",
+        t.elapsed()
+    );
+    let f = File::open(c.mp(2).join("big.img")).unwrap();
+    assert_eq!(f.metadata().unwrap().len(), size);
+    let mut want = vec![0u8; 256 << 10];
+    for &(off, len) in &regions {
+        let n = usize::try_from(len).unwrap();
+        let (g, w) = (&mut buf[..n], &mut want[..n]);
+        f.read_exact_at(g, off).unwrap();
+        pattern(off, w);
+        assert!(g == w, "region at {off} ({len} bytes) differs on node 2");
+    }
+    // Holes between regions read as zeros: the 64 KiB before each region's slot end.
+    let mut hole = vec![1u8; 65536];
+    for i in (0..writes).step_by(7) {
+        let end_of_slot = (i + 1) * slot;
+        let (off, len) = regions[usize::try_from(i).unwrap()];
+        if off + len + 65536 <= end_of_slot {
+            f.read_exact_at(&mut hole, end_of_slot - 65536).unwrap();
+            assert!(
+                hole.iter().all(|&b| b == 0),
+                "hole before {end_of_slot} not zero"
+            );
+        }
+    }
+    // Space used is the written clusters, not 64 GiB.
+    let used = fs::metadata(c.mp(2).join("big.img")).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert!(
+        used.blocks() * 512 < 2 << 30,
+        "sparse image uses {} bytes",
+        used.blocks() * 512
+    );
+    eprintln!("checked on node 2 in {:?} total", t.elapsed());
+}
+
+fn fsynced_file_survives_kill_of_its_writer(c: &mut TestCluster) {
+    // Node 2 is not the coordinator: killing it is a node crash, not a failover.
+    let mut data = vec![0u8; (24 << 20) + 4321];
+    pattern(42, &mut data);
+    let path = c.mp(2).join("durable.bin");
+    let mut f = File::create(&path).unwrap();
+    f.write_all(&data).unwrap();
+    f.sync_all().unwrap();
+    // Keep it open and keep writing elsewhere in it: the crash happens mid-use.
+    let tail = vec![7u8; 1 << 20];
+    f.write_all_at(&tail, 64 << 20).unwrap();
+    c.expect_error("Failed to send FUSE reply");
+    let mp2 = c.mp(2);
+    c.kill(2);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while is_mounted(&mp2) {
+        assert!(
+            Instant::now() < deadline,
+            "killed node's mount did not go away"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    drop(f);
+    let mut got = Vec::new();
+    File::open(c.mp(3).join("durable.bin"))
+        .unwrap()
+        .read_to_end(&mut got)
+        .unwrap();
+    assert!(got.len() >= data.len(), "fsynced size lost: {}", got.len());
+    assert!(
+        got[..data.len()] == data[..],
+        "fsynced data differs on node 3"
+    );
+    // The node comes back and sees its file.
+    c.mount(2);
+    let again = fs::read(c.mp(2).join("durable.bin")).unwrap();
+    assert!(again[..data.len()] == data[..]);
+}
+
+#[test]
+fn cluster_enospc() {
+    let mut spec = ClusterSpec::new("enospc", 2);
+    spec.lun_bytes = 256 << 20;
+    spec.mkfs = MkfsOptions {
+        cluster_bytes: 1 << 20,
+        ..MkfsOptions::default()
+    };
+    let c = TestCluster::start(spec);
+    let chunk = vec![0x5au8; 1 << 20];
+    let path = c.mp(1).join("fill");
+    let mut f = File::create(&path).unwrap();
+    let mut written = 0u64;
+    let err = loop {
+        match f.write_all(&chunk) {
+            Ok(()) => written += 1 << 20,
+            Err(e) => break e,
+        }
+        assert!(written < 512 << 20, "a 256 MiB volume took {written} bytes");
+    };
+    assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "got {err}");
+    assert_ne!(err.kind(), ErrorKind::Other);
+    drop(f);
+    assert!(written > 64 << 20, "only {written} bytes fit");
+    // Everything written before ENOSPC reads back, from the other node.
+    let mut got = Vec::new();
+    File::open(c.mp(2).join("fill"))
+        .unwrap()
+        .read_to_end(&mut got)
+        .unwrap();
+    assert!(got.len() as u64 >= written);
+    assert!(got[..usize::try_from(written).unwrap()]
+        .iter()
+        .all(|&b| b == 0x5a));
+    // Free the space; writing works again from the other node.
+    fs::remove_file(c.mp(2).join("fill")).unwrap();
+    let mut g = OpenOptions::new()
+        .create_new(true)
+        .write(true)
+        .open(c.mp(2).join("after"))
+        .unwrap();
+    for _ in 0..32 {
+        g.write_all(&chunk).unwrap();
+    }
+    g.sync_all().unwrap();
+    drop(g);
+    assert_eq!(fs::metadata(c.mp(1).join("after")).unwrap().len(), 32 << 20);
+    c.finish();
+}

@@ -1,0 +1,94 @@
+#![allow(clippy::tests_outside_test_module)]
+// Test helpers outside #[test] functions unwrap too: a failure is the test failing.
+#![allow(clippy::unwrap_used)]
+//! Bad input to `csvfs mount` gives one clear message and a non-zero exit, never a panic:
+//! a LUN that is not a csvfs volume, a wrong cluster secret, a missing setting.
+
+use csvfs_tests::cluster::{csvfs_exe, ClusterSpec, TestCluster};
+use std::process::Command;
+
+fn mount_output(args: &[&str]) -> (bool, String) {
+    let out = Command::new(csvfs_exe())
+        .args(args)
+        .env("RUST_LOG", "info")
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .expect("run csvfs mount");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[test]
+fn bad_mounts_fail_with_one_clear_message() {
+    let mut c = TestCluster::start(ClusterSpec::new("errors", 1));
+    let dir = c.local.dir.clone();
+    let mp = dir.join("extra");
+    std::fs::create_dir_all(&mp).unwrap();
+
+    // A file of zeros is not a csvfs volume.
+    let zeros = dir.join("zeros.img");
+    std::fs::File::create(&zeros)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let secret = c.local.secret.to_string_lossy().into_owned();
+    let (ok, text) = mount_output(&[
+        "mount",
+        "--lun",
+        zeros.to_str().unwrap(),
+        "--node-id",
+        "2",
+        "--secret",
+        &secret,
+        mp.to_str().unwrap(),
+    ]);
+    assert!(!ok, "mounting zeros succeeded");
+    assert!(text.contains("not a csvfs volume"), "message: {text}");
+    assert!(!text.contains("panicked"), "panic: {text}");
+
+    // A wrong secret is refused by the coordinator.
+    let wrong = dir.join("wrong-secret");
+    std::fs::write(&wrong, "not the secret\n").unwrap();
+    let uri = c.uri();
+    let (ok, text) = mount_output(&[
+        "mount",
+        "--lun",
+        &uri,
+        "--node-id",
+        "2",
+        "--secret",
+        wrong.to_str().unwrap(),
+        "--request-timeout-ms",
+        "3000",
+        mp.to_str().unwrap(),
+    ]);
+    assert!(!ok, "mounting with a wrong secret succeeded");
+    assert!(text.to_lowercase().contains("secret"), "message: {text}");
+    assert!(!text.contains("panicked"), "panic: {text}");
+    c.expect_error("authentication");
+    c.expect_error("secret");
+
+    // A node id past the volume's limit.
+    let (ok, text) = mount_output(&[
+        "mount",
+        "--lun",
+        &uri,
+        "--node-id",
+        "999",
+        "--secret",
+        &secret,
+        mp.to_str().unwrap(),
+    ]);
+    assert!(!ok);
+    assert!(text.contains("node 999"), "message: {text}");
+
+    // A missing setting.
+    let (ok, text) = mount_output(&["mount", "--lun", &uri, mp.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(text.contains("node_id"), "message: {text}");
+    c.finish();
+}
