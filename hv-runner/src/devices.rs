@@ -5,7 +5,7 @@
 //!
 //! Requests are executed synchronously when the guest writes QueueNotify, so there is never
 //! a request in flight while the vCPU is parked: the device state saved for migration is
-//! just the registers and ring indices ([`DeviceState`]). The device raises no interrupt
+//! just the registers and ring indices ([`crate::vm::DeviceState`]). The device raises no interrupt
 //! (it sets InterruptStatus; the test guest polls the used ring); wiring an irqfd is left
 //! for a real guest kernel.
 

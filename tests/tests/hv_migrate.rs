@@ -516,7 +516,30 @@ fn non_converging_guest_is_cancelled_or_throttled() {
     // link carries pages: the migration must be cancelled within 5 rounds or 10 s.
     let (_b, addr_b, _eb) = env.receive("b");
     let t = Instant::now();
-    let o = migrate(&env, "a", "vm4", &addr_b, &["--max-bandwidth-mbps", "4"]);
+    let first = std::thread::spawn({
+        let bin = bin().to_owned();
+        let rt = env.rt("a");
+        let addr = addr_b.clone();
+        move || {
+            Command::new(bin)
+                .env("HV_RUNNER_RUNTIME_DIR", rt)
+                .args(["migrate", "vm4", "--to", &addr, "--max-bandwidth-mbps", "4"])
+                .output()
+                .unwrap()
+        }
+    });
+    // A second migration of the same VM while the first runs is refused.
+    wait_for(Duration::from_secs(10), "status migrating", || {
+        env.ok("a", &["status", "vm4"]).contains("migrating")
+    });
+    let o2 = migrate(&env, "a", "vm4", &addr_b, &[]);
+    assert!(!o2.status.success());
+    let err2 = String::from_utf8_lossy(&o2.stderr);
+    assert!(
+        err2.contains("already in progress"),
+        "second migration: {err2}"
+    );
+    let o = first.join().unwrap();
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("does not converge"), "unexpected error: {err}");
