@@ -1,0 +1,151 @@
+//! fsck.csvfs against every kind of damage `fixtures/damage` makes: a read-only run
+//! reports exactly that damage (exit 4), a repairing run fixes it (exit 1), and a second
+//! read-only run finds the volume clean (exit 0).
+#![allow(clippy::tests_outside_test_module)]
+
+#[path = "../../fixtures/damage/damage.rs"]
+mod damage;
+
+use std::sync::Arc;
+
+use block_client::testing::MemDevice;
+use block_client::BlockDevice;
+use csvfs_tools::fsck::{self, FindingKind, FsckOptions, Mode};
+use damage::{Builder, Damage, Tree};
+use metadata_server::format::{BitmapKind, Superblock, SuperblockCopy};
+use metadata_server::types::ClusterNo;
+
+const SIZE: u64 = 32 << 20;
+
+fn volume() -> (Arc<MemDevice>, Builder, Tree) {
+    let dev = Arc::new(MemDevice::new(SIZE));
+    let mut b = Builder::format(dev.clone());
+    let t = b.standard_tree();
+    (dev, b, t)
+}
+
+fn run(dev: &Arc<MemDevice>, mode: Mode) -> fsck::FsckReport {
+    let opts = FsckOptions {
+        mode,
+        force: true,
+        ..FsckOptions::default()
+    };
+    fsck::run(dev.clone(), &opts).unwrap_or_else(|e| panic!("fsck {mode:?}: {e}"))
+}
+
+fn expected(d: Damage) -> FindingKind {
+    match d {
+        Damage::BadPrimarySuperblock => FindingKind::BadPrimarySuperblock,
+        Damage::BadChecksum => FindingKind::BadChecksum,
+        Damage::LeakedClusters => FindingKind::LeakedClusters,
+        Damage::OwnedClustersFree => FindingKind::OwnedClustersFree,
+        Damage::CrossLinkedClusters => FindingKind::CrossLinkedClusters,
+        Damage::WrongLinkCount => FindingKind::WrongLinkCount,
+        Damage::EntryToFreeInode => FindingKind::EntryToFreeInode,
+        Damage::OrphanInode => FindingKind::OrphanInode,
+        Damage::DirectoryCycle => FindingKind::DirectoryCycle,
+        Damage::ExtentBeyondVolume => FindingKind::ExtentBeyondVolume,
+        Damage::UnwrittenFlag => FindingKind::UnwrittenFlag,
+    }
+}
+
+#[test]
+fn undamaged_volume_is_clean() {
+    let (dev, _, _) = volume();
+    let r = run(&dev, Mode::ReadOnly);
+    assert!(r.findings.is_empty(), "{:#?}", r.findings);
+    assert_eq!(r.exit_code(), 0);
+    let r = run(&dev, Mode::Repair);
+    assert_eq!(r.exit_code(), 0);
+    assert!(!r.repaired);
+}
+
+#[test]
+fn every_damage_is_reported_then_repaired() {
+    for d in Damage::ALL {
+        let (dev, mut b, t) = volume();
+        b.damage(&t, d);
+        let before = dev.image();
+        let r = run(&dev, Mode::ReadOnly);
+        assert_eq!(r.kinds(), vec![expected(d)], "{d:?}: {:#?}", r.findings);
+        assert_eq!(r.exit_code(), 4, "{d:?}");
+        assert!(dev.image() == before, "{d:?}: -n wrote to the device");
+        for f in &r.findings {
+            assert!(!f.message.is_empty() && !f.action.is_empty());
+        }
+        let r = run(&dev, Mode::Repair);
+        assert_eq!(r.kinds(), vec![expected(d)], "{d:?}: {:#?}", r.findings);
+        assert_eq!(r.exit_code(), 1, "{d:?}");
+        let r = run(&dev, Mode::ReadOnly);
+        assert!(
+            r.findings.is_empty(),
+            "{d:?} after repair: {:#?}",
+            r.findings
+        );
+        assert_eq!(r.exit_code(), 0, "{d:?}");
+    }
+}
+
+#[test]
+fn repairs_keep_the_data() {
+    // Cross-linked: /a/f2 gets a copy of /a/b/f1's bytes, and f1 keeps its own.
+    let (dev, mut b, t) = volume();
+    let f1 = b.extents(t.f1);
+    b.damage(&t, Damage::CrossLinkedClusters);
+    run(&dev, Mode::Repair);
+    let b = Builder::open(dev.clone());
+    assert_eq!(b.extents(t.f1), f1);
+    let f2 = b.extents(t.f2);
+    assert_ne!(f2[1].lun_cluster, f1[0].lun_cluster);
+    let cb = u64::from(b.g.cluster_bytes);
+    for k in 0..u64::from(f2[1].len_clusters) {
+        let mut buf = vec![0u8; 16];
+        let at = b.g.cluster_offset(ClusterNo(f2[1].lun_cluster.0 + k)) + cb / 2;
+        dev.read_at(&mut buf, at).unwrap();
+        assert!(buf
+            .iter()
+            .all(|x| *x == damage::pattern(f1[0].lun_cluster.0 + k)));
+        assert!(b.bit(BitmapKind::Clusters, f2[1].lun_cluster.0 + k));
+    }
+
+    // Orphan: the file is in /lost+found with its link count.
+    let (dev, mut b, t) = volume();
+    b.damage(&t, Damage::OrphanInode);
+    run(&dev, Mode::Repair);
+    let b = Builder::open(dev.clone());
+    let (_, lf) = b.dir_block(b.sb.lost_found.0);
+    let name = format!("#{}", t.f1);
+    assert!(lf
+        .entries
+        .iter()
+        .any(|e| e.name == name.as_bytes() && e.ino.0 == t.f1));
+    assert_eq!(b.inode(t.f1).nlink, 1);
+
+    // Primary superblock: rewritten from the backup.
+    let (dev, mut b, t) = volume();
+    b.damage(&t, Damage::BadPrimarySuperblock);
+    assert_eq!(
+        Superblock::read(dev.as_ref()).unwrap().copy,
+        SuperblockCopy::Backup
+    );
+    run(&dev, Mode::Repair);
+    assert_eq!(
+        Superblock::read(dev.as_ref()).unwrap().copy,
+        SuperblockCopy::Primary
+    );
+}
+
+#[test]
+fn clean_volume_is_skipped_without_force() {
+    let (dev, _, _) = volume();
+    let r = fsck::run(
+        dev.clone(),
+        &FsckOptions {
+            force: false,
+            ..FsckOptions::default()
+        },
+    )
+    .unwrap();
+    assert!(r.skipped_clean);
+    assert_eq!(r.exit_code(), 0);
+}
