@@ -3,6 +3,7 @@
 //! `lun` (block layer: our NBD client and server against fio and nbdkit).
 #![forbid(unsafe_code)]
 
+mod fs;
 mod lun;
 mod migrate;
 mod output;
@@ -24,6 +25,9 @@ enum Command {
     /// The LUN path: fio's nbd engine and our NBD client against nbdkit's file plugin, and
     /// fio against our NBD server.
     Lun(lun::LunArgs),
+    /// The file system: fio through a csvfs mount against fio's nbd engine on the raw LUN,
+    /// and metadata rates (create, stat, rename, unlink) from one node and from three.
+    Fs(fs::FsArgs),
     /// Live migration: hv-runner against QEMU over loopback (idle, filled, busy guests).
     Migrate(migrate::MigrateArgs),
 }
@@ -37,6 +41,7 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
+        Command::Fs(args) => fs::run(&args),
         Command::Lun(args) => lun::run(&args),
         Command::Migrate(args) => migrate::run(&args),
     }

@@ -1,0 +1,449 @@
+//! `csvfs-bench fs`: the file system against its own LUN, in one run.
+//!
+//! One LUN file served over NBD by `csvfs serve-lun` (Unix socket). First fio's nbd engine
+//! measures the raw LUN (the baseline); then the LUN is formatted (in-process mkfs), three
+//! `csvfs mount` nodes mount it, and fio runs the same workloads through node 1's mount
+//! (libaio, O_DIRECT, 32 in flight). Last, metadata rates: create, stat, rename, unlink
+//! per second from one node, then from three nodes at once (each on its own names in one
+//! shared directory). Needs the `csvfs` binary next to this one and fio.
+
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use metadata_server::format::{mkfs, MkfsOptions};
+
+use crate::output::{json_number, json_string, line, progress};
+
+/// Options of `csvfs-bench fs`.
+#[derive(Debug, clap::Args)]
+pub struct FsArgs {
+    /// Short run: 3 s per measurement, a 512 MiB file, 2000 files per node. Default: off.
+    #[arg(long)]
+    pub quick: bool,
+    /// Print one JSON object on stdout instead of a table. Default: off.
+    #[arg(long)]
+    pub json: bool,
+    /// Seconds per fio measurement. Default: 3 with --quick, else 8.
+    #[arg(long)]
+    pub seconds: Option<u64>,
+    /// Size of the fio file in MiB. Default: 512 with --quick, else 2048.
+    #[arg(long)]
+    pub file_mib: Option<u64>,
+    /// Files per node in the metadata measurement (count). Default: 2000 with --quick,
+    /// else 10000.
+    #[arg(long)]
+    pub files: Option<u32>,
+    /// Threads per node in the metadata measurement (count). Default: 8.
+    #[arg(long, default_value_t = 8)]
+    pub threads: u32,
+    /// Directory for the LUN, sockets and mountpoints (removed afterwards). Default: the
+    /// temp dir.
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Workload {
+    key: &'static str,
+    label: &'static str,
+    rw: &'static str,
+    write: bool,
+    block_bytes: u32,
+}
+
+const WORKLOADS: [Workload; 4] = [
+    Workload {
+        key: "seq_write_1m_qd32",
+        label: "seq write 1 MiB QD32",
+        rw: "write",
+        write: true,
+        block_bytes: 1 << 20,
+    },
+    Workload {
+        key: "seq_read_1m_qd32",
+        label: "seq read  1 MiB QD32",
+        rw: "read",
+        write: false,
+        block_bytes: 1 << 20,
+    },
+    Workload {
+        key: "rand_write_4k_qd32",
+        label: "rand write 4 KiB QD32",
+        rw: "randwrite",
+        write: true,
+        block_bytes: 4096,
+    },
+    Workload {
+        key: "rand_read_4k_qd32",
+        label: "rand read  4 KiB QD32",
+        rw: "randread",
+        write: false,
+        block_bytes: 4096,
+    },
+];
+
+const QUEUE_DEPTH: u32 = 32;
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Figure {
+    mib_per_s: f64,
+    iops: f64,
+}
+
+/// Everything started, torn down on drop.
+struct Rig {
+    dir: PathBuf,
+    server: Option<Child>,
+    nodes: Vec<(u32, Child, PathBuf)>,
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        for (_, c, _) in &mut self.nodes {
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+        }
+        for (_, c, mp) in &mut self.nodes {
+            let start = Instant::now();
+            while matches!(c.try_wait(), Ok(None)) && start.elapsed() < Duration::from_secs(15) {
+                thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+            if is_mounted(mp) {
+                let _ = Command::new("umount").arg("-l").arg(&*mp).status();
+            }
+        }
+        if let Some(mut s) = self.server.take() {
+            let _ = s.kill();
+            let _ = s.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn is_mounted(path: &Path) -> bool {
+    let Ok(canon) = path.canonicalize() else {
+        return false;
+    };
+    let want = canon.to_string_lossy().into_owned();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .map(|info| {
+            info.lines()
+                .any(|l| l.split(' ').nth(4) == Some(want.as_str()) && l.contains("csvfs"))
+        })
+        .unwrap_or(false)
+}
+
+fn wait_until(
+    what: &str,
+    timeout: Duration,
+    mut f: impl FnMut() -> anyhow::Result<bool>,
+) -> anyhow::Result<()> {
+    let start = Instant::now();
+    while !f()? {
+        if start.elapsed() > timeout {
+            bail!("timed out waiting for {what}");
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+fn log_file(path: &Path) -> anyhow::Result<(Stdio, Stdio)> {
+    let f = File::create(path).with_context(|| format!("create {}", path.display()))?;
+    let g = f.try_clone()?;
+    Ok((Stdio::from(f), Stdio::from(g)))
+}
+
+/// Runs fio and returns its figure. `target` is the fio arguments naming the target.
+fn fio(
+    target: &[String],
+    w: &Workload,
+    seconds: u64,
+    size_bytes: u64,
+    dir: &Path,
+) -> anyhow::Result<Figure> {
+    let mut args = vec![
+        "--name=bench".to_string(),
+        format!("--rw={}", w.rw),
+        format!("--bs={}", w.block_bytes),
+        format!("--iodepth={QUEUE_DEPTH}"),
+        format!("--size={size_bytes}"),
+        "--time_based".to_string(),
+        format!("--runtime={seconds}"),
+        "--output-format=terse".to_string(),
+        "--terse-version=3".to_string(),
+    ];
+    args.extend(target.iter().cloned());
+    let out = Command::new("fio")
+        .current_dir(dir)
+        .args(&args)
+        .stdin(Stdio::null())
+        .output()
+        .context("run fio (is fio installed?)")?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!(
+            "fio {args:?} failed ({}): {}{}",
+            out.status,
+            stdout,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let terse = stdout
+        .lines()
+        .find(|l| l.starts_with("3;"))
+        .with_context(|| format!("no terse line in fio output: {stdout}"))?;
+    let f: Vec<&str> = terse.split(';').collect();
+    if f.get(4) != Some(&"0") {
+        bail!("fio reported error {:?}", f.get(4));
+    }
+    let (bw_i, iops_i) = if w.write { (47, 48) } else { (6, 7) };
+    let num = |i: usize| -> anyhow::Result<f64> {
+        f.get(i)
+            .and_then(|s| s.parse::<f64>().ok())
+            .with_context(|| format!("fio terse field {i} missing in {terse}"))
+    };
+    Ok(Figure {
+        mib_per_s: num(bw_i)? / 1024.0,
+        iops: num(iops_i)?,
+    })
+}
+
+/// Metadata rates (ops/s) of one phase over `roots` (one per node), `files` names per node.
+#[derive(Debug, Clone, Copy, Default)]
+struct MetaRates {
+    create: f64,
+    stat: f64,
+    rename: f64,
+    unlink: f64,
+}
+
+fn meta_phase(roots: &[PathBuf], files: u32, threads: u32, tag: &str) -> anyhow::Result<MetaRates> {
+    let run = |op: &'static str| -> anyhow::Result<f64> {
+        let start = Instant::now();
+        let mut hs = Vec::new();
+        for (n, root) in roots.iter().enumerate() {
+            for t in 0..threads {
+                let root = root.clone();
+                let tag = format!("{tag}-{n}");
+                hs.push(thread::spawn(move || -> std::io::Result<()> {
+                    let mut i = t;
+                    while i < files {
+                        let a = root.join(format!("{tag}-{i}"));
+                        let b = root.join(format!("{tag}-{i}.r"));
+                        match op {
+                            "create" => {
+                                OpenOptions::new().create_new(true).write(true).open(&a)?;
+                            }
+                            "stat" => {
+                                std::fs::metadata(&a)?;
+                            }
+                            "rename" => std::fs::rename(&a, &b)?,
+                            _ => std::fs::remove_file(&b)?,
+                        }
+                        i += threads;
+                    }
+                    Ok(())
+                }));
+            }
+        }
+        for h in hs {
+            h.join()
+                .map_err(|_| anyhow::anyhow!("{op} thread panicked"))?
+                .with_context(|| format!("{op} through the mount"))?;
+        }
+        let total = f64::from(files) * roots.len() as f64;
+        Ok(total / start.elapsed().as_secs_f64())
+    };
+    Ok(MetaRates {
+        create: run("create")?,
+        stat: run("stat")?,
+        rename: run("rename")?,
+        unlink: run("unlink")?,
+    })
+}
+
+/// Runs the benchmark.
+pub fn run(args: &FsArgs) -> anyhow::Result<()> {
+    let seconds = args.seconds.unwrap_or(if args.quick { 3 } else { 8 });
+    let file_bytes = args.file_mib.unwrap_or(if args.quick { 512 } else { 2048 }) << 20;
+    let files = args.files.unwrap_or(if args.quick { 2000 } else { 10_000 });
+    let exe = std::env::current_exe()?
+        .parent()
+        .map(|d| d.join("csvfs"))
+        .filter(|p| p.is_file())
+        .context("no csvfs binary next to csvfs-bench: cargo build --release -p csvfs")?;
+    let parent = args.dir.clone().unwrap_or_else(std::env::temp_dir);
+    let dir = parent.join(format!("csvfs-bench-fs-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let mut rig = Rig {
+        dir: dir.clone(),
+        server: None,
+        nodes: Vec::new(),
+    };
+    let lun = dir.join("lun.img");
+    let lun_bytes = (file_bytes * 2).max(8 << 30);
+    File::create(&lun)?.set_len(lun_bytes)?;
+    std::fs::write(dir.join("secret"), "csvfs-bench-fs-secret\n")?;
+    let sock = dir.join("lun.sock");
+    let uri = format!("nbd+unix:///lun?socket={}", sock.display());
+    let (o, e) = log_file(&dir.join("serve-lun.log"))?;
+    let server = Command::new(&exe)
+        .arg("serve-lun")
+        .arg(&lun)
+        .arg("--listen")
+        .arg(format!("unix:{}", sock.display()))
+        .args(["--export", "lun"])
+        .stdout(o)
+        .stderr(e)
+        .spawn()
+        .context("start csvfs serve-lun")?;
+    rig.server = Some(server);
+    wait_until("the LUN server", Duration::from_secs(20), || {
+        Ok(std::os::unix::net::UnixStream::connect(&sock).is_ok())
+    })?;
+
+    progress("raw LUN: fio's nbd engine against csvfs serve-lun");
+    let raw_target = vec!["--ioengine=nbd".to_string(), format!("--uri={uri}")];
+    let mut raw = Vec::new();
+    for w in &WORKLOADS {
+        raw.push(fio(&raw_target, w, seconds, file_bytes, &dir)?);
+    }
+
+    progress("mkfs and three node mounts");
+    let dev = block_client::open_device(&uri)?;
+    mkfs(dev, &MkfsOptions::default(), &mut |_, _| {})?;
+    for id in 1..=3u32 {
+        let mp = dir.join(format!("node{id}"));
+        std::fs::create_dir_all(&mp)?;
+        let (o, e) = log_file(&dir.join(format!("node{id}.log")))?;
+        let child = Command::new(&exe)
+            .arg("mount")
+            .arg("--lun")
+            .arg(&uri)
+            .args(["--node-id", &id.to_string()])
+            .arg("--secret")
+            .arg(dir.join("secret"))
+            .arg(&mp)
+            .stdout(o)
+            .stderr(e)
+            .spawn()
+            .context("start csvfs mount")?;
+        rig.nodes.push((id, child, mp.clone()));
+        if id == 1 {
+            wait_until("node 1 to mount", Duration::from_secs(60), || {
+                Ok(is_mounted(&mp))
+            })?;
+        }
+    }
+    for (id, _, mp) in &rig.nodes {
+        wait_until(
+            &format!("node {id} to mount"),
+            Duration::from_secs(60),
+            || Ok(is_mounted(mp)),
+        )?;
+    }
+    let mp1 = dir.join("node1");
+
+    progress("through the mount: fio libaio O_DIRECT on node 1");
+    let file = mp1.join("bench.img");
+    let fs_target = vec![
+        "--ioengine=libaio".to_string(),
+        "--direct=1".to_string(),
+        format!("--filename={}", file.display()),
+    ];
+    let mut fs = Vec::new();
+    for w in &WORKLOADS {
+        fs.push(fio(&fs_target, w, seconds, file_bytes, &dir)?);
+    }
+
+    progress(&format!(
+        "metadata: {files} files per node, {} threads per node",
+        args.threads
+    ));
+    let one_root = mp1.join("meta1");
+    std::fs::create_dir(&one_root)?;
+    let one = meta_phase(&[one_root], files, args.threads, "a")?;
+    std::fs::create_dir(mp1.join("meta3"))?;
+    let roots: Vec<PathBuf> = (1..=3)
+        .map(|i| dir.join(format!("node{i}/meta3")))
+        .collect();
+    let three = meta_phase(&roots, files, args.threads, "b")?;
+    drop(rig);
+
+    if args.json {
+        let mut parts = Vec::new();
+        for (i, w) in WORKLOADS.iter().enumerate() {
+            parts.push(format!(
+                "{}: {{\"raw_mib_s\": {}, \"raw_iops\": {}, \"fs_mib_s\": {}, \"fs_iops\": {}}}",
+                json_string(w.key),
+                json_number(raw[i].mib_per_s),
+                json_number(raw[i].iops),
+                json_number(fs[i].mib_per_s),
+                json_number(fs[i].iops)
+            ));
+        }
+        for (name, r) in [("meta_one_node", one), ("meta_three_nodes", three)] {
+            parts.push(format!(
+                "{}: {{\"create\": {}, \"stat\": {}, \"rename\": {}, \"unlink\": {}}}",
+                json_string(name),
+                json_number(r.create),
+                json_number(r.stat),
+                json_number(r.rename),
+                json_number(r.unlink)
+            ));
+        }
+        line(&format!("{{{}}}", parts.join(", ")));
+        return Ok(());
+    }
+    line(&format!(
+        "csvfs-bench fs: {} s per run, {} MiB file, {QUEUE_DEPTH} in flight",
+        seconds,
+        file_bytes >> 20
+    ));
+    line(&format!(
+        "{:<24} {:>22} {:>22} {:>7}",
+        "workload", "raw LUN (fio nbd)", "csvfs mount (fio)", "ratio"
+    ));
+    for (i, w) in WORKLOADS.iter().enumerate() {
+        let (r, f) = (raw[i], fs[i]);
+        let (rv, fv, unit) = if w.block_bytes >= 1 << 20 {
+            (r.mib_per_s, f.mib_per_s, "MiB/s")
+        } else {
+            (r.iops, f.iops, "IOPS")
+        };
+        line(&format!(
+            "{:<24} {:>16.0} {unit:<5} {:>16.0} {unit:<5} {:>7.2}",
+            w.label,
+            rv,
+            fv,
+            if rv > 0.0 { fv / rv } else { 0.0 }
+        ));
+    }
+    line(&format!(
+        "{:<24} {:>10} {:>10} {:>10} {:>10}",
+        "metadata (ops/s)", "create", "stat", "rename", "unlink"
+    ));
+    for (name, r) in [("one node", one), ("three nodes at once", three)] {
+        line(&format!(
+            "{:<24} {:>10.0} {:>10.0} {:>10.0} {:>10.0}",
+            name, r.create, r.stat, r.rename, r.unlink
+        ));
+    }
+    line(&format!(
+        "three nodes / one node (create): {:.2}",
+        if one.create > 0.0 {
+            three.create / one.create
+        } else {
+            0.0
+        }
+    ));
+    Ok(())
+}
