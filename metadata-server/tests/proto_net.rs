@@ -624,6 +624,7 @@ fn restart_resends_with_the_same_request_id_and_runs_once() {
     assert_eq!(store.calls_of(key.0, key.1), 2);
     assert_eq!(store.executed(key.0, key.1), 1);
     assert!(c.is_connected());
+    assert_eq!(c.sessions(), 2);
     assert!(matches!(c.call(0, 0, lookup(b"x")), Ok(Response::Attr(_))));
     drop(srv);
 }
@@ -889,10 +890,13 @@ fn a_silent_session_is_closed_after_the_idle_timeout() {
     let t0 = Instant::now();
     assert!(closed_by_server(&mut raw));
     assert!(t0.elapsed() >= Duration::from_millis(250));
-    // A real client pings, so it stays connected past the idle timeout.
-    let (c, _) = connect(1, srv.local_addr());
-    std::thread::sleep(Duration::from_millis(700));
+    // A real client pings (every 100 ms with this timeout), so it stays connected.
+    let mut cfg = client_cfg(1, srv.local_addr());
+    cfg.request_timeout_ms = 400;
+    let c = MetadataClient::connect(cfg, Arc::new(Recorder::default())).unwrap();
+    std::thread::sleep(Duration::from_millis(1000));
     assert!(c.is_connected());
+    assert_eq!(c.sessions(), 1, "the session was closed and re-opened");
     assert_eq!(srv.connected_nodes(), vec![NodeId(1)]);
 }
 

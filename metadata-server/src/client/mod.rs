@@ -198,6 +198,8 @@ struct State {
     addr: SocketAddr,
     instance: u64,
     last_error: String,
+    /// Sessions established so far (1 after `connect`).
+    sessions: u64,
 }
 
 struct Inner {
@@ -291,6 +293,7 @@ impl MetadataClient {
                 addr: SocketAddr::from(([0, 0, 0, 0], 0)),
                 instance: 0,
                 last_error: String::new(),
+                sessions: 0,
             }),
             next_id: AtomicU64::new(start_ns.max(1)),
             closed: AtomicBool::new(false),
@@ -412,6 +415,12 @@ impl MetadataClient {
     /// The volume the coordinator serves.
     pub fn volume(&self) -> Option<VolumeId> {
         self.inner.state.lock().volume
+    }
+
+    /// Sessions established with a coordinator so far: 1 after `connect`, one more per
+    /// reconnect.
+    pub fn sessions(&self) -> u64 {
+        self.inner.state.lock().sessions
     }
 
     /// True while a session with the coordinator is up.
@@ -610,6 +619,7 @@ fn install(inner: &Inner, s: &Session) -> mpsc::UnboundedReceiver<Frame> {
     st.volume = Some(s.volume);
     st.addr = s.addr;
     st.instance = s.instance;
+    st.sessions += 1;
     st.disconnected_since = None;
     let resent = st.pending.len();
     for (id, p) in &st.pending {
