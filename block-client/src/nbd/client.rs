@@ -137,7 +137,8 @@ struct ConnState {
 
 #[derive(Debug)]
 struct Conn {
-    writer: Mutex<Stream>,
+    /// The socket, and the spare buffer small requests are batched in while it is sent.
+    writer: Mutex<(Stream, Vec<u8>)>,
     /// Encoded small requests waiting for the socket.
     outq: Mutex<Vec<u8>>,
     control: Stream,
@@ -234,7 +235,7 @@ impl Conn {
         if data.len() > COMBINE_MAX_BYTES {
             let mut w = self.writer.lock();
             self.drain_queue(&mut w)?;
-            write_two(&mut *w, header, data)?;
+            write_two(&mut w.0, header, data)?;
             drop(w);
         } else {
             let mut q = self.outq.lock();
@@ -255,18 +256,21 @@ impl Conn {
         }
     }
 
-    fn drain_queue(&self, w: &mut Stream) -> io::Result<()> {
-        let mut batch = Vec::new();
+    /// Sends everything queued. `w` is the socket with its spare batch buffer; the queue
+    /// and the spare swap places so that no batch allocates.
+    fn drain_queue(&self, w: &mut (Stream, Vec<u8>)) -> io::Result<()> {
+        let (stream, batch) = w;
         loop {
             {
                 let mut q = self.outq.lock();
                 if q.is_empty() {
                     return Ok(());
                 }
-                std::mem::swap(&mut *q, &mut batch);
+                std::mem::swap(&mut *q, batch);
             }
-            std::io::Write::write_all(w, &batch)?;
+            let r = std::io::Write::write_all(stream, batch);
             batch.clear();
+            r?;
         }
     }
 
@@ -597,7 +601,7 @@ fn connect(uri: &NbdUri, options: &NbdClientOptions) -> io::Result<(Arc<Conn>, E
         options.request_timeout_ms.max(1),
     )))?;
     let conn = Arc::new(Conn {
-        writer: Mutex::new(s.try_clone()?),
+        writer: Mutex::new((s.try_clone()?, Vec::with_capacity(64 << 10))),
         outq: Mutex::new(Vec::with_capacity(64 << 10)),
         control: s.try_clone()?,
         state: Mutex::new(ConnState::default()),
@@ -698,7 +702,7 @@ impl NbdClient {
             if let Some(c) = slot.write().take() {
                 let h = encode_request(0, CMD_DISC, 0, 0, 0);
                 // Best effort: the server may already be gone.
-                let _ = std::io::Write::write_all(&mut *c.writer.lock(), &h);
+                let _ = std::io::Write::write_all(&mut c.writer.lock().0, &h);
                 c.kill("client closed");
             }
         }

@@ -33,6 +33,10 @@ pub struct LunArgs {
     /// Seconds per measurement. Default: 2 with --quick, else 8.
     #[arg(long)]
     pub seconds: Option<u64>,
+    /// Rounds per figure; the median is reported. Rounds run the four setups in turn so
+    /// that a busy machine slows them alike. Default: 1 with --quick, else 3.
+    #[arg(long)]
+    pub rounds: Option<u32>,
     /// Size of the test image in MiB. Default: 256 with --quick, else 1024.
     #[arg(long)]
     pub image_mib: Option<u64>,
@@ -348,24 +352,15 @@ pub fn run(args: &LunArgs) -> anyhow::Result<()> {
     let dir = Scratch(base.join(format!("csvfs-bench-lun-{}", std::process::id())));
     std::fs::create_dir_all(&dir.0).with_context(|| format!("create {}", dir.0.display()))?;
     let image = dir.0.join("lun.img");
-    let total = WORKLOADS.len() * 4;
+    let rounds = args.rounds.unwrap_or(if args.quick { 1 } else { 3 }).max(1);
+    let total = WORKLOADS.len() * 4 * usize::try_from(rounds)?;
     progress(&format!(
-        "image {image_mib} MiB, {seconds} s per measurement, {total} measurements (about {} s)",
+        "image {image_mib} MiB, {seconds} s per measurement, {rounds} round(s), {total} measurements (about {} s)",
         total as u64 * (seconds + 1) + 3
     ));
     make_image(&image, size_bytes).context("create the test image")?;
 
-    let mut baseline = [Figure::default(); 4];
-    let mut client = [Figure::default(); 4];
-    let mut client_threads = [Figure::default(); 4];
-    let mut server = [Figure::default(); 4];
-    let mut step = 0;
-    let mut note = |what: &str, w: &Workload| {
-        step += 1;
-        progress(&format!("[{step}/{total}] {what}: {}", w.label));
-    };
-
-    // (a) and (b): nbdkit's file plugin.
+    // Both servers export the same image at once (nbdkit takes no lock; ours does).
     let kit_sock = dir.0.join("nbdkit.sock");
     let child = Command::new("nbdkit")
         .args(["-f", "--exit-with-parent", "-U"])
@@ -379,35 +374,45 @@ pub fn run(args: &LunArgs) -> anyhow::Result<()> {
     let mut kit = ChildGuard(child);
     wait_for_socket(&kit_sock, &mut kit.0)?;
     let kit_uri = unix_uri(&kit_sock);
+    let our_sock = dir.0.join("csvfs.sock");
+    let handle = serve(&image, &ListenAddr::Unix(our_sock), ServeOptions::default())?;
+    let our_uri = handle.uri();
     let opts = NbdClientOptions {
         connections: args.connections,
         ..Default::default()
     };
     let c = Arc::new(NbdClient::open(&kit_uri, opts)?);
+
+    let mut step = 0;
+    let mut note = |what: &str, w: &Workload| {
+        step += 1;
+        progress(&format!("[{step}/{total}] {what}: {}", w.label));
+    };
+    let mut samples: Vec<[Vec<Figure>; 4]> = WORKLOADS.iter().map(|_| Default::default()).collect();
     for (i, w) in WORKLOADS.iter().enumerate() {
-        note("fio -> nbdkit", w);
-        baseline[i] = fio(&kit_uri, w, seconds, size_bytes, &dir.0)?;
-        note("csvfs client (1 thread, pipelined) -> nbdkit", w);
-        client[i] = ours_pipelined(&c, w, seconds)?;
-        note("csvfs client (blocking, QD threads) -> nbdkit", w);
-        client_threads[i] = ours_threads(&c, w, seconds)?;
+        for _ in 0..rounds {
+            note("(a) fio -> nbdkit", w);
+            samples[i][0].push(fio(&kit_uri, w, seconds, size_bytes, &dir.0)?);
+            note("(b) csvfs client, 1 thread pipelined -> nbdkit", w);
+            samples[i][1].push(ours_pipelined(&c, w, seconds)?);
+            note("(b') csvfs client, blocking, QD threads -> nbdkit", w);
+            samples[i][2].push(ours_threads(&c, w, seconds)?);
+            note("(c) fio -> csvfs server", w);
+            samples[i][3].push(fio(&our_uri, w, seconds, size_bytes, &dir.0)?);
+        }
     }
     drop(c);
     drop(kit);
-
-    // (c): our server.
-    let our_sock = dir.0.join("csvfs.sock");
-    let handle = serve(
-        &image,
-        &ListenAddr::Unix(our_sock.clone()),
-        ServeOptions::default(),
-    )?;
-    let our_uri = handle.uri();
-    for (i, w) in WORKLOADS.iter().enumerate() {
-        note("fio -> csvfs server", w);
-        server[i] = fio(&our_uri, w, seconds, size_bytes, &dir.0)?;
-    }
     handle.shutdown()?;
+    let median = |v: &[Figure], w: &Workload| {
+        let mut v = v.to_vec();
+        v.sort_by(|x, y| x.headline(w).total_cmp(&y.headline(w)));
+        v.get(v.len() / 2).copied().unwrap_or_default()
+    };
+    let pick = |k: usize| -> [Figure; 4] {
+        std::array::from_fn(|i| median(&samples[i][k], &WORKLOADS[i]))
+    };
+    let (baseline, client, client_threads, server) = (pick(0), pick(1), pick(2), pick(3));
 
     let ratio = |ours: &Figure, base: &Figure, w: &Workload| {
         let b = base.headline(w);
@@ -444,14 +449,14 @@ pub fn run(args: &LunArgs) -> anyhow::Result<()> {
             ));
         }
         line(&format!(
-            "{{\"benchmark\":\"lun\",\"seconds_per_measurement\":{seconds},\"image_bytes\":{size_bytes},\"client_connections\":{},\"results\":[{}]}}",
+            "{{\"benchmark\":\"lun\",\"seconds_per_measurement\":{seconds},\"rounds\":{rounds},\"image_bytes\":{size_bytes},\"client_connections\":{},\"results\":[{}]}}",
             args.connections,
             rows.join(",")
         ));
         return Ok(());
     }
     line(&format!(
-        "csvfs-bench lun: {seconds} s per figure, {image_mib} MiB image in the page cache, Unix sockets"
+        "csvfs-bench lun: median of {rounds} round(s) of {seconds} s, {image_mib} MiB image in the page cache, Unix sockets"
     ));
     line("  (a)  fio nbd engine -> nbdkit file plugin (baseline)");
     line(&format!(
