@@ -954,3 +954,75 @@ fn server_and_client_start_from_inside_another_runtime() {
         drop(srv);
     });
 }
+
+/// A TCP proxy whose existing connections can be made to swallow everything (a
+/// blackholed link: no error, no data); new connections forward normally.
+struct Proxy {
+    addr: SocketAddr,
+    blackhole: Arc<std::sync::atomic::AtomicBool>,
+}
+
+fn proxy(target: SocketAddr) -> Proxy {
+    use std::sync::atomic::AtomicBool;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let blackhole = Arc::new(AtomicBool::new(false));
+    let bh = blackhole.clone();
+    std::thread::spawn(move || {
+        for inbound in listener.incoming() {
+            let Ok(inbound) = inbound else { return };
+            let Ok(outbound) = TcpStream::connect(target) else {
+                continue;
+            };
+            // This connection is cut when the blackhole is switched on after it started.
+            let cut = Arc::new(AtomicBool::new(false));
+            bh.store(false, Ordering::SeqCst);
+            let (bh1, cut1) = (bh.clone(), cut.clone());
+            let pump = move |mut from: TcpStream,
+                             mut to: TcpStream,
+                             bh: Arc<AtomicBool>,
+                             cut: Arc<AtomicBool>| {
+                let mut buf = [0u8; 65536];
+                loop {
+                    let Ok(n) = from.read(&mut buf) else { return };
+                    if n == 0 {
+                        return;
+                    }
+                    if bh.load(Ordering::SeqCst) {
+                        cut.store(true, Ordering::SeqCst);
+                    }
+                    if cut.load(Ordering::SeqCst) {
+                        continue;
+                    }
+                    if to.write_all(&buf[..n]).is_err() {
+                        return;
+                    }
+                }
+            };
+            let (i2, o2) = (inbound.try_clone().unwrap(), outbound.try_clone().unwrap());
+            std::thread::spawn(move || pump(inbound, outbound, bh1, cut1));
+            let (bh2, cut2) = (bh.clone(), cut);
+            std::thread::spawn(move || pump(o2, i2, bh2, cut2));
+        }
+    });
+    Proxy { addr, blackhole }
+}
+
+#[test]
+fn a_silent_link_is_detected_and_the_request_resent() {
+    let store = Arc::new(MemStore::default());
+    let srv = start(&store);
+    let p = proxy(srv.local_addr());
+    let mut cfg = client_cfg(1, p.addr);
+    cfg.request_timeout_ms = 1000;
+    let c = MetadataClient::connect(cfg, Arc::new(Recorder::default())).unwrap();
+    c.call(0, 0, Request::StatFs).unwrap();
+    p.blackhole.store(true, Ordering::SeqCst);
+    let t0 = Instant::now();
+    let r = c.call(0, 0, create(b"through the hole"));
+    assert!(matches!(r, Ok(Response::Attr(_))), "{r:?}");
+    let took = t0.elapsed();
+    assert!(took >= Duration::from_millis(900), "{took:?}");
+    assert!(took < Duration::from_secs(4), "{took:?}");
+    assert_eq!(c.sessions(), 2);
+}
