@@ -149,3 +149,74 @@ fn clean_volume_is_skipped_without_force() {
     assert!(r.skipped_clean);
     assert_eq!(r.exit_code(), 0);
 }
+
+#[test]
+fn live_lease_refuses_repair_and_stale_lease_does_not() {
+    use metadata_server::format::lease::{LeaseKind, LeaseRecord};
+    use metadata_server::types::{Epoch, NodeId};
+    let (dev, b, _) = volume();
+    let at = b.g.lease_offset();
+    let volume = b.sb.volume;
+    let rec = move |counter: u64| LeaseRecord {
+        kind: LeaseKind::Coordinator,
+        volume,
+        node: Some(NodeId(2)),
+        timeout_ms: 100,
+        epoch: Epoch(3),
+        counter,
+        time: metadata_server::format::now(),
+        addr: "10.0.0.2:7000".into(),
+    };
+    dev.write_at(
+        &rec(1).encode_block().unwrap(),
+        at,
+        block_client::WriteFlags::default(),
+    )
+    .unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let renewer = {
+        let (dev, stop) = (dev.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut n = 2;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                dev.write_at(
+                    &rec(n).encode_block().unwrap(),
+                    at,
+                    block_client::WriteFlags::default(),
+                )
+                .unwrap();
+                n += 1;
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        })
+    };
+    let opts = FsckOptions {
+        mode: Mode::Repair,
+        lease_wait_ms: Some(200),
+        ..FsckOptions::default()
+    };
+    let e = fsck::run(dev.clone(), &opts).unwrap_err();
+    assert!(
+        matches!(e, fsck::FsckError::LeaseLive { node: 2, .. }),
+        "{e}"
+    );
+    // Read-only checks still run, with a note.
+    let r = run(&dev, Mode::ReadOnly);
+    assert!(r.notes.iter().any(|n| n.contains("node 2")));
+    // --ignore-lease repairs anyway.
+    let r = fsck::run(
+        dev.clone(),
+        &FsckOptions {
+            ignore_lease: true,
+            ..opts.clone()
+        },
+    )
+    .unwrap();
+    assert_eq!(r.exit_code(), 0);
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    renewer.join().unwrap();
+    // A lease nobody renews belongs to a dead coordinator: repair goes ahead.
+    let r = fsck::run(dev.clone(), &opts).unwrap();
+    assert_eq!(r.exit_code(), 0);
+    assert!(r.notes.iter().any(|n| n.contains("not renewed")));
+}
