@@ -28,8 +28,8 @@ pub struct MkfsOptions {
     pub journal_bytes: Option<u64>,
     /// Inode slots. Default: one per 256 KiB of device, at least 64.
     pub inode_count: Option<u64>,
-    /// Metadata blocks (directory, extent and blob blocks). Default: half the inode count,
-    /// at least 256.
+    /// Metadata blocks (directory, extent and blob blocks). Default: a quarter of the inode
+    /// count, at least 256.
     pub meta_blocks: Option<u64>,
     /// Duplicate-request-cache slots per node. Default 64.
     pub drc_slots_per_node: u32,
@@ -197,7 +197,7 @@ impl Layout {
         let meta_blocks = match o.meta_blocks {
             Some(n) if n >= 1 => n,
             Some(_) => return bad("metadata block count must be at least 1".into()),
-            None => (inode_count / 2).max(256),
+            None => (inode_count / 4).max(256),
         };
         // Upper bound of the cluster count, to size the cluster bitmap.
         let cluster_bound = device_bytes / cluster + 1;
