@@ -1,11 +1,29 @@
 //! Block layer to the shared LUN. Owns the [`BlockDevice`] trait that every other crate
-//! uses to reach the volume, and its implementations: a pipelined NBD client (TCP and Unix
-//! sockets, many requests in flight, reconnect), a local file or kernel block-device
-//! backend, an NBD server that exports a file to many clients at once, and, behind the
-//! `testing` feature, fault-injecting devices. It does not know what is stored on the LUN.
+//! uses to reach the volume, and its implementations: a pipelined NBD client
+//! ([`NbdClient`]: TCP and Unix sockets, many requests in flight, multi-conn, reconnect), a
+//! local file or kernel block-device backend ([`FileDevice`]), an NBD server that exports a
+//! file to many clients at once ([`nbd::serve`], [`nbd::run_serve_lun`]), and, behind the
+//! `testing` feature, fault-injecting devices (`testing::{MemDevice, FlakyDisk, CrashDisk}`).
+//! It does not know what is stored on the LUN.
+//!
 //! Errors tell "the path to the LUN is gone" ([`BlockError::PathLost`]) from "the device
 //! returned an error" ([`BlockError::Device`]); redirected I/O keys on that difference.
-//! Unsafe code lives only in `sys` (aligned buffers, ioctls, fallocate, flock).
+//! Unsafe code lives only in `sys` (aligned buffers, ioctls, fallocate, flock, signals).
+//!
+//! Opening the LUN, whatever it is:
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use block_client::{BlockDevice, WriteFlags};
+//! let lun: Arc<dyn BlockDevice> = block_client::open_device("nbd://127.0.0.1:10809/")?;
+//! // or "nbd+unix:///?socket=/run/lun.sock", or "/dev/sdb", or "/var/lib/lun.img"
+//! lun.write_at(&[0u8; 4096], 0, WriteFlags::FUA)?;
+//! # Ok::<(), block_client::BlockError>(())
+//! ```
+//!
+//! Async callers (tokio) use `spawn_blocking`, or keep many requests in flight from one
+//! thread with [`NbdClient::start_read`] / [`NbdClient::start_write`].
+//!
 //! Spec: ../shared/DESIGN.md (block-client); NBD: the NBD protocol document
 //! (`doc/proto.md` of the NBD project).
 

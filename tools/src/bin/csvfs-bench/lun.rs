@@ -130,17 +130,18 @@ impl Drop for Scratch {
     }
 }
 
-fn wait_for_socket(path: &Path, child: &mut Child) -> anyhow::Result<()> {
+/// Waits until nbdkit writes its pid file, which it does once it accepts connections.
+fn wait_for_ready(pid_file: &Path, child: &mut Child) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        if std::fs::metadata(pid_file).is_ok_and(|m| m.len() > 0) {
             return Ok(());
         }
         if let Some(status) = child.try_wait()? {
             bail!("server exited before listening: {status}");
         }
         if Instant::now() > deadline {
-            bail!("server did not listen on {} within 15 s", path.display());
+            bail!("nbdkit did not write {} within 15 s", pid_file.display());
         }
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -362,8 +363,11 @@ pub fn run(args: &LunArgs) -> anyhow::Result<()> {
 
     // Both servers export the same image at once (nbdkit takes no lock; ours does).
     let kit_sock = dir.0.join("nbdkit.sock");
+    let kit_pid = dir.0.join("nbdkit.pid");
     let child = Command::new("nbdkit")
-        .args(["-f", "--exit-with-parent", "-U"])
+        .args(["-f", "--exit-with-parent", "-P"])
+        .arg(&kit_pid)
+        .arg("-U")
         .arg(&kit_sock)
         .arg("file")
         .arg(&image)
@@ -372,7 +376,7 @@ pub fn run(args: &LunArgs) -> anyhow::Result<()> {
         .spawn()
         .context("start nbdkit (is nbdkit installed?)")?;
     let mut kit = ChildGuard(child);
-    wait_for_socket(&kit_sock, &mut kit.0)?;
+    wait_for_ready(&kit_pid, &mut kit.0)?;
     let kit_uri = unix_uri(&kit_sock);
     let our_sock = dir.0.join("csvfs.sock");
     let handle = serve(&image, &ListenAddr::Unix(our_sock), ServeOptions::default())?;

@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 mod fs;
+mod fsck;
 mod lun;
 mod migrate;
 mod output;
@@ -30,6 +31,9 @@ enum Command {
     Fs(fs::FsArgs),
     /// Live migration: hv-runner against QEMU over loopback (idle, filled, busy guests).
     Migrate(migrate::MigrateArgs),
+    /// Volume tools and journal: mkfs of 1 TiB, fsck of 100,000 files, journal commits
+    /// over NBD against the LUN's write+flush rate.
+    Fsck(fsck::FsckArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -44,5 +48,6 @@ fn main() -> anyhow::Result<()> {
         Command::Fs(args) => fs::run(&args),
         Command::Lun(args) => lun::run(&args),
         Command::Migrate(args) => migrate::run(&args),
+        Command::Fsck(args) => fsck::run(&args),
     }
 }
