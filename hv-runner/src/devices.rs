@@ -165,6 +165,11 @@ impl Serial {
         self.state = s;
     }
 
+    /// A second handle on the log file (to sync it without holding the device).
+    pub fn log_handle(&self) -> Option<File> {
+        self.out.as_ref().and_then(|f| f.try_clone().ok())
+    }
+
     /// Register state (for migration; call [`Serial::close`] at switch-over).
     pub fn state(&self) -> SerialState {
         self.state.clone()
@@ -254,6 +259,11 @@ impl VirtioBlk {
     /// Attaches the backing file.
     pub fn attach(&mut self, disk: File) {
         self.disk = Some(disk);
+    }
+
+    /// A second handle on the backing file (to flush it without holding the device).
+    pub fn disk_handle(&self) -> Option<File> {
+        self.disk.as_ref().and_then(|d| d.try_clone().ok())
     }
 
     /// Flushes (fdatasync) and closes the backing file; returns the device state.

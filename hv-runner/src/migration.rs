@@ -379,6 +379,9 @@ fn precopy_and_switch<W: Write>(
         }
         out.page(vm, p, true).map_err(f)?;
     }
+    // ROUND 0 marks the end of the full pass (the destination stops prefaulting).
+    out.put(&[T_ROUND]).map_err(f)?;
+    out.put(&0u32.to_le_bytes()).map_err(f)?;
     out.flush().map_err(f)?;
     let pass_s = t.elapsed().as_secs_f64();
     let mut bw = if out.bytes > (256 << 10) && pass_s > 0.0 {
@@ -456,6 +459,7 @@ fn precopy_and_switch<W: Write>(
     }
 
     // Stop and copy.
+    vm.presync_devices();
     if !vm.pause() {
         return Err(f(MigrateError::NotRunning));
     }
@@ -498,6 +502,8 @@ fn precopy_and_switch<W: Write>(
         read_reply(reader, "resumed", R_RESUMED).and_then(|()| read_u64(reader, "resumed"));
     let resumed_unix_us = match resumed {
         Ok(t) => t,
+        // An explicit refusal: the destination did not start the VM; take it back.
+        Err(e @ MigrateError::Refused(_)) => return Err((e, true, true)),
         Err(e) => {
             // Commit was sent: the destination may be running. The owner record decides.
             progress("no answer to commit; checking the owner record");
@@ -669,13 +675,16 @@ pub fn receive(
     }
     tracing::info!(vm = %hello.vm_name, from = %hello.source_node, "incoming vm");
     let stop_prefault = Arc::new(AtomicBool::new(false));
-    if replies.is_some() {
+    let mut prefault = if replies.is_some() {
         let ram = Arc::clone(&vm.ram);
         let stop = Arc::clone(&stop_prefault);
-        let _ = std::thread::Builder::new()
+        std::thread::Builder::new()
             .name("prefault".into())
-            .spawn(move || ram.prefault(&stop));
-    }
+            .spawn(move || ram.prefault(&stop))
+            .ok()
+    } else {
+        None
+    };
     let _stop_on_exit = StopOnDrop(Arc::clone(&stop_prefault));
     let mut page = Box::new([0u8; PAGE_SIZE]);
     let pages = vm.ram.pages();
@@ -696,11 +705,17 @@ pub fn receive(
                 }
             }
             T_ROUND => {
+                // The full pass is over: the rest are few pages; stop competing for CPU
+                // and the mm lock before the switch-over.
+                stop_prefault.store(true, Ordering::Relaxed);
                 let r = read_u32(input, "round")?;
                 tracing::debug!(round = r, "round");
             }
             T_STATE => {
                 stop_prefault.store(true, Ordering::Relaxed);
+                if let Some(t) = prefault.take() {
+                    let _ = t.join();
+                }
                 let t_state = Instant::now();
                 let state: MachineState = read_json(input, "state")?;
                 if let Err(e) = vm.load_state(&state) {

@@ -618,6 +618,20 @@ impl Vm {
         self.attach_disk()
     }
 
+    /// Flushes disk and console while the guest still runs, so the flush inside the
+    /// downtime ([`Vm::close_devices`]) has little left to write.
+    pub fn presync_devices(&self) {
+        let (disk, log) = {
+            let d = lock(&self.devices);
+            (d.blk.disk_handle(), d.serial.log_handle())
+        };
+        for f in [disk, log].into_iter().flatten() {
+            if let Err(e) = f.sync_data() {
+                tracing::warn!(vm = %self.dir.name, error = %e, "pre-switch-over flush failed");
+            }
+        }
+    }
+
     /// Flushes and closes the disk and the console log (the switch-over on the source).
     pub fn close_devices(&self) -> Result<(), VmError> {
         let mut d = lock(&self.devices);

@@ -221,12 +221,12 @@ impl GuestRam {
         Some(vec.into_iter().map(|b| b & 1 == 0).collect())
     }
 
-    /// Populates RAM from the end towards the start in 2 MiB chunks (MADV_POPULATE_WRITE,
+    /// Populates RAM from the end towards the start in 512 KiB chunks (MADV_POPULATE_WRITE,
     /// which never changes the content of a page already present) until `stop` is set.
     /// An incoming migration runs this beside the receiving thread, so the kernel's
     /// page clearing overlaps the network transfer.
     pub fn prefault(&self, stop: &std::sync::atomic::AtomicBool) {
-        const CHUNK: usize = 2 << 20;
+        const CHUNK: usize = 512 << 10;
         let mut end = self.len_bytes;
         while end > 0 && !stop.load(Ordering::Relaxed) {
             let start = end.saturating_sub(CHUNK);
