@@ -624,7 +624,8 @@ fn restart_resends_with_the_same_request_id_and_runs_once() {
     assert_eq!(store.calls_of(key.0, key.1), 2);
     assert_eq!(store.executed(key.0, key.1), 1);
     assert!(c.is_connected());
-    assert_eq!(c.sessions(), 2);
+    // At least one reconnect (one more if it caught the old server while it stopped).
+    assert!(c.sessions() >= 2);
     assert!(matches!(c.call(0, 0, lookup(b"x")), Ok(Response::Attr(_))));
     drop(srv);
 }

@@ -101,8 +101,10 @@ impl Coherence {
     }
 
     /// A node's session is established. Returns the frames to send it before anything
-    /// else: the invalidations it missed. A session of the same node that was still
-    /// registered is replaced (its pending acks fail).
+    /// else: the invalidations it missed. An older session of the same node that is still
+    /// registered is replaced (told to close; its pending acks fail). Returns `None`, and
+    /// changes nothing, when a newer session (higher `conn`) already holds the node: this
+    /// one was overtaken while it was starting and must close.
     pub(crate) fn attach(
         &self,
         node: NodeId,
@@ -111,10 +113,13 @@ impl Coherence {
         resumed: bool,
         tx: mpsc::UnboundedSender<Frame>,
         kick: Arc<Notify>,
-    ) -> Vec<Frame> {
+    ) -> Option<Vec<Frame>> {
         let mut st = self.state.lock();
         let ns = st.nodes.entry(node).or_default();
         if let Some(old) = &ns.link {
+            if old.conn > conn {
+                return None;
+            }
             old.kick.notify_one();
         }
         let mut link = Link {
@@ -143,7 +148,7 @@ impl Coherence {
         ns.missed_all = false;
         ns.known = true;
         ns.link = Some(link);
-        out
+        Some(out)
     }
 
     /// The session `conn` of `node` ended. Returns true when it was the node's current one.
@@ -570,12 +575,14 @@ mod tests {
         let c = Coherence::new(Duration::from_millis(50));
         let (tx_a, mut rx_a) = mpsc::unbounded_channel();
         let (tx_b, mut rx_b) = mpsc::unbounded_channel();
-        assert!(c
-            .attach(NodeId(1), 1, 2, false, tx_a, Arc::default())
-            .is_empty());
-        assert!(c
-            .attach(NodeId(2), 2, 2, false, tx_b, Arc::default())
-            .is_empty());
+        assert_eq!(
+            c.attach(NodeId(1), 1, 2, false, tx_a, Arc::default()),
+            Some(vec![])
+        );
+        assert_eq!(
+            c.attach(NodeId(2), 2, 2, false, tx_b, Arc::default()),
+            Some(vec![])
+        );
         let getattr = Request::GetAttr { ino: InodeId(5) };
         // Node 2 cached ino 5 earlier.
         assert!(c.reply(
@@ -633,7 +640,9 @@ mod tests {
     async fn disconnected_node_gets_missed_invalidations_on_reconnect() {
         let c = Coherence::new(Duration::from_millis(50));
         let (tx_b, _rx_b) = mpsc::unbounded_channel();
-        c.attach(NodeId(2), 7, 2, false, tx_b, Arc::default());
+        assert!(c
+            .attach(NodeId(2), 7, 2, false, tx_b, Arc::default())
+            .is_some());
         let lookup = Request::Lookup {
             parent: InodeId::ROOT,
             name: b"f".to_vec(),
@@ -660,11 +669,28 @@ mod tests {
         c.invalidate_for(NodeId(1), &create, &Response::Attr(attr(9)))
             .await;
         let (tx_b, _rx_b) = mpsc::unbounded_channel();
-        let frames = c.attach(NodeId(2), 8, 2, true, tx_b, Arc::default());
+        let frames = c
+            .attach(NodeId(2), 8, 2, true, tx_b, Arc::default())
+            .unwrap();
         assert!(frames.iter().any(|f| matches!(
             f,
             Frame::Invalidate { inv: Invalidation::Entry { parent, name }, .. }
                 if *parent == InodeId::ROOT && name == b"f"
         )));
+    }
+
+    #[test]
+    fn an_older_session_that_attaches_late_does_not_displace_a_newer_one() {
+        let c = Coherence::new(Duration::from_millis(50));
+        let (tx_new, _rx_new) = mpsc::unbounded_channel();
+        let (tx_old, _rx_old) = mpsc::unbounded_channel();
+        assert!(c
+            .attach(NodeId(3), 10, 2, false, tx_new, Arc::default())
+            .is_some());
+        assert!(c
+            .attach(NodeId(3), 9, 2, false, tx_old, Arc::default())
+            .is_none());
+        assert!(!c.detach(NodeId(3), 9));
+        assert!(c.detach(NodeId(3), 10));
     }
 }

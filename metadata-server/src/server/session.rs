@@ -197,6 +197,10 @@ async fn established(
         tx.clone(),
         kick.clone(),
     );
+    let Some(first) = first else {
+        tracing::info!("node connection closed: overtaken by a newer session of the same node");
+        return;
+    };
     for f in first {
         let _ = tx.send(f);
     }
