@@ -326,7 +326,11 @@ pub fn acquire_or_find(
         }
     }
     let (epoch, counter) = match &seen {
-        Some(r) => (Epoch(r.epoch.0 + 1), r.counter + 1),
+        // Counters come from the disk: never overflow on a damaged value.
+        Some(r) => (
+            Epoch(r.epoch.0.saturating_add(1)),
+            r.counter.wrapping_add(1),
+        ),
         None => (Epoch(1), 1),
     };
     let mine = LeaseRecord {
@@ -483,7 +487,7 @@ impl LeaseKeeper {
         match read_record(&self.dev, WHAT, at, LeaseKind::Coordinator, volume)? {
             Some(mut r) if r.node == Some(self.node) && r.epoch == self.epoch => {
                 r.node = None;
-                r.counter += 1;
+                r.counter = r.counter.wrapping_add(1);
                 r.time = now();
                 write_record(&self.dev, WHAT, at, &r)
             }
@@ -521,7 +525,7 @@ fn renew_once(
     let rec = read_record(dev, WHAT, at, LeaseKind::Coordinator, volume).map_err(RenewError::Io)?;
     match rec {
         Some(mut r) if r.node == Some(node) && r.epoch == epoch => {
-            r.counter += 1;
+            r.counter = r.counter.wrapping_add(1);
             r.time = now();
             write_record(dev, WHAT, at, &r).map_err(RenewError::Io)
         }
@@ -576,8 +580,9 @@ pub fn heartbeat(
         max_nodes: g.max_nodes,
     })?;
     const WHAT: &str = "heartbeat slot";
-    let counter =
-        read_record(dev, WHAT, at, LeaseKind::Heartbeat, volume)?.map_or(0, |r| r.counter) + 1;
+    let counter = read_record(dev, WHAT, at, LeaseKind::Heartbeat, volume)?
+        .map_or(0, |r| r.counter)
+        .wrapping_add(1);
     let rec = LeaseRecord {
         kind: LeaseKind::Heartbeat,
         volume,
