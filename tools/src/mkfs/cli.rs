@@ -7,8 +7,8 @@ use std::path::PathBuf;
 #[derive(Debug, Clone, clap::Parser)]
 #[command(name = "mkfs.csvfs", version, about)]
 pub struct MkfsCli {
-    /// Target: a file path, a block device (/dev/...), or an NBD URI (nbd://host[:port]/export,
-    /// nbd+unix:///export?socket=PATH).
+    /// Target: a file path, a block device (/dev/...), or an NBD URI (`nbd://host[:port]/export`,
+    /// `nbd+unix:///export?socket=PATH`).
     pub target: String,
 
     /// Create the file (or extend it) to this size first; bytes, or with a K/M/G/T suffix
