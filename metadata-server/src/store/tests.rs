@@ -1248,3 +1248,368 @@ fn model_run(seed: u64, steps: usize) {
         "seed {seed}: inodes in use"
     );
 }
+
+/// The namespace as paths -> (kind, size); what a crash must preserve.
+type Tree = BTreeMap<String, (FileKind, u64)>;
+
+fn walk(
+    c: &mut Client,
+    s: &Store,
+    dir: InodeId,
+    prefix: &str,
+    out: &mut Tree,
+    inodes: &mut BTreeSet<InodeId>,
+    clusters: &mut u64,
+) {
+    inodes.insert(dir);
+    for (name, (ino, kind)) in names(c, s, dir) {
+        let a = attr(c.run(s, Request::GetAttr { ino }));
+        let path = format!("{prefix}/{}", String::from_utf8(name).unwrap());
+        if inodes.insert(ino) {
+            *clusters += a.allocated_bytes / u64::from(s.geometry().cluster_bytes);
+        }
+        if kind == FileKind::Dir {
+            out.insert(path.clone(), (kind, 0));
+            walk(c, s, ino, &path, out, inodes, clusters);
+        } else {
+            out.insert(path, (kind, a.size_bytes));
+        }
+    }
+}
+
+/// Runs a seeded workload; returns the tree after every acknowledged op and the tree the
+/// op in flight at a crash would have made.
+fn crash_workload(s: &Store, c: &mut Client, seed: u64, ops: usize) -> (Tree, Option<Tree>) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut acked: Tree = BTreeMap::new();
+    acked.insert("/lost+found".into(), (FileKind::Dir, 0));
+    let cs = u64::from(s.geometry().cluster_bytes);
+    let mut dirs = vec![(InodeId::ROOT, String::new())];
+    for i in 0..ops {
+        let (dino, dpath) = dirs[rng.gen_range(0..dirs.len())].clone();
+        let name = format!("n{}", rng.gen_range(0..12));
+        let path = format!("{dpath}/{name}");
+        let mut next = acked.clone();
+        let op = rng.gen_range(0..10);
+        let r: Result<(), FsError> = match op {
+            0..=3 => {
+                let kind = if op == 0 {
+                    FileKind::Dir
+                } else {
+                    FileKind::File
+                };
+                if acked.contains_key(&path) {
+                    continue;
+                }
+                next.insert(path.clone(), (kind, 0));
+                create(c, s, dino, &name, kind).map(|a| {
+                    if kind == FileKind::Dir {
+                        dirs.push((a.ino, path.clone()));
+                    }
+                })
+            }
+            4 | 5 => {
+                let Some((FileKind::File, _)) = acked.get(&path) else {
+                    continue;
+                };
+                let Ok(a) = c.run(
+                    s,
+                    Request::Lookup {
+                        parent: dino,
+                        name: name.clone().into_bytes(),
+                    },
+                ) else {
+                    return (acked, None);
+                };
+                let Response::Attr(a) = a else { panic!() };
+                let len = rng.gen_range(1..4) * cs;
+                let off = rng.gen_range(0..6) * cs;
+                if c.run(
+                    s,
+                    Request::Allocate {
+                        ino: a.ino,
+                        offset_bytes: off,
+                        len_bytes: len,
+                        hint_bytes: 0,
+                    },
+                )
+                .is_err()
+                {
+                    return (acked, None);
+                }
+                let size = (off + len).max(a.size_bytes);
+                next.insert(path.clone(), (FileKind::File, size));
+                c.run(
+                    s,
+                    Request::Commit {
+                        ino: a.ino,
+                        written: vec![ByteRange {
+                            offset_bytes: off,
+                            len_bytes: len,
+                        }],
+                        size_bytes: size,
+                    },
+                )
+                .map(|_| ())
+            }
+            6 => {
+                let Some((FileKind::File, _)) = acked.get(&path) else {
+                    continue;
+                };
+                next.remove(&path);
+                c.run(
+                    s,
+                    Request::Unlink {
+                        parent: dino,
+                        name: name.clone().into_bytes(),
+                    },
+                )
+                .map(|_| ())
+            }
+            7 => {
+                let Some((FileKind::File, size)) = acked.get(&path).copied() else {
+                    continue;
+                };
+                let Ok(Response::Attr(a)) = c.run(
+                    s,
+                    Request::Lookup {
+                        parent: dino,
+                        name: name.clone().into_bytes(),
+                    },
+                ) else {
+                    return (acked, None);
+                };
+                let new = size / 2;
+                next.insert(path.clone(), (FileKind::File, new));
+                c.run(
+                    s,
+                    Request::SetAttr {
+                        ino: a.ino,
+                        set: SetAttr {
+                            size_bytes: Some(new),
+                            ..Default::default()
+                        },
+                    },
+                )
+                .map(|_| ())
+            }
+            _ => {
+                // Rename a file within its directory.
+                let Some((FileKind::File, size)) = acked.get(&path).copied() else {
+                    continue;
+                };
+                let to = format!("r{i}");
+                next.remove(&path);
+                next.insert(format!("{dpath}/{to}"), (FileKind::File, size));
+                c.run(
+                    s,
+                    Request::Rename {
+                        parent: dino,
+                        name: name.clone().into_bytes(),
+                        new_parent: dino,
+                        new_name: to.into_bytes(),
+                        flags: RenameFlags::default(),
+                    },
+                )
+                .map(|_| ())
+            }
+        };
+        match r {
+            Ok(()) => acked = next,
+            Err(FsError::Io(_)) => return (acked, Some(next)),
+            Err(e) => panic!("seed {seed} op {i}: unexpected {e}"),
+        }
+    }
+    (acked, None)
+}
+
+fn check_after_crash(dev: Arc<dyn BlockDevice>, acked: &Tree, pending: Option<&Tree>, what: &str) {
+    let s =
+        Store::open(dev, Epoch(9)).unwrap_or_else(|e| panic!("{what}: open after crash: {e:?}"));
+    let mut c = Client::new(2);
+    let mut tree = BTreeMap::new();
+    let mut inodes = BTreeSet::new();
+    let mut clusters = 0;
+    walk(
+        &mut c,
+        &s,
+        InodeId::ROOT,
+        "",
+        &mut tree,
+        &mut inodes,
+        &mut clusters,
+    );
+    assert!(
+        &tree == acked || Some(&tree) == pending,
+        "{what}: tree after crash\n got {tree:?}\nwant {acked:?}\n  or {pending:?}"
+    );
+    let Response::StatFs(st) = c.run(&s, Request::StatFs).unwrap() else {
+        panic!()
+    };
+    assert_eq!(
+        st.total_inodes - st.free_inodes,
+        inodes.len() as u64,
+        "{what}: inodes leaked or lost"
+    );
+    assert_eq!(
+        st.total_clusters - st.free_clusters,
+        clusters,
+        "{what}: clusters leaked or lost"
+    );
+}
+
+#[test]
+fn crash_at_every_write_of_a_workload() {
+    for seed in [5, 11] {
+        crash_sweep(seed);
+    }
+}
+
+fn crash_sweep(seed: u64) {
+    let o = MkfsOptions {
+        journal_bytes: Some(128 << 10),
+        inode_count: Some(200),
+        meta_blocks: Some(256),
+        ..opts(64 << 10)
+    };
+    let size = 12 << 20;
+    let fresh_disk = || {
+        let disk = Arc::new(CrashDisk::new(size));
+        let dev: Arc<dyn BlockDevice> = disk.clone();
+        mkfs(dev.clone(), &o, &mut |_, _| {}).unwrap();
+        (disk, dev)
+    };
+    // Count the writes of the whole workload once.
+    let (disk, dev) = fresh_disk();
+    let s = Store::open(dev.clone(), Epoch(1)).unwrap();
+    let base = disk.writes_seen();
+    let (full, _) = crash_workload(&s, &mut Client::new(1), seed, 120);
+    let total = disk.writes_seen() - base;
+    assert!(
+        s.stats().checkpoints > 0,
+        "the workload must cross checkpoints"
+    );
+    drop(s);
+    disk.power_cut();
+    check_after_crash(dev, &full, None, "no crash");
+    let mut points = 0;
+    for n in 1..=total {
+        for tear in [None, Some(1)] {
+            if tear.is_some() && n % 3 != 0 {
+                continue;
+            }
+            let (disk, dev) = fresh_disk();
+            let s = Store::open(dev.clone(), Epoch(1)).unwrap();
+            disk.tear_writes(tear);
+            disk.crash_at(block_client::testing::CrashPoint::Write(n));
+            let (acked, pending) = crash_workload(&s, &mut Client::new(1), seed, 120);
+            drop(s);
+            disk.power_cut();
+            check_after_crash(
+                dev,
+                &acked,
+                pending.as_ref(),
+                &format!("crash at write {n} tear {tear:?}"),
+            );
+            points += 1;
+        }
+    }
+    eprintln!("crash sweep seed {seed}: {total} writes, {points} crash points");
+    assert!(points > 100, "only {points} crash points");
+}
+
+#[test]
+fn concurrent_creates_share_journal_commits() {
+    let o = MkfsOptions {
+        inode_count: Some(5000),
+        meta_blocks: Some(1024),
+        ..opts(64 << 10)
+    };
+    let (dev, s) = fresh(64 << 20, &o);
+    let s = Arc::new(s);
+    let mut c = Client::new(1);
+    let shared = create(&mut c, &s, InodeId::ROOT, "shared", FileKind::Dir).unwrap();
+    let threads: Vec<_> = (0..8u32)
+        .map(|t| {
+            let s = s.clone();
+            std::thread::spawn(move || {
+                let mut c = Client::new(1 + t % 4);
+                c.next = u64::from(t + 1) << 32;
+                let own =
+                    create(&mut c, &s, InodeId::ROOT, &format!("t{t}"), FileKind::Dir).unwrap();
+                for i in 0..300 {
+                    create(&mut c, &s, shared.ino, &format!("t{t}-{i}"), FileKind::File).unwrap();
+                    create(&mut c, &s, own.ino, &format!("f{i}"), FileKind::File).unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(names(&mut c, &s, shared.ino).len(), 2400);
+    s.shutdown().unwrap();
+    drop(s);
+    let s = Store::open(dev, Epoch(2)).unwrap();
+    assert_eq!(names(&mut c, &s, shared.ino).len(), 2400);
+    for t in 0..8 {
+        let d = attr(c.run(
+            &s,
+            Request::Lookup {
+                parent: InodeId::ROOT,
+                name: format!("t{t}").into_bytes(),
+            },
+        ));
+        assert_eq!(names(&mut c, &s, d.ino).len(), 300);
+    }
+}
+
+/// Create rate on a real file with real flushes; run by hand:
+/// `cargo test --release -p metadata-server --lib create_rate -- --ignored --nocapture`.
+#[test]
+#[ignore = "measurement, run by hand"]
+fn create_rate_on_a_file() {
+    let path = std::env::temp_dir().join(format!("csvfs-create-rate-{}", std::process::id()));
+    for threads in [1u32, 16] {
+        let dev: Arc<dyn BlockDevice> = Arc::new(
+            block_client::FileDevice::create(&path, 1 << 30, block_client::FileOptions::default())
+                .unwrap(),
+        );
+        let o = MkfsOptions {
+            inode_count: Some(100_000),
+            ..opts(1 << 20)
+        };
+        mkfs(dev.clone(), &o, &mut |_, _| {}).unwrap();
+        let s = Arc::new(Store::open(dev, Epoch(1)).unwrap());
+        let per = 4000 / threads;
+        let start = std::time::Instant::now();
+        let hs: Vec<_> = (0..threads)
+            .map(|t| {
+                let s = s.clone();
+                std::thread::spawn(move || {
+                    let mut c = Client::new(1 + t % 16);
+                    for i in 0..per {
+                        create(
+                            &mut c,
+                            &s,
+                            InodeId::ROOT,
+                            &format!("{t}-{i}"),
+                            FileKind::File,
+                        )
+                        .unwrap();
+                    }
+                })
+            })
+            .collect();
+        for h in hs {
+            h.join().unwrap();
+        }
+        let secs = start.elapsed().as_secs_f64();
+        eprintln!(
+            "{threads} threads: {:.0} creates/s",
+            f64::from(per * threads) / secs
+        );
+        s.shutdown().unwrap();
+    }
+    let _ = std::fs::remove_file(&path);
+}
