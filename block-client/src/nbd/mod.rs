@@ -73,6 +73,77 @@ mod tests {
     }
 
     #[test]
+    fn server_answers_unknown_options_and_export_name_by_the_spec() {
+        use proto::*;
+        use std::io::{Read, Write};
+        let path = sock("raw");
+        let mem = Arc::new(MemDevice::new(1 << 20));
+        mem.write_at(&[9u8; 512], 512, WriteFlags::default())
+            .unwrap();
+        let server = serve_device(
+            mem,
+            &ListenAddr::Unix(path.clone()),
+            ServeOptions::default(),
+        )
+        .unwrap();
+        let mut s = std::os::unix::net::UnixStream::connect(&path).unwrap();
+        assert_eq!(read_u64(&mut s).unwrap(), NBDMAGIC);
+        assert_eq!(read_u64(&mut s).unwrap(), IHAVEOPT);
+        let hflags = read_u16(&mut s).unwrap();
+        assert_eq!(
+            hflags & (FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES),
+            FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES
+        );
+        s.write_all(&(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES).to_be_bytes())
+            .unwrap();
+        let reply = |s: &mut std::os::unix::net::UnixStream, opt: u32| {
+            assert_eq!(read_u64(s).unwrap(), OPT_REPLY_MAGIC);
+            assert_eq!(read_u32(s).unwrap(), opt);
+            let kind = read_u32(s).unwrap();
+            let len = read_u32(s).unwrap();
+            (kind, read_vec(s, len).unwrap())
+        };
+        // An option the server does not know: ERR_UNSUP, and the connection stays open.
+        write_option(&mut s, 42, b"whatever").unwrap();
+        assert_eq!(reply(&mut s, 42).0, REP_ERR_UNSUP);
+        write_option(&mut s, OPT_LIST, &[]).unwrap();
+        let (kind, data) = reply(&mut s, OPT_LIST);
+        assert_eq!((kind, data), (REP_SERVER, vec![0, 0, 0, 0]));
+        assert_eq!(reply(&mut s, OPT_LIST).0, REP_ACK);
+        // INFO for a missing export: ERR_UNKNOWN.
+        let mut info = 3u32.to_be_bytes().to_vec();
+        info.extend_from_slice(b"nop");
+        info.extend_from_slice(&0u16.to_be_bytes());
+        write_option(&mut s, OPT_INFO, &info).unwrap();
+        assert_eq!(reply(&mut s, OPT_INFO).0, REP_ERR_UNKNOWN);
+        // The old way in: EXPORT_NAME, size and flags, no zero padding (NO_ZEROES).
+        write_option(&mut s, OPT_EXPORT_NAME, b"").unwrap();
+        assert_eq!(read_u64(&mut s).unwrap(), 1 << 20);
+        let tflags = read_u16(&mut s).unwrap();
+        assert!(tflags & TFLAG_CAN_MULTI_CONN != 0 && tflags & TFLAG_SEND_FLUSH != 0);
+        // A raw READ gets a simple reply (structured replies were not negotiated).
+        s.write_all(&encode_request(0, CMD_READ, 77, 512, 512))
+            .unwrap();
+        assert_eq!(read_u32(&mut s).unwrap(), SIMPLE_REPLY_MAGIC);
+        assert_eq!(read_u32(&mut s).unwrap(), 0);
+        assert_eq!(read_u64(&mut s).unwrap(), 77);
+        let mut data = [0u8; 512];
+        s.read_exact(&mut data).unwrap();
+        assert_eq!(data, [9u8; 512]);
+        // Past the end: an error reply, not a dropped connection.
+        s.write_all(&encode_request(0, CMD_READ, 78, 1 << 20, 512))
+            .unwrap();
+        assert_eq!(read_u32(&mut s).unwrap(), SIMPLE_REPLY_MAGIC);
+        assert_eq!(read_u32(&mut s).unwrap(), NBD_EINVAL);
+        assert_eq!(read_u64(&mut s).unwrap(), 78);
+        s.write_all(&encode_request(0, CMD_DISC, 79, 0, 0)).unwrap();
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty());
+        server.shutdown().unwrap();
+    }
+
+    #[test]
     fn wrong_export_name_is_open_error() {
         let path = sock("name");
         let server = serve_device(
