@@ -25,8 +25,7 @@ pub struct RawDrcSlot {
     pub crc: U32,
     /// Node that sent the request.
     pub node: U32,
-    /// 1 = response stored, 2 = executed, response too large, 3 = failed with an error
-    /// (the encoded error is stored).
+    /// 1 = outcome stored, 2 = executed, outcome too large to keep.
     pub kind: U16,
     /// Bytes of `data` used.
     pub len: U16,

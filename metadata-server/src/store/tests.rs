@@ -1613,3 +1613,95 @@ fn create_rate_on_a_file() {
     }
     let _ = std::fs::remove_file(&path);
 }
+
+#[test]
+fn metadata_block_exhaustion_is_enospc_and_consistent() {
+    let o = MkfsOptions {
+        inode_count: Some(3000),
+        meta_blocks: Some(12),
+        ..opts(64 << 10)
+    };
+    let (dev, s) = fresh(32 << 20, &o);
+    let mut c = Client::new(1);
+    let d = create(&mut c, &s, InodeId::ROOT, "d", FileKind::Dir).unwrap();
+    let mut made = 0;
+    let err = loop {
+        match create(
+            &mut c,
+            &s,
+            d.ino,
+            &format!("a-rather-long-file-name-to-fill-blocks-{made:05}"),
+            FileKind::File,
+        ) {
+            Ok(_) => made += 1,
+            Err(e) => break e,
+        }
+    };
+    assert!(matches!(err, FsError::NoSpace), "{err:?}");
+    assert!(made > 100);
+    // Large xattrs need blocks too.
+    let f = create(&mut c, &s, InodeId::ROOT, "x", FileKind::File);
+    if let Ok(f) = f {
+        let r = c.run(
+            &s,
+            Request::SetXattr {
+                ino: f.ino,
+                name: b"user.big".to_vec(),
+                value: vec![1; 60_000],
+                mode: XattrMode::Any,
+            },
+        );
+        assert!(matches!(r, Err(FsError::NoSpace)), "{r:?}");
+    }
+    let mut tree = BTreeMap::new();
+    let mut inodes = BTreeSet::new();
+    let mut clusters = 0;
+    walk(
+        &mut c,
+        &s,
+        InodeId::ROOT,
+        "",
+        &mut tree,
+        &mut inodes,
+        &mut clusters,
+    );
+    let before = tree.clone();
+    drop(s);
+    let s = Store::open(dev, Epoch(2)).unwrap();
+    let mut tree = BTreeMap::new();
+    let mut inodes = BTreeSet::new();
+    walk(
+        &mut c,
+        &s,
+        InodeId::ROOT,
+        "",
+        &mut tree,
+        &mut inodes,
+        &mut clusters,
+    );
+    assert_eq!(tree, before);
+    let Response::StatFs(st) = c.run(&s, Request::StatFs).unwrap() else {
+        panic!()
+    };
+    assert_eq!(st.total_inodes - st.free_inodes, inodes.len() as u64);
+    // Removing entries makes room again.
+    for i in 0..made {
+        c.run(
+            &s,
+            Request::Unlink {
+                parent: d.ino,
+                name: format!("a-rather-long-file-name-to-fill-blocks-{i:05}").into_bytes(),
+            },
+        )
+        .unwrap();
+    }
+    c.run(
+        &s,
+        Request::Rmdir {
+            parent: InodeId::ROOT,
+            name: b"d".to_vec(),
+        },
+    )
+    .unwrap();
+    create(&mut c, &s, InodeId::ROOT, "after", FileKind::Dir).unwrap();
+}
