@@ -1027,3 +1027,61 @@ fn a_silent_link_is_detected_and_the_request_resent() {
     assert!(took < Duration::from_secs(4), "{took:?}");
     assert_eq!(c.sessions(), 2);
 }
+
+#[test]
+fn many_nodes_mutating_shared_names_never_wait_out_an_ack() {
+    let store = Arc::new(MemStore::default());
+    let s: Arc<dyn MetadataStore> = store.clone();
+    let srv = Server::start(
+        s,
+        ServerConfig {
+            invalidation_timeout_ms: 3000,
+            ..server_cfg("127.0.0.1:0".parse().unwrap())
+        },
+    )
+    .unwrap();
+    let nodes: Vec<_> = (1..=4).map(|n| connect(n, srv.local_addr())).collect();
+    let threads: Vec<_> = nodes
+        .iter()
+        .zip(0u64..)
+        .flat_map(|((c, _), n)| {
+            (0..4u64).map(move |t| {
+                let c = c.clone();
+                std::thread::spawn(move || {
+                    let mut worst = Duration::ZERO;
+                    for k in 0..150u64 {
+                        let name = format!("shared-{}", (k * 7 + t + n) % 12);
+                        let req = match k % 3 {
+                            0 => lookup(name.as_bytes()),
+                            1 => create(name.as_bytes()),
+                            _ => Request::Unlink {
+                                parent: InodeId::ROOT,
+                                name: name.into_bytes(),
+                            },
+                        };
+                        let s = Instant::now();
+                        let r = c.call(0, 0, req);
+                        worst = worst.max(s.elapsed());
+                        assert!(!matches!(r, Err(FsError::Io(_))), "transport error: {r:?}");
+                    }
+                    worst
+                })
+            })
+        })
+        .collect();
+    let worst = threads
+        .into_iter()
+        .map(|t| t.join().unwrap())
+        .max()
+        .unwrap();
+    // An ack that never came would hold a call for the full 3 s.
+    assert!(
+        worst < Duration::from_millis(2500),
+        "slowest call {worst:?}"
+    );
+    let seen: usize = nodes
+        .iter()
+        .map(|(_, r)| r.seen.lock().unwrap().len())
+        .sum();
+    assert!(seen > 0, "nobody was ever invalidated");
+}
