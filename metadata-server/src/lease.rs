@@ -18,6 +18,11 @@
 //!                                                 yes ─▶ Coordinator{epoch}  no ─▶ Follower
 //! ```
 //!
+//! Heartbeats: node n writes its slot (counter + 1, wall time, the epoch it last saw, its
+//! data-path state). FORMAT.md §3 has no state field yet, so the state travels in the
+//! slot's `addr` field: empty for Direct, `redirected:<reason>` for Redirected. When the
+//! format gains a field, only `encode_state`/`decode_state` change.
+//!
 //! The [`LeaseKeeper`] renews (counter + wall time) every interval. It stops and reports
 //! the lease lost when the record names another owner or epoch, or when it could not
 //! renew for half the lease timeout (so it gives up well before anyone can take over).
