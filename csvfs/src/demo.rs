@@ -148,6 +148,7 @@ pub fn run(args: DemoArgs) -> Result<(), DemoError> {
     let mut cluster = LocalCluster::new(exe, &std::env::temp_dir(), "csvfs-demo")?;
     cluster.remove_dir = !args.keep;
     say(&format!("working directory {}", cluster.dir.display()));
+    watch_signals(cluster.emergency_cleanup(), !args.keep);
     let mut demo = Demo {
         args,
         cluster,
@@ -176,6 +177,40 @@ pub fn run(args: DemoArgs) -> Result<(), DemoError> {
         started.elapsed().as_secs_f64()
     ));
     Ok(())
+}
+
+/// On SIGINT or SIGTERM, tears the cluster down and exits (status 130): the children run
+/// in their own process groups and would otherwise outlive an interrupted demo.
+fn watch_signals(cleanup: crate::local::EmergencyCleanup, remove_dir: bool) {
+    let spawned = std::thread::Builder::new()
+        .name("demo-signals".into())
+        .spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async {
+                use tokio::signal::unix::{signal, SignalKind};
+                let (Ok(mut term), Ok(mut int)) = (
+                    signal(SignalKind::terminate()),
+                    signal(SignalKind::interrupt()),
+                ) else {
+                    return;
+                };
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+                say("interrupted: stopping the cluster");
+                cleanup.run(remove_dir);
+                std::process::exit(130);
+            });
+        });
+    if spawned.is_err() {
+        say("cannot watch for Ctrl-C; an interrupted demo may leave processes behind");
+    }
 }
 
 fn step_lun(d: &mut Demo) -> Result<(), DemoError> {

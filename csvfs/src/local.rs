@@ -7,11 +7,13 @@
 //! polling with a deadline, never a fixed sleep.
 
 use metadata_server::format::{mkfs, MkfsError, MkfsOptions, MkfsReport};
+use parking_lot::Mutex;
 use std::fs::{File, OpenOptions};
 use std::io::Read;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Why a local cluster step failed.
@@ -106,6 +108,42 @@ pub struct LocalCluster {
     server: Option<Child>,
     server_log: PathBuf,
     nodes: Vec<NodeProc>,
+    registry: Arc<Mutex<Registry>>,
+}
+
+/// What a [`LocalCluster`] started, shared with [`EmergencyCleanup`].
+#[derive(Debug, Default)]
+struct Registry {
+    pids: Vec<u32>,
+    mountpoints: Vec<PathBuf>,
+    dir: Option<PathBuf>,
+}
+
+/// Tears a cluster down from another thread (a signal watcher) when the thread that owns
+/// the [`LocalCluster`] cannot run its drop: SIGTERM to every child, detach every mount.
+#[derive(Debug, Clone)]
+pub struct EmergencyCleanup(Arc<Mutex<Registry>>);
+
+impl EmergencyCleanup {
+    /// Stops every process the cluster started and detaches its mounts. With
+    /// `remove_dir`, also deletes the working directory once nothing is mounted there.
+    pub fn run(&self, remove_dir: bool) {
+        let reg = self.0.lock();
+        for &pid in &reg.pids {
+            terminate(pid);
+        }
+        for mp in &reg.mountpoints {
+            let _ = wait_for("unmount", Duration::from_secs(5), || {
+                Ok((!is_mounted(mp)).then_some(()))
+            });
+            force_unmount(mp);
+        }
+        if remove_dir && reg.mountpoints.iter().all(|m| !is_mounted(m)) {
+            if let Some(d) = &reg.dir {
+                let _ = std::fs::remove_dir_all(d);
+            }
+        }
+    }
 }
 
 fn io_err<'a>(
@@ -221,9 +259,16 @@ impl LocalCluster {
             dir,
             remove_dir: true,
             node_env: Vec::new(),
+            registry: Arc::new(Mutex::new(Registry::default())),
             server: None,
             nodes: Vec::new(),
         })
+    }
+
+    /// A handle that can tear this cluster down from another thread.
+    pub fn emergency_cleanup(&self) -> EmergencyCleanup {
+        self.registry.lock().dir = Some(self.dir.clone());
+        EmergencyCleanup(self.registry.clone())
     }
 
     /// Creates the sparse LUN file and a random cluster secret.
@@ -285,6 +330,7 @@ impl LocalCluster {
             ],
             &self.server_log.clone(),
         )?;
+        self.registry.lock().pids.push(child.id());
         self.server = Some(child);
         let log = self.server_log.clone();
         wait_for("the LUN server socket", Duration::from_secs(20), || {
@@ -332,6 +378,11 @@ impl LocalCluster {
         args.push(mountpoint.as_os_str());
         let child = self.spawn(&format!("node {id}"), &args, &log)?;
         self.nodes.retain(|n| n.id != id);
+        {
+            let mut reg = self.registry.lock();
+            reg.pids.push(child.id());
+            reg.mountpoints.push(mountpoint.clone());
+        }
         self.nodes.push(NodeProc {
             id,
             mountpoint,

@@ -40,6 +40,7 @@ impl Rng {
 fn cluster_data() {
     let mut c = TestCluster::start(ClusterSpec::new("data", 3));
     sparse_64gib_image_written_on_a_checked_on_b(&c);
+    fallocate_and_punch_hole_are_seen_everywhere(&c);
     fsynced_file_survives_kill_of_its_writer(&mut c);
     c.finish();
 }
@@ -110,6 +111,54 @@ fn sparse_64gib_image_written_on_a_checked_on_b(c: &TestCluster) {
         used.blocks() * 512
     );
     eprintln!("checked on node 2 in {:?} total", t.elapsed());
+}
+
+fn fallocate(args: &[&str], path: &std::path::Path) {
+    let st = std::process::Command::new("fallocate")
+        .args(args)
+        .arg(path)
+        .status()
+        .expect("run fallocate(1)");
+    assert!(st.success(), "fallocate {args:?} failed");
+}
+
+fn fallocate_and_punch_hole_are_seen_everywhere(c: &TestCluster) {
+    use std::os::unix::fs::MetadataExt;
+    let mut data = vec![0u8; 8 << 20];
+    pattern(11, &mut data);
+    let a = c.mp(1).join("punch.bin");
+    fs::write(&a, &data).unwrap();
+    let blocks_before = fs::metadata(&a).unwrap().blocks();
+    // Punch 3 MiB + 100 bytes starting mid-cluster: edges are zeroed, the middle freed.
+    let (off, len) = (1_500_000u64, (3 << 20) + 100);
+    fallocate(&["-p", "-o", &off.to_string(), "-l", &len.to_string()], &a);
+    let (o, l) = (usize::try_from(off).unwrap(), usize::try_from(len).unwrap());
+    data[o..o + l].fill(0);
+    for id in [1, 2, 3] {
+        let got = fs::read(c.mp(id).join("punch.bin")).unwrap();
+        assert_eq!(got.len(), data.len(), "punch changed the size on node {id}");
+        assert!(got == data, "punched range not zero on node {id}");
+    }
+    let blocks_after = fs::metadata(c.mp(2).join("punch.bin")).unwrap().blocks();
+    assert!(
+        blocks_after < blocks_before,
+        "punch freed nothing: {blocks_before} -> {blocks_after}"
+    );
+    // Preallocation extends the size and reads as zeros everywhere.
+    let b = c.mp(2).join("prealloc.bin");
+    fallocate(&["-l", "5MiB"], &b);
+    let got = fs::read(c.mp(3).join("prealloc.bin")).unwrap();
+    assert_eq!(got.len(), 5 << 20);
+    assert!(
+        got.iter().all(|&x| x == 0),
+        "preallocated range leaked data"
+    );
+    // Keep-size preallocation leaves the size alone.
+    fallocate(&["-n", "-o", "0", "-l", "32MiB"], &b);
+    assert_eq!(
+        fs::metadata(c.mp(1).join("prealloc.bin")).unwrap().len(),
+        5 << 20
+    );
 }
 
 fn fsynced_file_survives_kill_of_its_writer(c: &mut TestCluster) {

@@ -92,3 +92,67 @@ fn bad_mounts_fail_with_one_clear_message() {
     assert!(text.contains("node_id"), "message: {text}");
     c.finish();
 }
+
+#[test]
+fn mount_helper_mounts_like_mount_8_and_umount_stops_the_node() {
+    use csvfs::local::is_mounted;
+    use std::time::{Duration, Instant};
+    let c = TestCluster::start(ClusterSpec::new("helper", 1));
+    let dir = c.local.dir.clone();
+    // mount(8) runs /sbin/mount.csvfs; a link with that name to csvfs is the helper.
+    let helper = dir.join("mount.csvfs");
+    std::os::unix::fs::symlink(csvfs_exe(), &helper).unwrap();
+    let mp = dir.join("via-helper");
+    std::fs::create_dir_all(&mp).unwrap();
+    let log = dir.join("node2-helper.log");
+    let opts = format!(
+        "rw,node_id=2,secret={},log={}",
+        c.local.secret.display(),
+        log.display()
+    );
+    let out = Command::new(&helper)
+        .arg(c.uri())
+        .arg(&mp)
+        .args(["-o", &opts])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "mount.csvfs failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        is_mounted(&mp),
+        "mount.csvfs returned before the mount was up"
+    );
+    std::fs::write(mp.join("hello"), b"from the helper mount").unwrap();
+    assert_eq!(
+        std::fs::read(c.mp(1).join("hello")).unwrap(),
+        b"from the helper mount"
+    );
+    // umount(8) ends the node process (the FUSE session ends with the mount).
+    let st = Command::new("umount").arg(&mp).status().unwrap();
+    assert!(st.success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("unmounted") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node did not stop after umount:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // A missing node id is refused with a clear message.
+    let out = Command::new(&helper)
+        .arg(c.uri())
+        .arg(&mp)
+        .args(["-o", &format!("secret={}", c.local.secret.display())])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("node_id"));
+    c.finish();
+}
