@@ -338,7 +338,8 @@ pub fn run(a: &FsckArgs) -> anyhow::Result<()> {
     }
     line("csvfs-bench fsck");
     line(&format!(
-        "  mkfs.csvfs, 1 TiB sparse volume           {mkfs_s:>10.2} s"
+        "  mkfs.csvfs, 1 TiB sparse volume           {:>10.1} ms",
+        mkfs_s * 1000.0
     ));
     line(&format!(
         "  fill through the store ({} files, {} dirs, {} GiB fragmented file)  {fill_s:.1} s, image uses {} MiB",
