@@ -258,6 +258,28 @@ impl Store {
         self.inner.lock().meta.stats
     }
 
+    /// Nodes that hold at least one open handle on some inode, as recorded on disk. A new
+    /// coordinator should call [`MetadataStore::node_gone`] for each of them that does not
+    /// come back within its grace period, and for a node that mounts anew (its previous
+    /// mount's handles are gone), so unlinked inodes they held are freed.
+    pub fn nodes_holding_opens(&self) -> Vec<NodeId> {
+        let mut g = self.inner.lock();
+        let held: Vec<_> = g.meta.held_prev.keys().copied().collect();
+        let mut nodes = std::collections::BTreeSet::new();
+        for ino in held {
+            if let Ok(c) = g.meta.inode(ino) {
+                for (i, n) in c.inode.opens.iter().enumerate() {
+                    if *n > 0 {
+                        if let Ok(id) = u32::try_from(i + 1) {
+                            nodes.insert(NodeId(id));
+                        }
+                    }
+                }
+            }
+        }
+        nodes.into_iter().collect()
+    }
+
     /// Writes every committed change home and empties the journal.
     pub fn checkpoint(&self) -> Result<(), FsError> {
         let mut g = self.inner.lock();

@@ -731,6 +731,7 @@ fn unlinked_open_file_keeps_clusters_until_last_close() {
     disk.power_cut();
     let s = Store::open(dev.clone(), Epoch(2)).unwrap();
     assert_eq!(used(&mut a, &s), 8);
+    assert_eq!(s.nodes_holding_opens(), vec![NodeId(2)]);
     b.run(&s, Request::Release { ino: f.ino }).unwrap();
     assert_eq!(used(&mut a, &s), 4);
     assert!(matches!(
@@ -739,6 +740,7 @@ fn unlinked_open_file_keeps_clusters_until_last_close() {
     ));
     s.node_gone(NodeId(2)).unwrap();
     assert_eq!(used(&mut a, &s), 0);
+    assert!(s.nodes_holding_opens().is_empty());
     drop(s);
     disk.power_cut();
     let s = Store::open(dev, Epoch(3)).unwrap();
