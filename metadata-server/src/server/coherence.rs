@@ -240,7 +240,9 @@ impl Coherence {
         let again: Vec<Invalidation> = link
             .recent
             .iter()
-            .filter(|(seq, inv)| *seq >= start_seq && keys.iter().any(|k| k.matches(inv)))
+            .rev() // newest first; `recent` is in sequence order
+            .take_while(|(seq, _)| *seq >= start_seq)
+            .filter(|(_, inv)| keys.iter().any(|k| k.matches(inv)))
             .map(|(_, inv)| inv.clone())
             .collect();
         for inv in again {
