@@ -280,19 +280,29 @@ impl Drop for ServerHandle {
     }
 }
 
+/// Connections allowed in the handshake phase at once.
+const MAX_PENDING_HANDSHAKES: usize = 256;
+
 async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     let mut shutdown = shared.shutdown.clone();
     let mut next_conn: u64 = 1;
+    // Connections still in their handshake, at most: unauthenticated peers cannot pile up.
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_HANDSHAKES));
     loop {
         tokio::select! {
             _ = shutdown.changed() => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
+                    let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+                        tracing::warn!(%peer, limit = MAX_PENDING_HANDSHAKES, "connection refused: too many handshakes in progress");
+                        continue;
+                    };
                     let conn = next_conn;
                     next_conn += 1;
                     let _ = stream.set_nodelay(true);
                     let span = tracing::info_span!("conn", conn, %peer);
-                    tokio::spawn(session::run(stream, peer, conn, shared.clone()).instrument(span));
+                    let run = session::run(stream, peer, conn, shared.clone(), permit);
+                    tokio::spawn(run.instrument(span));
                 }
                 Err(e) => {
                     // Out of descriptors and the like: keep serving the connections we have.

@@ -24,10 +24,19 @@ struct Established {
 }
 
 /// Serves one connection until it closes. Every way it can end is logged here, once.
-pub(super) async fn run(stream: TcpStream, peer: SocketAddr, conn: u64, shared: Arc<Shared>) {
+/// `handshaking` is held until the handshake ends, successful or not.
+pub(super) async fn run(
+    stream: TcpStream,
+    peer: SocketAddr,
+    conn: u64,
+    shared: Arc<Shared>,
+    handshaking: OwnedSemaphorePermit,
+) {
     let (mut rd, mut wr) = stream.into_split();
     let timeout = Duration::from_millis(shared.config.handshake_timeout_ms);
-    let est = match tokio::time::timeout(timeout, handshake(&mut rd, &mut wr, &shared)).await {
+    let outcome = tokio::time::timeout(timeout, handshake(&mut rd, &mut wr, &shared)).await;
+    drop(handshaking);
+    let est = match outcome {
         Ok(Ok(est)) => est,
         Ok(Err(reason)) => {
             tracing::warn!(%peer, "connection refused during handshake: {reason}");
