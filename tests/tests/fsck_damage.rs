@@ -220,3 +220,45 @@ fn live_lease_refuses_repair_and_stale_lease_does_not() {
     assert_eq!(r.exit_code(), 0);
     assert!(r.notes.iter().any(|n| n.contains("not renewed")));
 }
+
+#[test]
+fn fsck_over_nbd() {
+    use block_client::nbd::{serve, ListenAddr, ServeOptions};
+    use block_client::{NbdClient, NbdClientOptions};
+    let dir = std::env::temp_dir().join(format!("csvfs-fsck-nbd-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let img = dir.join("vol.img");
+    let (dev, mut b, t) = volume();
+    b.damage(&t, Damage::OrphanInode);
+    std::fs::write(&img, dev.image()).unwrap();
+    let handle = serve(
+        &img,
+        &ListenAddr::Unix(dir.join("s.sock")),
+        ServeOptions::default(),
+    )
+    .unwrap();
+    let client: Arc<dyn BlockDevice> =
+        Arc::new(NbdClient::open(&handle.uri(), NbdClientOptions::default()).unwrap());
+    let opts = |mode| FsckOptions {
+        mode,
+        force: true,
+        ..FsckOptions::default()
+    };
+    let r = fsck::run(client.clone(), &opts(Mode::ReadOnly)).unwrap();
+    assert_eq!(r.kinds(), vec![FindingKind::OrphanInode]);
+    assert_eq!(
+        fsck::run(client.clone(), &opts(Mode::Repair))
+            .unwrap()
+            .exit_code(),
+        1
+    );
+    assert_eq!(
+        fsck::run(client.clone(), &opts(Mode::ReadOnly))
+            .unwrap()
+            .exit_code(),
+        0
+    );
+    drop(client);
+    drop(handle);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -292,7 +292,6 @@ pub fn check(base: Arc<dyn BlockDevice>, opts: &FsckOptions) -> Result<FsckRepor
     });
     report.findings = c.resolve();
     report.notes = std::mem::take(&mut c.notes);
-    let unfixable = c.pending.iter().any(|p| !p.fixable);
     if opts.mode.repairs() && changed {
         overlay
             .write_back((g.journal.start_bytes(), g.journal.len_bytes()))
@@ -302,13 +301,6 @@ pub fn check(base: Arc<dyn BlockDevice>, opts: &FsckOptions) -> Result<FsckRepor
                 source,
             })?;
         report.repaired = true;
-        if unfixable {
-            for f in &mut report.findings {
-                if f.action.starts_with("cannot") {
-                    f.action = format!("{} (left as is)", f.action);
-                }
-            }
-        }
     }
     Ok(report)
 }
@@ -413,6 +405,7 @@ impl Checker<'_> {
                 } else {
                     p.action.clone()
                 },
+                repairable: p.fixable,
             })
             .collect()
     }

@@ -143,6 +143,8 @@ pub struct Finding {
     pub message: String,
     /// What fsck does (or would do) about it.
     pub action: String,
+    /// False when fsck cannot repair it (the action says why).
+    pub repairable: bool,
 }
 
 /// What a run found and did.
@@ -178,10 +180,11 @@ impl FsckReport {
             }
             return exit::CLEAN;
         }
-        if self.repaired {
-            exit::CORRECTED
-        } else {
-            exit::UNCORRECTED
+        let left = self.findings.iter().any(|f| !f.repairable);
+        match (self.repaired, left) {
+            (true, false) => exit::CORRECTED,
+            (true, true) => exit::CORRECTED | exit::UNCORRECTED,
+            (false, _) => exit::UNCORRECTED,
         }
     }
 

@@ -22,7 +22,7 @@ pub fn print_report(target: &str, report: &FsckReport, mode: Mode) {
     for f in &report.findings {
         let verb = match mode {
             Mode::ReadOnly => "would fix",
-            _ if f.action.starts_with("cannot") => "not fixed",
+            _ if !f.repairable => "not fixed",
             _ => "fixed",
         };
         println!("{}", f.message);
