@@ -26,7 +26,7 @@ pub struct MkfsOptions {
     pub max_nodes: u32,
     /// Journal size in bytes. Default: device/32, between 4 MiB and 128 MiB.
     pub journal_bytes: Option<u64>,
-    /// Inode slots. Default: one per 256 KiB of device, at least 64.
+    /// Inode slots. Default: one per 256 KiB of device, between 64 and 16 Mi.
     pub inode_count: Option<u64>,
     /// Metadata blocks (directory, extent and blob blocks). Default: a quarter of the inode
     /// count, at least 256.
@@ -192,7 +192,7 @@ impl Layout {
         let inode_count = match o.inode_count {
             Some(n) if n >= 3 => n + 1,
             Some(n) => return bad(format!("inode count {n} is below 3")),
-            None => (device_bytes / (256 << 10)).max(64) + 1,
+            None => (device_bytes / (256 << 10)).clamp(64, 16 << 20) + 1,
         };
         let meta_blocks = match o.meta_blocks {
             Some(n) if n >= 1 => n,

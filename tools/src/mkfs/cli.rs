@@ -33,7 +33,7 @@ pub struct MkfsCli {
     #[arg(short = 'J', long = "journal-size", value_parser = parse_size)]
     pub journal_bytes: Option<u64>,
 
-    /// Number of inodes. Default: one per 256K of device.
+    /// Number of inodes. Default: one per 256K of device, at most 16M.
     #[arg(short = 'i', long = "inodes")]
     pub inodes: Option<u64>,
 
