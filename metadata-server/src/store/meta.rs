@@ -427,9 +427,10 @@ impl Meta {
                 if let Some(first) = c.inode.first_block {
                     let mut cur = Some(first);
                     let mut n = 0u64;
+                    let mut seen = std::collections::HashSet::new();
                     while let Some(b) = cur {
                         n += 1;
-                        if n > limit || !self.g.meta_valid(b) {
+                        if n > limit || !self.g.meta_valid(b) || !seen.insert(b) {
                             return Err(FsError::Corrupt(format!(
                                 "extent chain of {ino} is broken"
                             )));
@@ -485,7 +486,7 @@ impl Meta {
         let mut blocks = Vec::new();
         let mut cur = Some(first);
         while let Some(b) = cur {
-            if blocks.len() as u64 >= limit || !self.g.meta_valid(b) {
+            if blocks.len() as u64 >= limit || !self.g.meta_valid(b) || blocks.contains(&b) {
                 return Err(FsError::Corrupt(format!("blob chain of {ino} is broken")));
             }
             let at = b.0 * BLOCK_BYTES;
@@ -632,8 +633,9 @@ impl Meta {
         let seed = self.sb.hash_seed;
         let mut st = DirState::default();
         let mut cur = first;
+        let mut seen = std::collections::HashSet::new();
         while let Some(b) = cur {
-            if st.blocks.len() as u64 >= limit || !self.g.meta_valid(b) {
+            if st.blocks.len() as u64 >= limit || !self.g.meta_valid(b) || !seen.insert(b) {
                 return Err(FsError::Corrupt(format!(
                     "directory chain of {dir} is broken"
                 )));
