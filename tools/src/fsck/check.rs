@@ -1245,7 +1245,10 @@ impl Checker<'_> {
                     self.inodes
                         .iter()
                         .find(|(ino, i)| {
-                            i.kind == FileKind::Dir && **ino != root && !visited.contains(*ino)
+                            i.kind == FileKind::Dir
+                                && **ino != root
+                                && !visited.contains(*ino)
+                                && !(i.held && i.nlink == 0)
                         })
                         .map(|(ino, i)| (*ino, i.kind, i.nlink, i.size_bytes))
                 });
@@ -1291,6 +1294,9 @@ impl Checker<'_> {
             );
             let cookie = {
                 let Some(lfi) = self.inodes.get_mut(&lf) else {
+                    // Cannot happen (lost+found was walked); never loop on it.
+                    visited.insert(ino);
+                    *refs.entry(ino).or_insert(0) += 1;
                     continue;
                 };
                 let c = lfi.next_cookie.max(3);
@@ -1403,6 +1409,10 @@ impl Checker<'_> {
             let Some(inode) = self.inodes.get(&ino).cloned() else {
                 continue;
             };
+            if inode.held && inode.nlink == 0 && !self.names.contains_key(&ino) {
+                // Removed but still open somewhere: freed when the last open goes.
+                continue;
+            }
             let expected = if inode.kind == FileKind::Dir {
                 2 + subdirs.get(&ino).copied().unwrap_or(0)
             } else {
