@@ -64,6 +64,10 @@ pub struct ServerConfig {
     pub runtime_threads: u32,
     /// Threads for blocking store calls. Default: 64.
     pub store_threads: u32,
+    /// Nodes that held opens when the store was opened (for example
+    /// `Store::nodes_holding_opens` after a failover). Each one that does not connect
+    /// within `node_grace_ms` is declared gone. Default: empty.
+    pub nodes_with_opens: Vec<NodeId>,
 }
 
 impl ServerConfig {
@@ -94,6 +98,7 @@ impl Default for ServerConfig {
             max_in_flight_per_conn: 256,
             runtime_threads: 2,
             store_threads: 64,
+            nodes_with_opens: Vec::new(),
         }
     }
 }
@@ -113,6 +118,7 @@ impl fmt::Debug for ServerConfig {
             .field("max_in_flight_per_conn", &self.max_in_flight_per_conn)
             .field("runtime_threads", &self.runtime_threads)
             .field("store_threads", &self.store_threads)
+            .field("nodes_with_opens", &self.nodes_with_opens)
             .finish()
     }
 }
@@ -233,6 +239,13 @@ impl Server {
             addr = %local_addr
         );
         tracing::info!(parent: &span, "metadata server listening");
+        {
+            let _ctx = runtime.enter();
+            let _in_span = span.enter();
+            for node in &shared.config.nodes_with_opens {
+                session::schedule_node_gone(*node, &shared);
+            }
+        }
         runtime.spawn(accept_loop(listener, shared.clone()).instrument(span));
         Ok(ServerHandle {
             local_addr,

@@ -195,6 +195,11 @@ async fn established(
 ) {
     let node = est.node;
     let max = shared.config.max_frame_bytes;
+    if !est.resumed {
+        // A fresh mount: whatever a previous incarnation of this node held open is gone.
+        // Done before its first request is read, so its new opens are never dropped.
+        release_previous_mount(node, &shared).await;
+    }
     let (tx, rx) = mpsc::unbounded_channel::<Frame>();
     // Register before the writer starts so missed invalidations go out first.
     let kick = Arc::new(Notify::new());
@@ -382,8 +387,22 @@ async fn writer(wr: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<Frame>, max:
     let _ = w.shutdown().await;
 }
 
-/// After the grace period, a node that did not come back is gone for good.
-fn schedule_node_gone(node: NodeId, shared: &Arc<Shared>) {
+/// Tells the store that the previous mount of `node` is gone (its opens are released).
+async fn release_previous_mount(node: NodeId, shared: &Arc<Shared>) {
+    let store = shared.store.clone();
+    match tokio::task::spawn_blocking(move || store.node_gone(node)).await {
+        Ok(Ok(())) => tracing::debug!("released the opens of the node's previous mount"),
+        Ok(Err(e)) => tracing::error!(
+            error = %e,
+            "store could not release the opens of the node's previous mount"
+        ),
+        Err(e) => tracing::error!(error = %e, "node_gone panicked"),
+    }
+}
+
+/// After the grace period, a node that did not come back is gone for good. Also used at
+/// start for the nodes the store says hold opens (generation 0: never connected here).
+pub(super) fn schedule_node_gone(node: NodeId, shared: &Arc<Shared>) {
     let generation = shared.generations.lock().get(&node).copied().unwrap_or(0);
     let grace = Duration::from_millis(shared.config.node_grace_ms);
     let shared = shared.clone();
