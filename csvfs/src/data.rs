@@ -51,6 +51,11 @@ struct FileState {
     pending_size_bytes: u64,
     /// End of the last write, to detect sequential writers.
     seq_end_bytes: u64,
+    /// Start of the current sequential run of writes.
+    seq_start_bytes: u64,
+    /// Clusters this node preallocated for a sequential writer and has not written yet;
+    /// handed back at the last close on this node.
+    prealloc: RangeSet,
     /// Opens of the inode on this node.
     opens: u32,
 }
@@ -190,6 +195,8 @@ impl DataPath {
                         pending: RangeSet::new(),
                         pending_size_bytes: 0,
                         seq_end_bytes: u64::MAX,
+                        seq_start_bytes: 0,
+                        prealloc: RangeSet::new(),
                         opens: 0,
                     }),
                 })
@@ -215,6 +222,9 @@ impl DataPath {
     /// forgets the file when it was the last open on this node.
     pub fn release(&self, uid: u32, gid: u32, file: &Arc<OpenFile>) -> Result<(), NodeError> {
         let committed = self.commit(uid, gid, file);
+        if committed.is_ok() {
+            self.trim_prealloc(uid, gid, file);
+        }
         let released = self
             .meta
             .call(uid, gid, Request::Release { ino: file.ino })
@@ -229,6 +239,59 @@ impl DataPath {
         }
         committed?;
         released.map_err(NodeError::from)
+    }
+
+    /// At the last close on this node, hands back preallocated clusters that were never
+    /// written (a punch of clusters that are still unwritten at the coordinator). Failure
+    /// only leaves the clusters allocated, so it is logged, not reported.
+    fn trim_prealloc(&self, uid: u32, gid: u32, file: &OpenFile) {
+        let ranges: Vec<(u64, u64)> = {
+            let mut st = file.state.lock();
+            if st.opens > 1 || st.prealloc.is_empty() {
+                return;
+            }
+            let r = st.prealloc.iter().collect();
+            st.prealloc = RangeSet::new();
+            r
+        };
+        let _io = file.io.write();
+        for (start, end) in ranges {
+            let still_unwritten = match self.meta.call(
+                uid,
+                gid,
+                Request::GetExtents {
+                    ino: file.ino,
+                    offset_bytes: start,
+                    len_bytes: end - start,
+                },
+            ) {
+                Ok(Response::Mapped { extents, .. }) => extents,
+                Ok(_) | Err(_) => continue,
+            };
+            for e in still_unwritten.iter().filter(|e| e.unwritten) {
+                let a = e.file_offset_bytes.max(start);
+                let b = (e.file_offset_bytes + e.len_bytes).min(end);
+                if a >= b {
+                    continue;
+                }
+                let r = self.meta.call(
+                    uid,
+                    gid,
+                    Request::Fallocate {
+                        ino: file.ino,
+                        offset_bytes: a,
+                        len_bytes: b - a,
+                        mode: FallocMode::PunchHole,
+                    },
+                );
+                match r {
+                    Ok(_) => file.state.lock().map.punch(a, b),
+                    Err(e) => {
+                        tracing::warn!(ino = %file.ino, error = %e, "handing back preallocation failed");
+                    }
+                }
+            }
+        }
     }
 
     /// A coordinator invalidation of `ino`: the next access refetches its layout and size.
@@ -391,7 +454,15 @@ impl DataPath {
             let mut st = file.state.lock();
             st.pending.insert(offset_bytes, end);
             st.pending_size_bytes = st.pending_size_bytes.max(end).max(st.attr.size_bytes);
+            if st.seq_end_bytes != offset_bytes {
+                st.seq_start_bytes = offset_bytes;
+            }
             st.seq_end_bytes = end;
+            if !st.prealloc.is_empty() {
+                let cl = self.cluster_bytes;
+                st.prealloc
+                    .remove(align_down(offset_bytes, cl), align_up(end, cl));
+            }
             sync || st.pending.count_ranges() > MAX_PENDING_RANGES
                 || st.pending.len_bytes() > MAX_PENDING_BYTES
         };
@@ -410,9 +481,14 @@ impl DataPath {
         start: u64,
         end: u64,
     ) -> Result<Vec<Piece>, NodeError> {
-        let (pieces, sequential) = {
+        let (pieces, run_bytes) = {
             let st = file.state.lock();
-            (st.map.pieces(start, end), st.seq_end_bytes == start)
+            let run = if st.seq_end_bytes == start {
+                end - st.seq_start_bytes
+            } else {
+                0
+            };
+            (st.map.pieces(start, end), run)
         };
         let holes: Vec<&Piece> = pieces
             .iter()
@@ -423,12 +499,25 @@ impl DataPath {
         };
         let alloc_start = align_down(first.file_offset_bytes, self.cluster_bytes);
         let alloc_end = align_up(last.file_offset_bytes + last.len_bytes, self.cluster_bytes);
-        // A file growing sequentially gets a window proportional to its size (up to
-        // `prealloc_bytes`), so small files never hold large preallocations.
-        let hint_bytes = if sequential && start > 0 {
-            self.prealloc_bytes.min(align_up(end, self.cluster_bytes))
+        // A sequential run of writes gets a window as long as the run so far (up to
+        // `prealloc_bytes`), so small files and short runs never hold large
+        // preallocations. What the window adds is remembered and handed back at close.
+        let hint_bytes = if run_bytes > end - start {
+            self.prealloc_bytes
+                .min(align_up(run_bytes, self.cluster_bytes))
         } else {
             0
+        };
+        let new_holes: Vec<(u64, u64)> = if hint_bytes > 0 {
+            let st = file.state.lock();
+            st.map
+                .pieces(alloc_end, alloc_end.saturating_add(hint_bytes))
+                .into_iter()
+                .filter(|p| p.backing == Backing::Hole)
+                .map(|p| (p.file_offset_bytes, p.file_offset_bytes + p.len_bytes))
+                .collect()
+        } else {
+            Vec::new()
         };
         let _m = file.meta.lock();
         let resp = self.meta.call(
@@ -448,6 +537,10 @@ impl DataPath {
         for e in &extents {
             st.map.insert(*e);
         }
+        for (a, b) in new_holes {
+            st.prealloc.insert(a, b);
+        }
+        drop(st);
         // Build the answer from the extents this call returned, so that a refetch racing
         // with it cannot make the range look unmapped again.
         let mut fresh = ExtentMap::new();
@@ -806,6 +899,16 @@ pub(crate) mod tests {
                 .insert(ino, (file_attr(ino), ExtentMap::new()));
         }
 
+        pub(crate) fn allocated_clusters(&self, ino: InodeId) -> u64 {
+            let inner = self.inner.lock();
+            let (_, m) = &inner.files[&ino];
+            m.pieces(0, 1 << 40)
+                .iter()
+                .filter(|p| p.backing != Backing::Hole)
+                .map(|p| p.len_bytes / inner.cluster_bytes)
+                .sum()
+        }
+
         fn zero_written(&self, map: &ExtentMap, start: u64, end: u64) {
             for p in map.pieces(start, end) {
                 if let (Backing::Written { lun_offset_bytes }, Some(lun)) = (p.backing, &self.lun) {
@@ -1054,9 +1157,20 @@ pub(crate) mod tests {
         for i in 0..4u64 {
             dp.write(0, 0, &f, i * CL / 2, &chunk, false).unwrap();
         }
-        // Cluster 0 without a hint, then cluster 1 with a window of 2 clusters.
+        // Cluster 0 without a hint, then cluster 1 with a window as long as the run.
         assert_eq!(store.inner.lock().free_next, 4);
         dp.fsync(0, 0, &f).unwrap();
+        // The window's unused cluster goes back at close.
+        let (g, _) = dp.open(0, 0, InodeId(10), false).unwrap();
+        dp.release(0, 0, &f).unwrap();
+        assert_eq!(
+            store.allocated_clusters(InodeId(10)),
+            4,
+            "handed back while open"
+        );
+        dp.release(0, 0, &g).unwrap();
+        assert_eq!(store.allocated_clusters(InodeId(10)), 2);
+        let (f, _) = dp.open(0, 0, InodeId(10), false).unwrap();
         let buf = dp
             .read(0, 0, &f, 0, u32::try_from(4 * CL).unwrap())
             .unwrap();

@@ -433,6 +433,16 @@ fn step_unmount(d: &mut Demo) -> Result<(), DemoError> {
         }
         say(&format!("      node {id} unmounted"));
     }
+    // The coordinator checkpointed on its way out: the on-disk bitmap is exact now.
+    let st = read_state(&d.cluster.uri)?;
+    let g = &st.superblock.geometry;
+    let cl = u64::from(g.cluster_bytes);
+    say(&format!(
+        "      volume after unmount: {} used, {} free of {}",
+        human_bytes((g.cluster_count - st.free_clusters.min(g.cluster_count)) * cl),
+        human_bytes(st.free_clusters * cl),
+        human_bytes(g.data_bytes())
+    ));
     Ok(())
 }
 

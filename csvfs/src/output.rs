@@ -100,7 +100,8 @@ pub fn render_state(s: &VolumeState) -> String {
     }
     out.push_str(&format!(
         "Volume      : {name} on {}\n\
-         Free space  : {} of {} ({pct:.1}% free, {} clusters of {}; on-disk bitmap)\n",
+         Free space  : {} of {} ({pct:.1}% free, {} clusters of {};\n              \
+         from the on-disk bitmap, as of the coordinator's last checkpoint)\n",
         s.lun,
         human_bytes(free),
         human_bytes(total),
