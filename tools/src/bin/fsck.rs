@@ -6,39 +6,8 @@
 use std::process::ExitCode;
 
 use clap::Parser;
+use csvfs_tools::fsck::cli::Cli;
 use csvfs_tools::fsck::{self, exit, FsckError, FsckOptions, Mode};
-
-/// Check a csvfs volume and optionally repair it.
-#[derive(Debug, Parser)]
-#[command(name = "fsck.csvfs", version)]
-struct Cli {
-    /// Open read-only and answer "no" to every repair. Default.
-    #[arg(short = 'n', conflicts_with_all = ["yes", "preen"])]
-    no: bool,
-    /// Repair everything without asking.
-    #[arg(short = 'y', conflicts_with = "preen")]
-    yes: bool,
-    /// Preen: repair automatically, print only problems.
-    #[arg(short = 'p', short_alias = 'a')]
-    preen: bool,
-    /// Check even when the volume is marked clean.
-    #[arg(short = 'f')]
-    force: bool,
-    /// Repair even when the coordinator lease looks live (dangerous).
-    #[arg(long)]
-    ignore_lease: bool,
-    /// How long to watch a held lease for renewals, in ms. Default: the lease's timeout.
-    #[arg(long, value_name = "MS")]
-    lease_wait_ms: Option<u64>,
-    /// Show progress on stderr (unit: items checked). Default: when stderr is a terminal.
-    #[arg(short = 'C', long)]
-    progress: bool,
-    /// Accepted for compatibility with `fsck -t`; ignored.
-    #[arg(short = 't', hide = true)]
-    fstype: Option<String>,
-    /// The volume: a file, a block device, or nbd://host[:port]/export, nbd+unix:///export?socket=PATH.
-    target: String,
-}
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()

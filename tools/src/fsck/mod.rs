@@ -17,6 +17,7 @@
 //! people. Exit codes follow e2fsck: see [`exit`].
 
 mod check;
+pub mod cli;
 mod dirs;
 pub mod output;
 pub mod overlay;
