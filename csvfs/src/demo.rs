@@ -113,6 +113,9 @@ const STEPS: &[Step] = &[
         "verify the disk byte for byte from nodes 2 and 3",
         step_verify_image,
     ),
+    ("live-migrate a running VM, node 1 to 2", |d| {
+        crate::demo_vm::step(&d.cluster, say)
+    }),
     ("show the volume state (csvfs state)", step_state),
     ("unmount every node", step_unmount),
     ("check the volume (fsck)", step_fsck),

@@ -12,6 +12,7 @@ pub mod cli;
 pub mod config;
 pub mod data;
 pub mod demo;
+mod demo_vm;
 pub mod errno;
 pub mod extents;
 pub mod fuse;
