@@ -182,7 +182,9 @@ pub fn wait_for<T>(
 
 /// True when `path` is the mount point of a mounted csvfs (per /proc/self/mountinfo).
 pub fn is_mounted(path: &Path) -> bool {
-    let Ok(canon) = path.canonicalize() else {
+    // No canonicalize: resolving the path would send a request into the very mount being
+    // checked (and race its unmount).
+    let Ok(canon) = std::path::absolute(path) else {
         return false;
     };
     let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {

@@ -10,7 +10,11 @@ use std::io::IsTerminal;
 use tracing_subscriber::EnvFilter;
 
 fn init_tracing() {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // fuser logs a reply to a request the kernel already dropped (an interrupted call, or
+    // one in flight at unmount) as an error; there is nothing to act on, so the default
+    // filter hides it.
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,fuser::reply=off"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
