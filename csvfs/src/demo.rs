@@ -12,7 +12,7 @@
 //! 7. clean unmount of every node
 //! 8. fsck of the volume (`fsck.csvfs` next to this binary, when present)
 //!
-//! Later issues add steps (VM migration, coordinator failover) to [`STEPS`].
+//! Later issues add steps (VM migration, coordinator failover) to `STEPS`.
 
 use crate::cli::DemoArgs;
 use crate::local::{LocalCluster, LocalError};

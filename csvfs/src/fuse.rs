@@ -1038,7 +1038,7 @@ enum KernelInval {
 /// The kernel applies an entry invalidation under the directory's lock; if a request of
 /// this node holds that lock while it waits for the coordinator, and the coordinator
 /// waits for this invalidation, applying it inline would deadlock. So invalidations go to
-/// one thread, and the caller waits for each at most [`INVALIDATION_WAIT`].
+/// one thread, and the caller waits for each at most `INVALIDATION_WAIT` (100 ms).
 #[derive(Debug)]
 pub struct Invalidator {
     notifier: Arc<OnceLock<Notifier>>,
