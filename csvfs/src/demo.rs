@@ -8,11 +8,13 @@
 //! 3. three `csvfs mount` nodes, three mountpoints (node 1 becomes coordinator)
 //! 4. one folder per VM, each made from a different node, seen from every node
 //! 5. a multi-GiB sparse VM disk written from node 1, verified byte for byte from 2 and 3
-//! 6. `csvfs state`
-//! 7. clean unmount of every node
-//! 8. fsck of the volume (`fsck.csvfs` next to this binary, when present)
+//! 6. a small VM run by `hv-runner` on node 1, live-migrated to node 2 while it writes,
+//!    its console and disk records checked through node 3 (`demo_vm`)
+//! 7. `csvfs state`
+//! 8. clean unmount of every node
+//! 9. fsck of the volume (`fsck-csvfs` next to this binary, built on first use under cargo)
 //!
-//! Later issues add steps (VM migration, coordinator failover) to `STEPS`.
+//! Later issues add steps (coordinator failover) to `STEPS`.
 
 use crate::cli::DemoArgs;
 use crate::local::{LocalCluster, LocalError};
