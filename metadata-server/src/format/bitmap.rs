@@ -5,7 +5,7 @@
 use zerocopy::little_endian::{U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
-use super::{corrupt, seal, verify, DecodeError, BLOCK_LEN, MAGIC_BITMAP};
+use super::{corrupt, seal, verify_raw, DecodeError, BLOCK_LEN, MAGIC_BITMAP};
 
 /// Bytes of bits in one bitmap block.
 pub const BITMAP_BYTES: usize = 4064;
@@ -120,12 +120,7 @@ impl BitmapBlock {
         index: u64,
     ) -> Result<BitmapBlock, DecodeError> {
         const WHAT: &str = "bitmap block";
-        verify(WHAT, at, bytes, MAGIC_BITMAP)?;
-        let raw = RawBitmapBlock::read_from_bytes(bytes).map_err(|_| DecodeError::Length {
-            what: WHAT,
-            at,
-            len_bytes: bytes.len() as u64,
-        })?;
+        let raw: RawBitmapBlock = verify_raw(WHAT, at, bytes, MAGIC_BITMAP)?;
         if raw.kind != kind.code() {
             return Err(corrupt(
                 WHAT,

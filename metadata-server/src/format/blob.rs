@@ -4,7 +4,7 @@
 use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
-use super::{corrupt, seal, verify, DecodeError, BLOCK_LEN, MAGIC_BLOB};
+use super::{check_owner, corrupt, seal, verify_raw, DecodeError, BLOCK_LEN, MAGIC_BLOB};
 use crate::types::{BlockNo, InodeId};
 
 /// Payload bytes per blob block.
@@ -85,19 +85,8 @@ impl BlobBlock {
         kind: BlobKind,
     ) -> Result<BlobBlock, DecodeError> {
         const WHAT: &str = "blob block";
-        verify(WHAT, at, bytes, MAGIC_BLOB)?;
-        let raw = RawBlobBlock::read_from_bytes(bytes).map_err(|_| DecodeError::Length {
-            what: WHAT,
-            at,
-            len_bytes: bytes.len() as u64,
-        })?;
-        if raw.ino.get() != owner.0 {
-            return Err(corrupt(
-                WHAT,
-                at,
-                format!("owned by ino {} not {owner}", raw.ino.get()),
-            ));
-        }
+        let raw: RawBlobBlock = verify_raw(WHAT, at, bytes, MAGIC_BLOB)?;
+        check_owner(WHAT, at, raw.ino.get(), owner)?;
         let found = match raw.kind {
             1 => BlobKind::Xattrs,
             2 => BlobKind::Symlink,

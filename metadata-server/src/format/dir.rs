@@ -11,7 +11,9 @@ use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 use super::inode::kind_from_code;
-use super::{corrupt, seal, verify, DecodeError, BLOCK_LEN, MAGIC_DIR, MAX_NAME_BYTES};
+use super::{
+    check_owner, corrupt, seal, verify_raw, DecodeError, BLOCK_LEN, MAGIC_DIR, MAX_NAME_BYTES,
+};
 use crate::types::{BlockNo, FileKind, InodeId};
 
 /// Bytes of entry space in a directory block.
@@ -171,19 +173,8 @@ impl DirBlock {
     /// Decodes a block read at byte `at` that directory `owner` points to.
     pub fn decode(bytes: &[u8], at: u64, owner: InodeId) -> Result<DirBlock, DecodeError> {
         const WHAT: &str = "directory block";
-        verify(WHAT, at, bytes, MAGIC_DIR)?;
-        let raw = RawDirBlock::read_from_bytes(bytes).map_err(|_| DecodeError::Length {
-            what: WHAT,
-            at,
-            len_bytes: bytes.len() as u64,
-        })?;
-        if raw.ino.get() != owner.0 {
-            return Err(corrupt(
-                WHAT,
-                at,
-                format!("owned by ino {} not {owner}", raw.ino.get()),
-            ));
-        }
+        let raw: RawDirBlock = verify_raw(WHAT, at, bytes, MAGIC_DIR)?;
+        check_owner(WHAT, at, raw.ino.get(), owner)?;
         let depth = raw.depth;
         if depth > DIR_MAX_DEPTH {
             return Err(corrupt(WHAT, at, format!("depth {depth} too large")));

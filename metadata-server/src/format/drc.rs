@@ -7,7 +7,7 @@
 use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
-use super::{corrupt, is_zeroed, seal, verify, DecodeError, MAGIC_DRC};
+use super::{corrupt, is_zeroed, seal, verify_raw, DecodeError, MAGIC_DRC};
 use crate::types::{NodeId, RequestId};
 
 /// Encoded size of a slot.
@@ -93,12 +93,7 @@ impl DrcSlot {
         if is_zeroed(bytes) {
             return Ok(None);
         }
-        verify(WHAT, at, bytes, MAGIC_DRC)?;
-        let raw = RawDrcSlot::read_from_bytes(bytes).map_err(|_| DecodeError::Length {
-            what: WHAT,
-            at,
-            len_bytes: bytes.len() as u64,
-        })?;
+        let raw: RawDrcSlot = verify_raw(WHAT, at, bytes, MAGIC_DRC)?;
         let len = usize::from(raw.len.get());
         let payload = match raw.kind.get() {
             1 if len <= DRC_DATA_BYTES => DrcPayload::Outcome(raw.data[..len].to_vec()),

@@ -5,7 +5,9 @@
 use zerocopy::little_endian::{U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
-use super::{corrupt, seal, verify, DecodeError, Geometry, BLOCK_LEN, MAGIC_EXTENT};
+use super::{
+    check_owner, corrupt, seal, verify_raw, DecodeError, Geometry, BLOCK_LEN, MAGIC_EXTENT,
+};
 use crate::types::{BlockNo, ClusterNo, InodeId};
 
 /// Extents in one extent block.
@@ -179,19 +181,8 @@ impl ExtentBlock {
     /// Decodes a block read at byte `at` that `owner` points to.
     pub fn decode(bytes: &[u8], at: u64, owner: InodeId) -> Result<ExtentBlock, DecodeError> {
         const WHAT: &str = "extent block";
-        verify(WHAT, at, bytes, MAGIC_EXTENT)?;
-        let raw = RawExtentBlock::read_from_bytes(bytes).map_err(|_| DecodeError::Length {
-            what: WHAT,
-            at,
-            len_bytes: bytes.len() as u64,
-        })?;
-        if raw.ino.get() != owner.0 {
-            return Err(corrupt(
-                WHAT,
-                at,
-                format!("owned by ino {} not {owner}", raw.ino.get()),
-            ));
-        }
+        let raw: RawExtentBlock = verify_raw(WHAT, at, bytes, MAGIC_EXTENT)?;
+        check_owner(WHAT, at, raw.ino.get(), owner)?;
         let count = usize::try_from(raw.count.get()).unwrap_or(usize::MAX);
         if count == 0 || count > EXTENTS_PER_BLOCK {
             return Err(corrupt(

@@ -6,7 +6,9 @@ use zerocopy::little_endian::{I64, U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 use super::extent::check_sorted;
-use super::{corrupt, is_zeroed, seal, verify, DecodeError, DiskExtent, RawExtent, MAGIC_INODE};
+use super::{
+    corrupt, is_zeroed, seal, verify_raw, DecodeError, DiskExtent, RawExtent, MAGIC_INODE,
+};
 use crate::types::{BlockNo, FileKind, InodeId, Timestamp};
 
 /// Encoded size of an inode.
@@ -343,12 +345,7 @@ impl InodeSlot {
         if is_zeroed(bytes) {
             return Ok(InodeSlot::Empty);
         }
-        verify(WHAT, at, bytes, MAGIC_INODE)?;
-        let raw = RawInode::read_from_bytes(bytes).map_err(|_| DecodeError::Length {
-            what: WHAT,
-            at,
-            len_bytes: bytes.len() as u64,
-        })?;
+        let raw: RawInode = verify_raw(WHAT, at, bytes, MAGIC_INODE)?;
         if raw.ino.get() != ino.0 {
             return Err(corrupt(
                 WHAT,

@@ -202,6 +202,38 @@ pub fn verify(
     Ok(())
 }
 
+/// Checks magic and CRC like [`verify`], then reads the raw layout `T` from `bytes`.
+pub(crate) fn verify_raw<T: zerocopy::FromBytes>(
+    what: &'static str,
+    at: u64,
+    bytes: &[u8],
+    expect_magic: u32,
+) -> Result<T, DecodeError> {
+    verify(what, at, bytes, expect_magic)?;
+    T::read_from_bytes(bytes).map_err(|_| DecodeError::Length {
+        what,
+        at,
+        len_bytes: bytes.len() as u64,
+    })
+}
+
+/// Checks that a block names, in its `ino` field, the inode that points to it.
+pub(crate) fn check_owner(
+    what: &'static str,
+    at: u64,
+    found_ino: u64,
+    owner: InodeId,
+) -> Result<(), DecodeError> {
+    if found_ino != owner.0 {
+        return Err(corrupt(
+            what,
+            at,
+            format!("owned by ino {found_ino} not {owner}"),
+        ));
+    }
+    Ok(())
+}
+
 /// True when every byte is zero (a structure that was never written).
 pub fn is_zeroed(bytes: &[u8]) -> bool {
     bytes.iter().all(|b| *b == 0)
