@@ -4,8 +4,18 @@
 //! measures the raw LUN (the baseline); then the LUN is formatted (in-process mkfs), three
 //! `csvfs mount` nodes mount it, and fio runs the same workloads through node 1's mount
 //! (libaio, O_DIRECT, 32 in flight). Last, metadata rates: create, stat, rename, unlink
-//! per second from one node, then from three nodes at once (each on its own names in one
-//! shared directory). Needs the `csvfs` binary next to this one and fio.
+//! per second from one node, then from three nodes at once, in two layouts:
+//!
+//! - unique directory per thread (mdtest's `-u`): each thread works in a directory of its
+//!   own, so nothing in the kernel serializes the threads. This is the figure the goals
+//!   are stated against.
+//! - one shared directory: every thread of every node works on its own names in one
+//!   directory. Linux takes the parent directory's inode lock exclusively for
+//!   `open(O_CREAT)`, rename and unlink, so on one node the lookup and create of one name
+//!   must finish before the next starts in that directory, whatever the thread count.
+//!
+//! `--meta-only` skips fio (and needs no fio); `--fio-only` skips the metadata part.
+//! Needs the `csvfs` binary next to this one.
 
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
@@ -44,6 +54,13 @@ pub struct FsArgs {
     /// temp dir.
     #[arg(long)]
     pub dir: Option<PathBuf>,
+    /// Run only the metadata measurement (no fio, raw or through the mount). Default: off.
+    #[arg(long, conflicts_with = "fio_only")]
+    pub meta_only: bool,
+    /// Run only the fio measurements (raw LUN and through the mount), no metadata rates.
+    /// Default: off.
+    #[arg(long)]
+    pub fio_only: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -225,19 +242,67 @@ struct MetaRates {
     unlink: f64,
 }
 
-fn meta_phase(roots: &[PathBuf], files: u32, threads: u32, tag: &str) -> anyhow::Result<MetaRates> {
+/// Where the threads of a metadata phase put their files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Layout {
+    /// Each thread of each node in a directory of its own (made before the clock starts).
+    UniqueDirPerThread,
+    /// Every thread of every node in the one root directory, each on its own names.
+    SharedDir,
+}
+
+impl Layout {
+    fn key(self) -> &'static str {
+        match self {
+            Self::UniqueDirPerThread => "unique_dir",
+            Self::SharedDir => "shared_dir",
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Self::UniqueDirPerThread => "unique directory per thread",
+            Self::SharedDir => "one shared directory",
+        }
+    }
+}
+
+/// One metadata phase: `files` names per node spread over `threads` threads per node, on
+/// the node roots in `roots` (the same directory seen through each node's mount).
+fn meta_phase(
+    roots: &[PathBuf],
+    files: u32,
+    threads: u32,
+    tag: &str,
+    layout: Layout,
+) -> anyhow::Result<MetaRates> {
+    let mut dirs: Vec<Vec<PathBuf>> = Vec::new();
+    for (n, root) in roots.iter().enumerate() {
+        let mut per_thread = Vec::new();
+        for t in 0..threads {
+            per_thread.push(match layout {
+                Layout::SharedDir => root.clone(),
+                Layout::UniqueDirPerThread => {
+                    let d = root.join(format!("{tag}-{n}-t{t}"));
+                    std::fs::create_dir(&d).with_context(|| format!("create {}", d.display()))?;
+                    d
+                }
+            });
+        }
+        dirs.push(per_thread);
+    }
     let run = |op: &'static str| -> anyhow::Result<f64> {
         let start = Instant::now();
         let mut hs = Vec::new();
-        for (n, root) in roots.iter().enumerate() {
-            for t in 0..threads {
-                let root = root.clone();
+        for (n, per_thread) in dirs.iter().enumerate() {
+            for (t, dir) in (0..threads).zip(per_thread) {
+                let dir = dir.clone();
                 let tag = format!("{tag}-{n}");
                 hs.push(thread::spawn(move || -> std::io::Result<()> {
                     let mut i = t;
                     while i < files {
-                        let a = root.join(format!("{tag}-{i}"));
-                        let b = root.join(format!("{tag}-{i}.r"));
+                        let a = dir.join(format!("{tag}-{i}"));
+                        let b = dir.join(format!("{tag}-{i}.r"));
                         match op {
                             "create" => {
                                 OpenOptions::new().create_new(true).write(true).open(&a)?;
@@ -257,7 +322,7 @@ fn meta_phase(roots: &[PathBuf], files: u32, threads: u32, tag: &str) -> anyhow:
         for h in hs {
             h.join()
                 .map_err(|_| anyhow::anyhow!("{op} thread panicked"))?
-                .with_context(|| format!("{op} through the mount"))?;
+                .with_context(|| format!("{op} through the mount ({})", layout.label()))?;
         }
         let total = f64::from(files) * roots.len() as f64;
         Ok(total / start.elapsed().as_secs_f64())
@@ -268,6 +333,52 @@ fn meta_phase(roots: &[PathBuf], files: u32, threads: u32, tag: &str) -> anyhow:
         rename: run("rename")?,
         unlink: run("unlink")?,
     })
+}
+
+/// Metadata rates of one layout: from node 1 alone, then from all three nodes at once.
+#[derive(Debug, Clone, Copy)]
+struct MetaResult {
+    layout: Layout,
+    one: MetaRates,
+    three: MetaRates,
+}
+
+/// Runs both layouts, unique directories first. `mounts` are the three node mountpoints.
+fn meta_all(mounts: &[PathBuf], files: u32, threads: u32) -> anyhow::Result<Vec<MetaResult>> {
+    let mut out = Vec::new();
+    for (k, layout) in [Layout::UniqueDirPerThread, Layout::SharedDir]
+        .into_iter()
+        .enumerate()
+    {
+        let first = mounts.first().context("no node mounts")?;
+        progress(&format!(
+            "metadata, {}: {files} files per node, {threads} threads per node",
+            layout.label()
+        ));
+        let one_name = format!("meta-{}-1", layout.key());
+        std::fs::create_dir(first.join(&one_name))?;
+        let one = meta_phase(
+            &[first.join(&one_name)],
+            files,
+            threads,
+            &format!("a{k}"),
+            layout,
+        )?;
+        let three_name = format!("meta-{}-3", layout.key());
+        std::fs::create_dir(first.join(&three_name))?;
+        let roots: Vec<PathBuf> = mounts.iter().map(|m| m.join(&three_name)).collect();
+        // The other nodes may not have seen the new directory yet: wait until they do.
+        for r in &roots {
+            wait_until(
+                &format!("{} to appear", r.display()),
+                Duration::from_secs(10),
+                || Ok(r.is_dir()),
+            )?;
+        }
+        let three = meta_phase(&roots, files, threads, &format!("b{k}"), layout)?;
+        out.push(MetaResult { layout, one, three });
+    }
+    Ok(out)
 }
 
 /// Runs the benchmark.
@@ -310,11 +421,13 @@ pub fn run(args: &FsArgs) -> anyhow::Result<()> {
         Ok(std::os::unix::net::UnixStream::connect(&sock).is_ok())
     })?;
 
-    progress("raw LUN: fio's nbd engine against csvfs serve-lun");
-    let raw_target = vec!["--ioengine=nbd".to_string(), format!("--uri={uri}")];
     let mut raw = Vec::new();
-    for w in &WORKLOADS {
-        raw.push(fio(&raw_target, w, seconds, file_bytes, &dir)?);
+    if !args.meta_only {
+        progress("raw LUN: fio's nbd engine against csvfs serve-lun");
+        let raw_target = vec!["--ioengine=nbd".to_string(), format!("--uri={uri}")];
+        for w in &WORKLOADS {
+            raw.push(fio(&raw_target, w, seconds, file_bytes, &dir)?);
+        }
     }
 
     progress("mkfs and three node mounts");
@@ -352,68 +465,67 @@ pub fn run(args: &FsArgs) -> anyhow::Result<()> {
     }
     let mp1 = dir.join("node1");
 
-    progress("through the mount: fio libaio O_DIRECT on node 1");
-    let file = mp1.join("bench.img");
-    let fs_target = vec![
-        "--ioengine=libaio".to_string(),
-        "--direct=1".to_string(),
-        format!("--filename={}", file.display()),
-    ];
     let mut fs = Vec::new();
-    for w in &WORKLOADS {
-        fs.push(fio(&fs_target, w, seconds, file_bytes, &dir)?);
+    if !args.meta_only {
+        progress("through the mount: fio libaio O_DIRECT on node 1");
+        let file = mp1.join("bench.img");
+        let fs_target = vec![
+            "--ioengine=libaio".to_string(),
+            "--direct=1".to_string(),
+            format!("--filename={}", file.display()),
+        ];
+        for w in &WORKLOADS {
+            fs.push(fio(&fs_target, w, seconds, file_bytes, &dir)?);
+        }
     }
 
-    progress(&format!(
-        "metadata: {files} files per node, {} threads per node",
-        args.threads
-    ));
-    let one_root = mp1.join("meta1");
-    std::fs::create_dir(&one_root)?;
-    let one = meta_phase(&[one_root], files, args.threads, "a")?;
-    std::fs::create_dir(mp1.join("meta3"))?;
-    let roots: Vec<PathBuf> = (1..=3)
-        .map(|i| dir.join(format!("node{i}/meta3")))
-        .collect();
-    let three = meta_phase(&roots, files, args.threads, "b")?;
+    let meta = if args.fio_only {
+        Vec::new()
+    } else {
+        let mounts: Vec<PathBuf> = rig.nodes.iter().map(|(_, _, mp)| mp.clone()).collect();
+        meta_all(&mounts, files, args.threads)?
+    };
     drop(rig);
 
     if args.json {
         let mut parts = Vec::new();
-        for (i, w) in WORKLOADS.iter().enumerate() {
+        for ((w, r), f) in WORKLOADS.iter().zip(&raw).zip(&fs) {
             parts.push(format!(
                 "{}: {{\"raw_mib_s\": {}, \"raw_iops\": {}, \"fs_mib_s\": {}, \"fs_iops\": {}}}",
                 json_string(w.key),
-                json_number(raw[i].mib_per_s),
-                json_number(raw[i].iops),
-                json_number(fs[i].mib_per_s),
-                json_number(fs[i].iops)
+                json_number(r.mib_per_s),
+                json_number(r.iops),
+                json_number(f.mib_per_s),
+                json_number(f.iops)
             ));
         }
-        for (name, r) in [("meta_one_node", one), ("meta_three_nodes", three)] {
-            parts.push(format!(
-                "{}: {{\"create\": {}, \"stat\": {}, \"rename\": {}, \"unlink\": {}}}",
-                json_string(name),
-                json_number(r.create),
-                json_number(r.stat),
-                json_number(r.rename),
-                json_number(r.unlink)
-            ));
+        for m in &meta {
+            for (nodes, r) in [("one_node", m.one), ("three_nodes", m.three)] {
+                parts.push(format!(
+                    "{}: {{\"create\": {}, \"stat\": {}, \"rename\": {}, \"unlink\": {}}}",
+                    json_string(&format!("meta_{}_{nodes}", m.layout.key())),
+                    json_number(r.create),
+                    json_number(r.stat),
+                    json_number(r.rename),
+                    json_number(r.unlink)
+                ));
+            }
         }
         line(&format!("{{{}}}", parts.join(", ")));
         return Ok(());
     }
-    line(&format!(
-        "csvfs-bench fs: {} s per run, {} MiB file, {QUEUE_DEPTH} in flight",
-        seconds,
-        file_bytes >> 20
-    ));
-    line(&format!(
-        "{:<24} {:>22} {:>22} {:>7}",
-        "workload", "raw LUN (fio nbd)", "csvfs mount (fio)", "ratio"
-    ));
-    for (i, w) in WORKLOADS.iter().enumerate() {
-        let (r, f) = (raw[i], fs[i]);
+    if !fs.is_empty() {
+        line(&format!(
+            "csvfs-bench fs: {} s per run, {} MiB file, {QUEUE_DEPTH} in flight",
+            seconds,
+            file_bytes >> 20
+        ));
+        line(&format!(
+            "{:<24} {:>22} {:>22} {:>7}",
+            "workload", "raw LUN (fio nbd)", "csvfs mount (fio)", "ratio"
+        ));
+    }
+    for ((w, r), f) in WORKLOADS.iter().zip(&raw).zip(&fs) {
         let (rv, fv, unit) = if w.block_bytes >= 1 << 20 {
             (r.mib_per_s, f.mib_per_s, "MiB/s")
         } else {
@@ -427,23 +539,36 @@ pub fn run(args: &FsArgs) -> anyhow::Result<()> {
             if rv > 0.0 { fv / rv } else { 0.0 }
         ));
     }
-    line(&format!(
-        "{:<24} {:>10} {:>10} {:>10} {:>10}",
-        "metadata (ops/s)", "create", "stat", "rename", "unlink"
-    ));
-    for (name, r) in [("one node", one), ("three nodes at once", three)] {
+    for m in &meta {
         line(&format!(
-            "{:<24} {:>10.0} {:>10.0} {:>10.0} {:>10.0}",
-            name, r.create, r.stat, r.rename, r.unlink
+            "metadata, {} ({files} files per node, {} threads per node):",
+            m.layout.label(),
+            args.threads
+        ));
+        if m.layout == Layout::SharedDir {
+            line(
+                "  (serialized per node: the kernel holds the directory's inode lock \
+                 exclusively for each create, rename and unlink in it)",
+            );
+        }
+        line(&format!(
+            "  {:<22} {:>10} {:>10} {:>10} {:>10}",
+            "ops/s", "create", "stat", "rename", "unlink"
+        ));
+        for (name, r) in [("one node", m.one), ("three nodes at once", m.three)] {
+            line(&format!(
+                "  {:<22} {:>10.0} {:>10.0} {:>10.0} {:>10.0}",
+                name, r.create, r.stat, r.rename, r.unlink
+            ));
+        }
+        line(&format!(
+            "  three nodes / one node (create): {:.2}",
+            if m.one.create > 0.0 {
+                m.three.create / m.one.create
+            } else {
+                0.0
+            }
         ));
     }
-    line(&format!(
-        "three nodes / one node (create): {:.2}",
-        if one.create > 0.0 {
-            three.create / one.create
-        } else {
-            0.0
-        }
-    ));
     Ok(())
 }
