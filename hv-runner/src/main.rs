@@ -73,7 +73,7 @@ fn main() -> Result<()> {
             }
             OwnerRecord::claim(&dir, &node)?;
             let started = (|| {
-                let vm = Vm::create(dir.clone(), cfg, None)?;
+                let vm = Vm::create(dir.clone(), cfg, None, true)?;
                 vm.claim_owner(&node, false)?;
                 vm.boot()?;
                 vm.attach_disk()?;
@@ -135,7 +135,7 @@ fn main() -> Result<()> {
                 stream.set_read_timeout(Some(Duration::from_secs(30)))?;
                 let _ = stream.set_nodelay(true);
                 let mut w = stream.try_clone()?;
-                let mut r = BufReader::with_capacity(1 << 20, stream);
+                let mut r = BufReader::with_capacity(128 << 10, stream);
                 match migration::receive(&mut r, Some(&mut w), &volume, &node, None) {
                     Ok(vm) => {
                         tracing::info!(%peer, vm = %vm.dir.name, "migration received, vm resumed");
@@ -156,7 +156,7 @@ fn main() -> Result<()> {
             let path = dir.state_path();
             let f =
                 std::fs::File::open(&path).with_context(|| format!("open {}", path.display()))?;
-            let mut r = BufReader::with_capacity(1 << 20, f);
+            let mut r = BufReader::with_capacity(128 << 10, f);
             let vm = migration::receive(&mut r, None, volume, &node, Some(&dir.name))?;
             std::fs::remove_file(&path).with_context(|| format!("remove {}", path.display()))?;
             let reason = runner::serve(vm, &node, &cli.runtime_dir)?;

@@ -28,11 +28,12 @@ use crate::vm::{MachineState, OwnerRecord, Vm, VmConfig, VmDir, VmError};
 /// Stream magic.
 pub const MAGIC: [u8; 8] = *b"HVMIGRT\0";
 /// Protocol version spoken by this runner.
-pub const VERSION: u32 = 1;
-/// Oldest protocol version accepted.
-pub const MIN_VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
+/// Oldest protocol version accepted (version 1 had a different page frame, vCPU state
+/// and RESUMED reply).
+pub const MIN_VERSION: u32 = 2;
 
-const T_PAGE: u8 = 1;
+const T_PAGES: u8 = 8;
 const T_ROUND: u8 = 2;
 const T_STATE: u8 = 3;
 const T_COMMIT: u8 = 4;
@@ -44,6 +45,8 @@ const R_READY: u8 = 0x11;
 const R_RESUMED: u8 = 0x12;
 const R_ERROR: u8 = 0x1f;
 const MAX_JSON: u32 = 64 << 20;
+/// Most pages a receiver accepts in one PAGES frame.
+const MAX_RUN_PAGES: usize = 1024;
 
 /// Errors of a migration, save or restore.
 #[derive(Debug, thiserror::Error)]
@@ -138,7 +141,8 @@ pub struct MigrateOptions {
 pub struct Report {
     /// Hello to destination resume, ms.
     pub total_ms: f64,
-    /// Source pause to destination resume, ms (wall clocks of both nodes).
+    /// Source pause to destination resume, ms, on the source's clock: pause to the arrival
+    /// of the destination's RESUMED (an upper bound, by half a round trip).
     pub downtime_ms: f64,
     /// Dirty rounds after the full pass.
     pub rounds: u32,
@@ -154,12 +158,21 @@ pub struct Report {
     pub bandwidth_mbps: f64,
 }
 
+/// Most pages in one PAGES frame the source sends.
+const RUN_PAGES: usize = 64;
+/// Tag, pfn and count of a PAGES frame.
+const RUN_HEAD: usize = 13;
+
 struct Out<W: Write> {
     w: BufWriter<W>,
     bytes: u64,
     pages: u64,
     zeros: u64,
-    buf: Box<[u8; PAGE_SIZE]>,
+    /// A PAGES frame being built: its 13-byte head, then `run_len` consecutive non-zero
+    /// pages from `run_start`, so head and data leave in one write.
+    run: Vec<u8>,
+    run_start: usize,
+    run_len: usize,
     limit_bytes_per_s: u64,
     t0: Instant,
 }
@@ -167,16 +180,19 @@ struct Out<W: Write> {
 impl<W: Write> Out<W> {
     fn new(w: W) -> Self {
         Self {
-            w: BufWriter::with_capacity(1 << 20, w),
+            // A run (256 KiB) is as large as the buffer, so it goes to the socket directly.
+            w: BufWriter::with_capacity(RUN_PAGES * PAGE_SIZE, w),
             bytes: 0,
             pages: 0,
             zeros: 0,
-            buf: Box::new([0; PAGE_SIZE]),
+            run: vec![0; RUN_HEAD + RUN_PAGES * PAGE_SIZE],
+            run_start: 0,
+            run_len: 0,
             limit_bytes_per_s: 0,
             t0: Instant::now(),
         }
     }
-    fn put(&mut self, b: &[u8]) -> Result<(), MigrateError> {
+    fn raw(&mut self, b: &[u8]) -> Result<(), MigrateError> {
         self.bytes += b.len() as u64;
         if self.limit_bytes_per_s > 0 {
             let allowed = self.limit_bytes_per_s as f64 * self.t0.elapsed().as_secs_f64();
@@ -189,6 +205,26 @@ impl<W: Write> Out<W> {
         }
         self.w.write_all(b).map_err(io_err("send"))
     }
+    /// Writes the pending run of pages as one PAGES frame.
+    fn end_run(&mut self) -> Result<(), MigrateError> {
+        if self.run_len == 0 {
+            return Ok(());
+        }
+        let n = self.run_len;
+        self.run_len = 0;
+        self.run[0] = T_PAGES;
+        self.run[1..9].copy_from_slice(&(self.run_start as u64).to_le_bytes());
+        self.run[9..RUN_HEAD]
+            .copy_from_slice(&u32::try_from(n).expect("run fits u32").to_le_bytes());
+        let run = std::mem::take(&mut self.run);
+        let r = self.raw(&run[..RUN_HEAD + n * PAGE_SIZE]);
+        self.run = run;
+        r
+    }
+    fn put(&mut self, b: &[u8]) -> Result<(), MigrateError> {
+        self.end_run()?;
+        self.raw(b)
+    }
     fn json<T: Serialize>(&mut self, tag: u8, v: &T) -> Result<(), MigrateError> {
         let body = serde_json::to_vec(v).expect("state serializes");
         let len = u32::try_from(body.len())
@@ -198,26 +234,34 @@ impl<W: Write> Out<W> {
         self.put(&body)
     }
     fn flush(&mut self) -> Result<(), MigrateError> {
+        self.end_run()?;
         self.w.flush().map_err(io_err("flush"))
     }
     /// Sends page `page`: skipped when zero and `skip_zero`, a zero marker when zero,
-    /// else its data.
+    /// else its data (consecutive pages go out together in one PAGES frame).
     fn page(&mut self, vm: &Vm, page: usize, skip_zero: bool) -> Result<(), MigrateError> {
-        vm.ram.read_page(page, &mut self.buf[..])?;
-        let pfn = (page as u64).to_le_bytes();
-        if self.buf.iter().all(|&b| b == 0) {
+        if self.run_len == RUN_PAGES || (self.run_len > 0 && page != self.run_start + self.run_len)
+        {
+            self.end_run()?;
+        }
+        let at = RUN_HEAD + self.run_len * PAGE_SIZE;
+        let slot = &mut self.run[at..at + PAGE_SIZE];
+        vm.ram.read_page(page, slot)?;
+        if crate::kvm::all_zero(slot) {
+            self.end_run()?;
             if !skip_zero {
                 self.zeros += 1;
-                self.put(&[T_ZERO])?;
-                self.put(&pfn)?;
+                self.raw(&[T_ZERO])?;
+                self.raw(&(page as u64).to_le_bytes())?;
             }
             return Ok(());
         }
+        if self.run_len == 0 {
+            self.run_start = page;
+        }
+        self.run_len += 1;
         self.pages += 1;
-        self.put(&[T_PAGE])?;
-        self.put(&pfn)?;
-        let data = *self.buf;
-        self.put(&data[..])
+        Ok(())
     }
     fn hello(&mut self, h: &Hello) -> Result<(), MigrateError> {
         self.put(&MAGIC)?;
@@ -464,7 +508,6 @@ fn precopy_and_switch<W: Write>(
         return Err(f(MigrateError::NotRunning));
     }
     let paused_at = Instant::now();
-    let paused_unix_us = unix_us();
     let fp = |e: MigrateError| (e, true, false);
     let mut dirty = final_set;
     let last = vm.machine.take_dirty_log().map_err(|e| fp(e.into()))?;
@@ -498,10 +541,11 @@ fn precopy_and_switch<W: Write>(
     if let Err(e) = commit {
         return Err((e, true, true));
     }
-    let resumed =
-        read_reply(reader, "resumed", R_RESUMED).and_then(|()| read_u64(reader, "resumed"));
-    let resumed_unix_us = match resumed {
-        Ok(t) => t,
+    let resumed = read_reply(reader, "resumed", R_RESUMED);
+    // One clock: pause to the arrival of RESUMED, both on this host's monotonic clock.
+    let downtime = paused_at.elapsed();
+    match resumed {
+        Ok(()) => {}
         // An explicit refusal: the destination did not start the VM; take it back.
         Err(e @ MigrateError::Refused(_)) => return Err((e, true, true)),
         Err(e) => {
@@ -527,13 +571,9 @@ fn precopy_and_switch<W: Write>(
                 Err(_) => return Ok(Report::default()),
             }
         }
-    };
+    }
     let total = start.elapsed();
-    let downtime_ms = if resumed_unix_us >= paused_unix_us {
-        (resumed_unix_us - paused_unix_us) as f64 / 1e3
-    } else {
-        paused_at.elapsed().as_secs_f64() * 1e3
-    };
+    let downtime_ms = downtime.as_secs_f64() * 1e3;
     progress(&format!(
         "switched over: {final_pages} pages in the final copy"
     ));
@@ -555,14 +595,6 @@ impl Drop for StopOnDrop {
     fn drop(&mut self) {
         self.0.store(true, Ordering::Relaxed);
     }
-}
-
-/// Wall clock in µs since the Unix epoch.
-pub fn unix_us() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
 }
 
 /// Saves the running `vm` into `state.hvm` in its folder (RAM, vCPU and device state) and
@@ -635,7 +667,7 @@ pub fn receive(
     if !(MIN_VERSION..=VERSION).contains(&version) {
         return Err(refuse(
             &mut replies,
-            format!("protocol version {version} not supported (have {MIN_VERSION}..={VERSION})"),
+            format!("migration protocol version {version} not supported: this runner speaks {MIN_VERSION}..={VERSION}; run the same hv-runner version on both nodes"),
         ));
     }
     let hello: Hello = read_json(input, "hello")?;
@@ -663,7 +695,7 @@ pub fn receive(
     if let Err(why) = hello.config.validate() {
         return Err(refuse(&mut replies, format!("config: {why}")));
     }
-    let vm = match Vm::create(dir, hello.config.clone(), None) {
+    let vm = match Vm::create(dir, hello.config.clone(), None, false) {
         Ok(vm) => vm,
         Err(e) => return Err(refuse(&mut replies, format!("create vm: {e}"))),
     };
@@ -686,23 +718,29 @@ pub fn receive(
         None
     };
     let _stop_on_exit = StopOnDrop(Arc::clone(&stop_prefault));
-    let mut page = Box::new([0u8; PAGE_SIZE]);
     let pages = vm.ram.pages();
     let mut have_state = false;
     loop {
         let tag = read_u8(input, "frame")?;
         match tag {
-            T_PAGE | T_ZERO => {
+            T_PAGES => {
+                let pfn = usize::try_from(read_u64(input, "pages")?).unwrap_or(usize::MAX);
+                let count = usize::try_from(read_u32(input, "pages")?).unwrap_or(usize::MAX);
+                if count == 0 || count > MAX_RUN_PAGES || pfn.saturating_add(count) > pages {
+                    return Err(MigrateError::Protocol(format!(
+                        "pages {pfn}+{count} beyond ram or run limit"
+                    )));
+                }
+                let gpa = pfn as u64 * PAGE_SIZE as u64;
+                vm.ram.populate(gpa, count * PAGE_SIZE);
+                vm.ram.load_from(gpa, count * PAGE_SIZE, input)?;
+            }
+            T_ZERO => {
                 let pfn = usize::try_from(read_u64(input, "page")?).unwrap_or(usize::MAX);
                 if pfn >= pages {
                     return Err(MigrateError::Protocol(format!("page {pfn} beyond ram")));
                 }
-                if tag == T_PAGE {
-                    input.read_exact(&mut page[..]).map_err(io_err("page"))?;
-                    vm.ram.load_page(pfn, &page)?;
-                } else {
-                    vm.ram.zero_page(pfn)?;
-                }
+                vm.ram.zero_page(pfn)?;
             }
             T_ROUND => {
                 // The full pass is over: the rest are few pages; stop competing for CPU
@@ -757,10 +795,8 @@ pub fn receive(
     }
     tracing::debug!(us = t_commit.elapsed().as_micros(), "resumed after commit");
     if let Some(w) = replies.as_mut() {
-        let mut m = vec![R_RESUMED];
-        m.extend_from_slice(&unix_us().to_le_bytes());
         // The VM runs here now whatever happens to this reply.
-        let _ = w.write_all(&m).and_then(|()| w.flush());
+        let _ = w.write_all(&[R_RESUMED]).and_then(|()| w.flush());
     }
     Ok(vm)
 }

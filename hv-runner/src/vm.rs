@@ -395,8 +395,8 @@ pub struct DeviceState {
 /// Complete machine state besides RAM.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MachineState {
-    /// vCPU 0.
-    pub vcpu: VcpuState,
+    /// Every vCPU, by index.
+    pub vcpus: Vec<VcpuState>,
     /// VM-wide KVM state.
     pub vm: VmState,
     /// Devices.
@@ -415,6 +415,7 @@ pub struct Devices {
 struct RunState {
     pause_requested: bool,
     parked: bool,
+    entered: bool,
     stop: bool,
     exited: Option<String>,
 }
@@ -455,10 +456,16 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Vm {
     /// Creates the VM in this process with empty RAM; the vCPU is not started. Devices are
-    /// created with `devs` state; the disk is not attached.
-    pub fn create(dir: VmDir, cfg: VmConfig, devs: Option<DeviceState>) -> Result<Self, VmError> {
+    /// created with `devs` state; the disk is not attached. `huge_pages`: back RAM with
+    /// transparent huge pages (see [`GuestRam::new`]).
+    pub fn create(
+        dir: VmDir,
+        cfg: VmConfig,
+        devs: Option<DeviceState>,
+        huge_pages: bool,
+    ) -> Result<Self, VmError> {
         let ram_len = usize::try_from(cfg.ram_bytes()).expect("ram size fits usize");
-        let ram = Arc::new(GuestRam::new(ram_len)?);
+        let ram = Arc::new(GuestRam::new(ram_len, huge_pages)?);
         let machine = Arc::new(Machine::new(&ram)?);
         let vcpu = Vcpu::new(machine.create_vcpu(0)?);
         let tsc_khz = vcpu.tsc_khz()?;
@@ -531,8 +538,10 @@ impl Vm {
         Ok(())
     }
 
-    /// Starts the vCPU thread (running).
+    /// Starts the vCPU thread and returns once it is about to enter KVM_RUN (so an
+    /// incoming migration reports "resumed" when the guest really runs again).
     pub fn start(&self) -> Result<(), VmError> {
+        self.ram.set_live();
         let vcpu = Arc::clone(&self.vcpu);
         let devs = Arc::clone(&self.devices);
         let ram = Arc::clone(&self.ram);
@@ -544,6 +553,14 @@ impl Vm {
             .map_err(VmError::Spawn)?;
         *lock(&self.pthread) = Some(std::os::unix::thread::JoinHandleExt::as_pthread_t(&t));
         *lock(&self.thread) = Some(t);
+        let mut st = lock(&self.control.state);
+        while !st.entered && st.exited.is_none() {
+            st = self
+                .control
+                .cv
+                .wait(st)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
         Ok(())
     }
 
@@ -590,11 +607,11 @@ impl Vm {
 
     /// Saves vCPU, VM and device state. The vCPU must be parked.
     pub fn save_state(&self) -> Result<MachineState, VmError> {
-        let vcpu = lock(&self.vcpu).save_state()?;
+        let vcpus = vec![lock(&self.vcpu).save_state()?];
         let vm = self.machine.save_vm_state()?;
         let d = lock(&self.devices);
         Ok(MachineState {
-            vcpu,
+            vcpus,
             vm,
             devices: DeviceState {
                 serial: d.serial.state(),
@@ -605,8 +622,14 @@ impl Vm {
 
     /// Loads vCPU, VM and device state.
     pub fn load_state(&self, s: &MachineState) -> Result<(), VmError> {
+        let [vcpu] = s.vcpus.as_slice() else {
+            return Err(VmError::Config {
+                path: self.dir.config_path(),
+                reason: format!("state has {} vcpus, this vm has 1", s.vcpus.len()),
+            });
+        };
         self.machine.load_vm_state(&s.vm)?;
-        lock(&self.vcpu).load_state(&s.vcpu)?;
+        lock(&self.vcpu).load_state(vcpu)?;
         let mut d = lock(&self.devices);
         d.serial.set_state(s.devices.serial.clone());
         d.blk.set_state(s.devices.blk.clone());
@@ -727,6 +750,10 @@ fn vcpu_loop(vcpu: &Mutex<Vcpu>, devs: &Mutex<Devices>, ram: &GuestRam, control:
                 }
                 st.parked = false;
                 continue;
+            }
+            if !st.entered {
+                st.entered = true;
+                control.cv.notify_all();
             }
         }
         let pct = control.throttle_pct.load(Ordering::Relaxed);

@@ -3,8 +3,8 @@
 //! `kvm-bindings` structs used to move vCPU state between processes. Everything above this
 //! module uses the safe types defined here.
 
-use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::io::{self, Read};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use kvm_bindings::{
     kvm_clock_data, kvm_debugregs, kvm_fpu, kvm_irqchip, kvm_lapic_state, kvm_mp_state,
@@ -48,6 +48,20 @@ pub enum KvmError {
         /// Length.
         len_bytes: usize,
     },
+    /// Reading incoming pages into guest memory failed.
+    #[error("read {len_bytes} bytes into guest ram at {gpa:#x}")]
+    Load {
+        /// Start address.
+        gpa: u64,
+        /// Length.
+        len_bytes: usize,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Loading straight into guest memory was asked for while a vCPU may run.
+    #[error("guest ram is live: pages can no longer be loaded directly")]
+    Live,
     /// A saved state blob has the wrong size for its type.
     #[error("state blob {what} has {got} bytes, expected {want}")]
     BadBlob {
@@ -67,6 +81,17 @@ fn ioctl_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> KvmError {
     }
 }
 
+/// True when `b` holds only zero bytes (word-wise, so the compiler vectorizes it).
+pub fn all_zero(b: &[u8]) -> bool {
+    let mut words = b.chunks_exact(64);
+    let body = words.by_ref().all(|c| {
+        c.chunks_exact(8).fold(0u64, |acc, w| {
+            acc | u64::from_ne_bytes(w.try_into().expect("8 bytes"))
+        }) == 0
+    });
+    body && words.remainder().iter().all(|&x| x == 0)
+}
+
 /// Guest RAM: one anonymous private mapping starting at guest-physical 0, plus a bitmap of
 /// pages the runner itself wrote (device DMA), which KVM's dirty log does not see.
 pub struct GuestRam {
@@ -75,6 +100,7 @@ pub struct GuestRam {
     map_base: *mut libc::c_void,
     map_len: usize,
     vmm_dirty: Vec<AtomicU64>,
+    live: AtomicBool,
 }
 
 // SAFETY: the mapping is owned by `GuestRam` for its whole life and only accessed through
@@ -86,9 +112,12 @@ unsafe impl Send for GuestRam {}
 unsafe impl Sync for GuestRam {}
 
 impl GuestRam {
-    /// Maps `len_bytes` (a multiple of the page size) of zeroed guest RAM, 2 MiB aligned
-    /// and advised for transparent huge pages (first-touch faults are far cheaper).
-    pub fn new(len_bytes: usize) -> Result<Self, KvmError> {
+    /// Maps `len_bytes` (a multiple of the page size) of zeroed guest RAM, 2 MiB aligned,
+    /// advised for transparent huge pages when `huge_pages` (fewer TLB and EPT misses for
+    /// the guest). An incoming migration maps without: on a host whose free memory is
+    /// handed back to an outer hypervisor (free page reporting works on 2 MiB blocks), a
+    /// fresh huge page costs about 8 times more to fault in than 512 small ones.
+    pub fn new(len_bytes: usize, huge_pages: bool) -> Result<Self, KvmError> {
         const HUGE: usize = 2 << 20;
         assert!(
             len_bytes % PAGE_SIZE == 0 && len_bytes > 0,
@@ -117,8 +146,13 @@ impl GuestRam {
         // SAFETY: `offset < HUGE`, so `ptr + offset .. + len_bytes` lies inside the
         // `len_bytes + HUGE` bytes just mapped.
         let aligned = unsafe { ptr.cast::<u8>().add(offset) };
+        let advice = if huge_pages {
+            libc::MADV_HUGEPAGE
+        } else {
+            libc::MADV_NOHUGEPAGE
+        };
         // SAFETY: advisory call on a range inside our own mapping; failure is harmless.
-        unsafe { libc::madvise(aligned.cast(), len_bytes, libc::MADV_HUGEPAGE) };
+        unsafe { libc::madvise(aligned.cast(), len_bytes, advice) };
         let pages = len_bytes / PAGE_SIZE;
         let words = pages.div_ceil(64);
         Ok(Self {
@@ -127,6 +161,7 @@ impl GuestRam {
             map_base: ptr,
             map_len,
             vmm_dirty: (0..words).map(|_| AtomicU64::new(0)).collect(),
+            live: AtomicBool::new(false),
         })
     }
 
@@ -184,13 +219,57 @@ impl GuestRam {
         Ok(())
     }
 
+    /// Marks RAM as live (a vCPU is about to run on it): from now on
+    /// [`GuestRam::load_from`] is refused.
+    pub fn set_live(&self) {
+        self.live.store(true, Ordering::SeqCst);
+    }
+
+    /// Reads `len_bytes` from `r` straight into guest memory at `gpa` (no intermediate
+    /// buffer), without marking pages dirty. Only for RAM that no vCPU has run on yet (an
+    /// incoming migration or a restore): refused once [`GuestRam::set_live`] was called.
+    pub fn load_from(&self, gpa: u64, len_bytes: usize, r: &mut impl Read) -> Result<(), KvmError> {
+        let start = self.check(gpa, len_bytes)?;
+        if self.live.load(Ordering::SeqCst) {
+            return Err(KvmError::Live);
+        }
+        // SAFETY: the range is inside the live mapping (checked above). No vCPU has run on
+        // this RAM (`live` is false, and it is set before any vCPU thread starts), the
+        // runner's devices only touch RAM from vCPU exits, and the prefault thread only
+        // calls madvise(MADV_POPULATE_WRITE), which never reads or writes page contents;
+        // so this is the only access to these bytes while the slice exists.
+        let dst = unsafe { std::slice::from_raw_parts_mut(self.ptr.add(start), len_bytes) };
+        r.read_exact(dst).map_err(|source| KvmError::Load {
+            gpa,
+            len_bytes,
+            source,
+        })
+    }
+
+    /// Faults in (zeroed if absent) the pages of `gpa..gpa + len_bytes` with one call, which
+    /// is cheaper than one page fault per page when they are then written.
+    pub fn populate(&self, gpa: u64, len_bytes: usize) {
+        let Ok(start) = self.check(gpa, len_bytes) else {
+            return;
+        };
+        // SAFETY: `start..start + len_bytes` lies inside our live mapping (checked);
+        // MADV_POPULATE_WRITE never alters present pages. Failure only loses the speed-up.
+        unsafe {
+            libc::madvise(
+                self.ptr.add(start).cast(),
+                len_bytes,
+                libc::MADV_POPULATE_WRITE,
+            )
+        };
+    }
+
     /// True when page `page` holds only zero bytes.
     pub fn page_is_zero(&self, page: usize) -> bool {
         let mut buf = [0u8; PAGE_SIZE];
         if self.read_page(page, &mut buf).is_err() {
             return false;
         }
-        buf.iter().all(|&b| b == 0)
+        all_zero(&buf)
     }
 
     /// Sets page `page` to zeros if it is not already zero.
