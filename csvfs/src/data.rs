@@ -10,7 +10,11 @@
 //! Commits are batched: on fsync, flush, release, periodically and when many ranges are
 //! pending. A commit zeroes the unwritten remainder of every partially written,
 //! previously unwritten cluster (the unwritten mark is per cluster, FORMAT.md), flushes
-//! the LUN, then sends `Commit`.
+//! the LUN, then sends `Commit`. So that this zeroing never hits another node's data, a
+//! node writes into an unwritten cluster only while it holds the cluster's claim
+//! (PROTOCOL.md §5.1): `Allocate` hands claims out, one node per cluster, and `Commit`
+//! hands them back; a write into a cluster another node holds commits this node's writes
+//! and asks again until the holder has committed.
 //!
 //! Locking per file: `io` is shared by reads and writes and taken exclusively by commits,
 //! truncates and fallocate, so a commit never races a write into the cluster remainder it
@@ -26,6 +30,7 @@ use metadata_server::types::{Attr, FallocMode, FsError, InodeId, SetAttr};
 use parking_lot::{Mutex, RwLock};
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// Length used to ask for "every extent of the file".
 const WHOLE_FILE_BYTES: u64 = 1 << 62;
@@ -33,6 +38,13 @@ const WHOLE_FILE_BYTES: u64 = 1 << 62;
 const MAX_PENDING_RANGES: usize = 4096;
 /// Commit inline once this many bytes are pending.
 const MAX_PENDING_BYTES: u64 = 1 << 30;
+/// First pause before asking again for a cluster another node holds the claim of.
+const CLAIM_BACKOFF_MIN: Duration = Duration::from_millis(1);
+/// Longest pause between two such asks.
+const CLAIM_BACKOFF_MAX: Duration = Duration::from_millis(50);
+/// How long a write waits for another node to commit a cluster it holds the claim of
+/// (nodes commit every second) before it fails.
+const CLAIM_WAIT: Duration = Duration::from_secs(60);
 
 /// Mutable state of one open inode.
 #[derive(Debug)]
@@ -56,6 +68,9 @@ struct FileState {
     /// Clusters this node preallocated for a sequential writer and has not written yet;
     /// handed back at the last close on this node.
     prealloc: RangeSet,
+    /// Unwritten clusters whose claim this node holds at the coordinator (PROTOCOL.md
+    /// §5.1), since its last commit: the only unwritten clusters it may write into.
+    claimed: RangeSet,
     /// Opens of the inode on this node.
     opens: u32,
 }
@@ -75,10 +90,13 @@ impl OpenFile {
         self.ino
     }
 
-    /// True when this node holds uncommitted writes for the file.
+    /// True when this node holds uncommitted writes for the file, or claims that a commit
+    /// would hand back.
     pub fn has_pending(&self) -> bool {
         let st = self.state.lock();
-        !st.pending.is_empty() || st.pending_size_bytes > st.attr.size_bytes
+        !st.pending.is_empty()
+            || st.pending_size_bytes > st.attr.size_bytes
+            || !st.claimed.is_empty()
     }
 }
 
@@ -197,6 +215,7 @@ impl DataPath {
                         seq_end_bytes: u64::MAX,
                         seq_start_bytes: 0,
                         prealloc: RangeSet::new(),
+                        claimed: RangeSet::new(),
                         opens: 0,
                     }),
                 })
@@ -429,10 +448,52 @@ impl DataPath {
             return Ok(0);
         }
         let end = offset_bytes.checked_add(len).ok_or(FsError::FileTooLarge)?;
-        let commit_now = {
+        let mut backoff = CLAIM_BACKOFF_MIN;
+        let deadline = Instant::now() + CLAIM_WAIT;
+        let commit_now = loop {
+            if let Some(commit_now) =
+                self.write_once((uid, gid), file, offset_bytes..end, data, sync)?
+            {
+                break commit_now;
+            }
+            // Another node holds the claim of an unwritten cluster of the range. Commit
+            // this node's writes (so it never holds claims the other is waiting for while
+            // it waits itself) and ask again when the holder has committed.
+            self.commit(uid, gid, file)?;
+            if Instant::now() >= deadline {
+                return Err(FsError::Io(format!(
+                    "clusters of {} at {offset_bytes}..{end} stayed claimed by another node for {} s",
+                    file.ino,
+                    CLAIM_WAIT.as_secs()
+                ))
+                .into());
+            }
+            std::thread::sleep(backoff);
+            backoff = (backoff * 2).min(CLAIM_BACKOFF_MAX);
+        };
+        if commit_now {
+            self.commit(uid, gid, file)?;
+        }
+        Ok(reply_len)
+    }
+
+    /// One attempt at a write: `None` when another node holds the claim of an unwritten
+    /// cluster of the range (nothing was written), else whether to commit now.
+    fn write_once(
+        &self,
+        (uid, gid): (u32, u32),
+        file: &OpenFile,
+        range: std::ops::Range<u64>,
+        data: &[u8],
+        sync: bool,
+    ) -> Result<Option<bool>, NodeError> {
+        let (offset_bytes, end) = (range.start, range.end);
+        {
             let _io = file.io.read();
             self.ensure_fresh(uid, gid, file)?;
-            let pieces = self.mapped_pieces(uid, gid, file, offset_bytes, end)?;
+            let Some(pieces) = self.mapped_pieces(uid, gid, file, offset_bytes, end)? else {
+                return Ok(None);
+            };
             for p in &pieces {
                 let lun_offset_bytes = match p.backing {
                     Backing::Written { lun_offset_bytes }
@@ -463,16 +524,16 @@ impl DataPath {
                 st.prealloc
                     .remove(align_down(offset_bytes, cl), align_up(end, cl));
             }
-            sync || st.pending.count_ranges() > MAX_PENDING_RANGES
-                || st.pending.len_bytes() > MAX_PENDING_BYTES
-        };
-        if commit_now {
-            self.commit(uid, gid, file)?;
+            Ok(Some(
+                sync || st.pending.count_ranges() > MAX_PENDING_RANGES
+                    || st.pending.len_bytes() > MAX_PENDING_BYTES,
+            ))
         }
-        Ok(reply_len)
     }
 
-    /// Pieces of `[start, end)`, allocating whatever is unmapped. Caller holds `io` shared.
+    /// Pieces of `[start, end)` this node may write: allocates what is unmapped and claims
+    /// unwritten clusters it does not hold yet. `None` when another node holds the claim
+    /// of one of them. Caller holds `io` shared.
     fn mapped_pieces(
         &self,
         uid: u32,
@@ -480,22 +541,25 @@ impl DataPath {
         file: &OpenFile,
         start: u64,
         end: u64,
-    ) -> Result<Vec<Piece>, NodeError> {
-        let (pieces, run_bytes) = {
+    ) -> Result<Option<Vec<Piece>>, NodeError> {
+        let (pieces, run_bytes, asks) = {
             let st = file.state.lock();
             let run = if st.seq_end_bytes == start {
                 end - st.seq_start_bytes
             } else {
                 0
             };
-            (st.map.pieces(start, end), run)
+            let pieces = st.map.pieces(start, end);
+            let asks: Vec<bool> = pieces.iter().map(|p| needs_claim(&st, p)).collect();
+            (pieces, run, asks)
         };
-        let holes: Vec<&Piece> = pieces
+        let asked: Vec<&Piece> = pieces
             .iter()
-            .filter(|p| p.backing == Backing::Hole)
+            .zip(&asks)
+            .filter_map(|(p, &ask)| ask.then_some(p))
             .collect();
-        let (Some(first), Some(last)) = (holes.first(), holes.last()) else {
-            return Ok(pieces);
+        let (Some(first), Some(last)) = (asked.first(), asked.last()) else {
+            return Ok(Some(pieces));
         };
         let alloc_start = align_down(first.file_offset_bytes, self.cluster_bytes);
         let alloc_end = align_up(last.file_offset_bytes + last.len_bytes, self.cluster_bytes);
@@ -536,26 +600,38 @@ impl DataPath {
         let mut st = file.state.lock();
         for e in &extents {
             st.map.insert(*e);
+            // The answer holds the unwritten clusters of the range only where this node
+            // holds their claim.
+            if e.unwritten {
+                st.claimed
+                    .insert(e.file_offset_bytes, e.file_offset_bytes + e.len_bytes);
+            }
         }
         for (a, b) in new_holes {
             st.prealloc.insert(a, b);
         }
         drop(st);
         // Build the answer from the extents this call returned, so that a refetch racing
-        // with it cannot make the range look unmapped again.
+        // with it cannot make the range look unmapped again. A hole left in it is a
+        // cluster another node holds the claim of.
         let mut fresh = ExtentMap::new();
         for e in extents {
             fresh.insert(e);
         }
         let mut out = Vec::with_capacity(pieces.len());
-        for p in pieces {
-            if p.backing == Backing::Hole {
-                out.extend(fresh.pieces(p.file_offset_bytes, p.file_offset_bytes + p.len_bytes));
-            } else {
+        for (p, ask) in pieces.into_iter().zip(asks) {
+            if !ask {
                 out.push(p);
+                continue;
+            }
+            for q in fresh.pieces(p.file_offset_bytes, p.file_offset_bytes + p.len_bytes) {
+                if q.backing == Backing::Hole {
+                    return Ok(None);
+                }
+                out.push(q);
             }
         }
-        Ok(out)
+        Ok(Some(out))
     }
 
     /// Commits this node's pending writes of `file`: zeroes the unwritten remainder of
@@ -568,7 +644,10 @@ impl DataPath {
     fn commit_locked(&self, uid: u32, gid: u32, file: &OpenFile) -> Result<(), NodeError> {
         let (ranges, size_bytes, zero) = {
             let mut st = file.state.lock();
-            if st.pending.is_empty() && st.pending_size_bytes <= st.attr.size_bytes {
+            if st.pending.is_empty()
+                && st.pending_size_bytes <= st.attr.size_bytes
+                && st.claimed.is_empty()
+            {
                 st.pending_size_bytes = 0;
                 return Ok(());
             }
@@ -588,6 +667,8 @@ impl DataPath {
                     );
                 }
                 st.attr = attr;
+                // The coordinator released this node's claims on the file with the commit.
+                st.claimed = RangeSet::new();
                 if st.pending.is_empty() {
                     st.pending_size_bytes = 0;
                 }
@@ -816,6 +897,18 @@ impl DataPath {
                 Ok(pos.min(eof))
             }
         }
+    }
+}
+
+/// True when this node must ask the coordinator before writing into `p`: a hole, or an
+/// unwritten run whose claim it does not hold.
+fn needs_claim(st: &FileState, p: &Piece) -> bool {
+    match p.backing {
+        Backing::Hole => true,
+        Backing::Unwritten { .. } => !st
+            .claimed
+            .contains(p.file_offset_bytes, p.file_offset_bytes + p.len_bytes),
+        Backing::Written { .. } => false,
     }
 }
 

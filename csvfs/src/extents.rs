@@ -106,6 +106,16 @@ impl RangeSet {
         out
     }
 
+    /// True when the set covers all of `[start, end)`.
+    pub fn contains(&self, start: u64, end: u64) -> bool {
+        start >= end
+            || self
+                .ranges
+                .range(..=start)
+                .next_back()
+                .is_some_and(|(_, &e)| e >= end)
+    }
+
     /// Largest end offset in the set (0 when empty).
     pub fn max_end(&self) -> u64 {
         self.ranges.values().next_back().copied().unwrap_or(0)
@@ -324,6 +334,8 @@ mod tests {
         assert_eq!(s.iter().collect::<Vec<_>>(), vec![(10, 15), (25, 40)]);
         assert_eq!(s.intersect(0, 30), vec![(10, 15), (25, 30)]);
         assert_eq!(s.len_bytes(), 20);
+        assert!(s.contains(26, 40) && s.contains(10, 15) && s.contains(7, 7));
+        assert!(!s.contains(12, 26) && !s.contains(30, 41) && !s.contains(0, 11));
         s.insert(0, 100);
         assert_eq!(s.iter().collect::<Vec<_>>(), vec![(0, 100)]);
         assert_eq!(s.max_end(), 100);

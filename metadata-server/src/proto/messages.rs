@@ -185,7 +185,9 @@ pub enum Request {
         len_bytes: u64,
     },
     /// Make sure clusters back the range; new ones are unwritten. `hint_bytes` asks for a
-    /// larger preallocation for a sequential writer. Answer: `Mapped` for the range.
+    /// larger preallocation for a sequential writer. Claims the range's unwritten clusters
+    /// for the caller (PROTOCOL.md §5.1). Answer: `Mapped` for the range, without the
+    /// unwritten clusters another node holds the claim of.
     Allocate {
         /// Inode.
         ino: InodeId,
@@ -197,7 +199,8 @@ pub enum Request {
         hint_bytes: u64,
     },
     /// The node's data for these ranges is durable on the LUN: clear their unwritten marks,
-    /// raise the size to at least `size_bytes`, and set mtime/ctime. Answer: `Attr`.
+    /// raise the size to at least `size_bytes`, set mtime/ctime, and release the caller's
+    /// claims on the inode (PROTOCOL.md §5.1). Answer: `Attr`.
     Commit {
         /// Inode.
         ino: InodeId,

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use block_client::{BlockDevice, WriteFlags};
 
+use super::claims::Claims;
 use super::extmap;
 use crate::format::{
     name_hash, BitmapBlock, BitmapKind, BlobBlock, BlobKind, DecodeError, DirBlock, DirBlockEntry,
@@ -227,6 +228,8 @@ pub(crate) struct Meta {
     pub drc: HashMap<(NodeId, u32), DrcSlot>,
     pub txn: Txn,
     pub stats: StoreStats,
+    /// Who may convert which unwritten cluster; memory only, kept across a rollback.
+    pub claims: Claims,
 }
 
 fn u(v: u64) -> usize {
@@ -277,6 +280,7 @@ impl Meta {
             drc: HashMap::new(),
             txn: Txn::default(),
             stats: StoreStats::default(),
+            claims: Claims::default(),
         };
         // The superblock itself may be newer in the overlay.
         if let Some(b) = m.overlay.get(&0).cloned() {

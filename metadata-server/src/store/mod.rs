@@ -24,6 +24,7 @@
 //! Any failed journal or device write makes the store refuse all further work (sticky),
 //! like the journal itself; the coordinator reopens it (replay) to continue.
 
+mod claims;
 mod extmap;
 mod meta;
 mod ops;
@@ -384,6 +385,7 @@ impl Store {
     fn rollback(&self, g: &mut Inner) {
         let overlay = std::mem::take(&mut g.meta.overlay);
         let stats = g.meta.stats;
+        let claims = std::mem::take(&mut g.meta.claims);
         let sb = g.meta.sb.clone();
         match Meta::load(self.dev.clone(), sb, overlay.clone()) {
             Ok(mut m) => {
@@ -398,6 +400,7 @@ impl Store {
                     }
                 }
                 m.stats = stats;
+                m.claims = claims;
                 g.meta = m;
             }
             Err(e) => {
@@ -521,12 +524,16 @@ impl Store {
                 offset_bytes,
                 len_bytes,
                 hint_bytes,
-            } => m.allocate(*ino, *offset_bytes, *len_bytes, *hint_bytes)?,
+            } => m.allocate(caller.node, *ino, *offset_bytes, *len_bytes, *hint_bytes)?,
             Request::Commit {
                 ino,
                 written,
                 size_bytes,
-            } => Response::Attr(m.commit(*ino, written, *size_bytes)?),
+            } => {
+                let attr = m.commit(*ino, written, *size_bytes)?;
+                m.claims.release(*ino, caller.node);
+                Response::Attr(attr)
+            }
             Request::Fallocate {
                 ino,
                 offset_bytes,
@@ -538,7 +545,7 @@ impl Store {
     }
 
     /// The answer to a retried request whose recorded outcome was too large to keep.
-    fn replay_answer(m: &mut Meta, req: &Request) -> Result<Response, FsError> {
+    fn replay_answer(m: &mut Meta, caller: &Caller, req: &Request) -> Result<Response, FsError> {
         match req {
             Request::Open { ino, .. } => m.mapped(*ino, 0, u64::MAX),
             Request::Allocate {
@@ -546,7 +553,12 @@ impl Store {
                 offset_bytes,
                 len_bytes,
                 hint_bytes,
-            } => m.mapped(*ino, *offset_bytes, len_bytes.saturating_add(*hint_bytes)),
+            } => m.claimed_map(
+                caller.node,
+                *ino,
+                *offset_bytes,
+                len_bytes.saturating_add(*hint_bytes),
+            ),
             _ => Err(FsError::Invalid(
                 "retried request has no recorded answer".into(),
             )),
@@ -586,7 +598,7 @@ impl MetadataStore for Store {
                         bincode::deserialize::<Result<Response, FsError>>(&bytes)
                             .map_err(|e| FsError::Corrupt(format!("duplicate-request slot: {e}")))?
                     }
-                    DrcPayload::Executed => Self::replay_answer(&mut g.meta, req),
+                    DrcPayload::Executed => Self::replay_answer(&mut g.meta, caller, req),
                 };
                 let lsn = g.last_lsn;
                 drop(g);

@@ -1015,6 +1015,10 @@ impl Meta {
             return Ok(());
         }
         c.inode.opens[idx] -= 1;
+        if c.inode.opens[idx] == 0 {
+            // Its last open here: nothing of the node's is left uncommitted in the file.
+            self.claims.release(ino, node);
+        }
         self.touch(ino);
         self.settle(ino)
     }
@@ -1022,6 +1026,7 @@ impl Meta {
     /// Drops every open of `node`.
     pub fn node_gone(&mut self, node: NodeId) -> Result<(), FsError> {
         let idx = self.node_index(node)?;
+        self.claims.release_node(node);
         let held: Vec<InodeId> = self.held_prev.keys().copied().collect();
         for ino in held {
             let c = self.inode(ino)?;
@@ -1121,9 +1126,10 @@ impl Meta {
         Ok(upto)
     }
 
-    /// Allocate request.
+    /// Allocate request from `node`: allocates, then claims the range's unwritten clusters.
     pub fn allocate(
         &mut self,
+        node: NodeId,
         ino: InodeId,
         off: u64,
         len: u64,
@@ -1142,7 +1148,54 @@ impl Meta {
         let b = end.div_ceil(cs);
         let extra = end.saturating_add(hint).min(MAX_FILE_BYTES).div_ceil(cs);
         let upto = self.allocate_range(ino, a, b, extra)?;
-        self.mapped(ino, off, upto * cs - off)
+        // The hint window is claimed too where it was preallocated before.
+        self.claimed_map(node, ino, off, upto.max(extra) * cs - off)
+    }
+
+    /// The answer to `node`'s Allocate of [off, off+len): written extents as they are,
+    /// and the unwritten clusters of the range that `node` now holds the claim of
+    /// (claimed here unless another node holds them; those are left out).
+    pub fn claimed_map(
+        &mut self,
+        node: NodeId,
+        ino: InodeId,
+        off: u64,
+        len: u64,
+    ) -> Result<Response, FsError> {
+        let attr = self.attr(ino)?;
+        let cs = self.cs();
+        let a = off / cs;
+        let b = off.saturating_add(len).div_ceil(cs);
+        let exts = self.inode(ino)?.extents();
+        let mut extents = Vec::new();
+        for e in exts
+            .iter()
+            .filter(|e| e.file_end() > a && e.file_cluster < b)
+        {
+            if !e.unwritten {
+                extents.push(self.to_extent(e));
+                continue;
+            }
+            // Runs of clusters this node holds, each as an extent of its own.
+            let mut run: Option<DiskExtent> = None;
+            for fc in e.file_cluster.max(a)..e.file_end().min(b) {
+                if self.claims.take(ino, fc, node) {
+                    let r = run.get_or_insert(DiskExtent {
+                        file_cluster: fc,
+                        lun_cluster: ClusterNo(e.lun_cluster.0 + (fc - e.file_cluster)),
+                        len_clusters: 0,
+                        unwritten: true,
+                    });
+                    r.len_clusters += 1;
+                } else if let Some(r) = run.take() {
+                    extents.push(self.to_extent(&r));
+                }
+            }
+            if let Some(r) = run {
+                extents.push(self.to_extent(&r));
+            }
+        }
+        Ok(Response::Mapped { attr, extents })
     }
 
     /// Commit request.

@@ -453,6 +453,68 @@ fn allocate_commit_truncate_punch() {
     assert_eq!(a.allocated_bytes, 3 * cs);
 }
 
+#[test]
+fn unwritten_clusters_are_claimed_by_one_node_until_it_commits() {
+    let cs: u64 = 64 << 10;
+    let (_dev, s) = fresh(64 << 20, &opts(64 << 10));
+    let (mut a, mut b) = (Client::new(1), Client::new(2));
+    let f = create(&mut a, &s, InodeId::ROOT, "f", FileKind::File).unwrap();
+    let alloc = |c: &mut Client, cluster: u64, n: u64| -> Vec<(u64, u64, bool)> {
+        let req = Request::Allocate {
+            ino: f.ino,
+            offset_bytes: cluster * cs + 4096,
+            len_bytes: (n - 1) * cs + 4096,
+            hint_bytes: 0,
+        };
+        let Ok(Response::Mapped { extents, .. }) = c.run(&s, req) else {
+            panic!("allocate failed")
+        };
+        extents
+            .iter()
+            .map(|e| (e.file_offset_bytes / cs, e.len_bytes / cs, e.unwritten))
+            .collect()
+    };
+    assert_eq!(alloc(&mut a, 0, 2), vec![(0, 2, true)]);
+    assert_eq!(
+        alloc(&mut a, 0, 1),
+        vec![(0, 1, true)],
+        "the holder asks again"
+    );
+    // Node 2 gets the cluster no one holds, not the two node 1 holds.
+    assert_eq!(alloc(&mut b, 0, 3), vec![(2, 1, true)]);
+    let commit = |c: &mut Client, written: Vec<ByteRange>| {
+        attr(c.run(
+            &s,
+            Request::Commit {
+                ino: f.ino,
+                written,
+                size_bytes: 0,
+            },
+        ))
+    };
+    // Node 1 commits cluster 0 only: both of its claims end, cluster 1 stays unwritten.
+    commit(
+        &mut a,
+        vec![ByteRange {
+            offset_bytes: 4096,
+            len_bytes: 4096,
+        }],
+    );
+    assert_eq!(alloc(&mut b, 0, 2), vec![(0, 1, false), (1, 1, true)]);
+    assert_eq!(alloc(&mut a, 1, 2), vec![], "node 2 holds clusters 1 and 2");
+    // A release of its last open ends node 2's claims as well.
+    b.run(
+        &s,
+        Request::Open {
+            ino: f.ino,
+            write: true,
+        },
+    )
+    .unwrap();
+    b.run(&s, Request::Release { ino: f.ino }).unwrap();
+    assert_eq!(alloc(&mut a, 1, 2), vec![(1, 2, true)]);
+}
+
 fn extents_of(c: &mut Client, s: &Store, ino: InodeId) -> Vec<(u64, u64, bool)> {
     let cs = u64::from(s.geometry().cluster_bytes);
     extents(c, s, ino)
