@@ -40,6 +40,10 @@ pub enum Command {
         /// Guest RAM, e.g. 64M, 1G (binary units). Default: 64M.
         #[arg(long, default_value = "64M", value_parser = parse_size)]
         memory: u64,
+        /// Number of vCPUs, 1..=8 (the test guest gives each its share of the dirty
+        /// region; vCPU 0 also writes the disk records). Default: 1.
+        #[arg(long, default_value_t = 1)]
+        vcpus: u32,
         /// Disk size, e.g. 16M (binary units). Default: 16M.
         #[arg(long, default_value = "16M", value_parser = parse_size)]
         disk_size: u64,

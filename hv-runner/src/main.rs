@@ -45,6 +45,7 @@ fn main() -> Result<()> {
             volume,
             name,
             memory,
+            vcpus,
             disk_size,
             dirty,
             dirty_rate,
@@ -53,7 +54,7 @@ fn main() -> Result<()> {
         } => {
             let cfg = VmConfig {
                 memory_mib: memory >> 20,
-                vcpus: 1,
+                vcpus,
                 disk_bytes: disk_size,
                 image: "builtin:test-guest".into(),
                 dirty_mib: dirty >> 20,

@@ -1,11 +1,12 @@
 //! A VM: its folder on the volume (`vm.toml`, `disk.img`, `console.log`, `owner.toml`,
-//! `state.hvm` after `save`), its guest memory, vCPU thread and devices, and the
+//! `state.hvm` after `save`), its guest memory, vCPU threads and devices, and the
 //! pause/resume machinery that migration and save use.
 //!
 //! Guest-physical layout (identity-mapped with 2 MiB pages up to 4 GiB):
 //! `0x500` GDT, `0x1000` PML4, `0x2000` PDPT, `0x3000..0x7000` page directories,
-//! `0x7000` boot parameters, stack below `0x80000`, guest image at `0x100000`, guest data
-//! from `0x200000` to the end of RAM, virtio-mmio window at `0xd000_0000`.
+//! `0x7000` boot parameters, vCPU k's 32 KiB stack below `0x80000 - k * 0x8000`, guest
+//! image at `0x100000`, guest data from `0x200000` to the end of RAM, virtio-mmio window
+//! at `0xd000_0000`.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -26,6 +27,10 @@ const GDT: u64 = 0x500;
 const PML4: u64 = 0x1000;
 const BOOT_PARAMS: u64 = 0x7000;
 const STACK_TOP: u64 = 0x80000;
+/// Stack of each vCPU (vCPU k's stack top is `STACK_TOP - k * STACK_BYTES`).
+const STACK_BYTES: u64 = 0x8000;
+/// Most vCPUs a VM may have (the test guest's limit; stacks fit below `STACK_TOP`).
+pub const MAX_VCPUS: u32 = 8;
 const GUEST_LOAD: u64 = 0x10_0000;
 /// First guest-physical byte the test guest fills and dirties.
 pub const GUEST_DATA_START: u64 = 0x20_0000;
@@ -97,7 +102,7 @@ fn file_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) ->
 pub struct VmConfig {
     /// Guest RAM in MiB. Default: 64.
     pub memory_mib: u64,
-    /// Number of vCPUs (only 1 is supported). Default: 1.
+    /// Number of vCPUs, 1..=8. Default: 1.
     pub vcpus: u32,
     /// Size of disk.img in bytes. Default: 16 MiB.
     pub disk_bytes: u64,
@@ -135,8 +140,8 @@ impl VmConfig {
         if !(4..=3072).contains(&self.memory_mib) {
             return Err(format!("memory_mib {} not in 4..=3072", self.memory_mib));
         }
-        if self.vcpus != 1 {
-            return Err(format!("vcpus {}: only 1 vCPU is supported", self.vcpus));
+        if !(1..=MAX_VCPUS).contains(&self.vcpus) {
+            return Err(format!("vcpus {} not in 1..={MAX_VCPUS}", self.vcpus));
         }
         if self.image != "builtin:test-guest" {
             return Err(format!("image {:?}: only builtin:test-guest", self.image));
@@ -414,8 +419,10 @@ pub struct Devices {
 #[derive(Default)]
 struct RunState {
     pause_requested: bool,
-    parked: bool,
-    entered: bool,
+    /// vCPU threads parked by a pause request.
+    parked: usize,
+    /// vCPU threads that have reached KVM_RUN at least once.
+    entered: usize,
     stop: bool,
     exited: Option<String>,
 }
@@ -437,12 +444,12 @@ pub struct Vm {
     pub ram: Arc<GuestRam>,
     /// KVM VM.
     pub machine: Arc<Machine>,
-    vcpu: Arc<Mutex<Vcpu>>,
+    vcpus: Vec<Arc<Mutex<Vcpu>>>,
     /// Devices.
     pub devices: Arc<Mutex<Devices>>,
     control: Arc<Control>,
-    thread: Mutex<Option<JoinHandle<()>>>,
-    pthread: Mutex<Option<libc::pthread_t>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    pthreads: Mutex<Vec<libc::pthread_t>>,
     tsc_khz: u32,
     /// Set while a migration or save is in progress.
     pub migrating: AtomicBool,
@@ -467,8 +474,10 @@ impl Vm {
         let ram_len = usize::try_from(cfg.ram_bytes()).expect("ram size fits usize");
         let ram = Arc::new(GuestRam::new(ram_len, huge_pages)?);
         let machine = Arc::new(Machine::new(&ram)?);
-        let vcpu = Vcpu::new(machine.create_vcpu(0)?);
-        let tsc_khz = vcpu.tsc_khz()?;
+        let vcpus = (0..cfg.vcpus)
+            .map(|id| machine.create_vcpu(u64::from(id)).map(Vcpu::new))
+            .collect::<Result<Vec<_>, _>>()?;
+        let tsc_khz = vcpus[0].tsc_khz()?;
         let devs = devs.unwrap_or(DeviceState {
             serial: SerialState::default(),
             blk: BlkState::default(),
@@ -480,15 +489,15 @@ impl Vm {
             cfg,
             ram,
             machine,
-            vcpu: Arc::new(Mutex::new(vcpu)),
+            vcpus: vcpus.into_iter().map(|v| Arc::new(Mutex::new(v))).collect(),
             devices: Arc::new(Mutex::new(Devices { serial, blk })),
             control: Arc::new(Control {
                 state: Mutex::new(RunState::default()),
                 cv: Condvar::new(),
                 throttle_pct: AtomicU32::new(0),
             }),
-            thread: Mutex::new(None),
-            pthread: Mutex::new(None),
+            threads: Mutex::new(Vec::new()),
+            pthreads: Mutex::new(Vec::new()),
             tsc_khz,
             migrating: AtomicBool::new(false),
             owned: Mutex::new(false),
@@ -521,10 +530,16 @@ impl Vm {
             devices::VIRTIO_MMIO_BASE,
             GUEST_DATA_START,
             u64::from(c.fill),
+            u64::from(c.vcpus),
         ];
         ram.write(BOOT_PARAMS, &u64s(&params))?;
         ram.write(GUEST_LOAD, TEST_GUEST)?;
-        lock(&self.vcpu).setup_long_mode(GUEST_LOAD, STACK_TOP, BOOT_PARAMS, PML4, GDT)?;
+        // Every vCPU starts at the guest entry in long mode with its own stack and its
+        // index in rsi; the guest decides what each one does.
+        for (k, v) in (0u64..).zip(&self.vcpus) {
+            let rsp = STACK_TOP - k * STACK_BYTES;
+            lock(v).setup_long_mode(GUEST_LOAD, rsp, BOOT_PARAMS, k, PML4, GDT)?;
+        }
         Ok(())
     }
 
@@ -538,23 +553,26 @@ impl Vm {
         Ok(())
     }
 
-    /// Starts the vCPU thread and returns once it is about to enter KVM_RUN (so an
+    /// Starts the vCPU threads and returns once each is about to enter KVM_RUN (so an
     /// incoming migration reports "resumed" when the guest really runs again).
     pub fn start(&self) -> Result<(), VmError> {
         self.ram.set_live();
-        let vcpu = Arc::clone(&self.vcpu);
-        let devs = Arc::clone(&self.devices);
-        let ram = Arc::clone(&self.ram);
-        let control = Arc::clone(&self.control);
         let name = self.dir.name.clone();
-        let t = std::thread::Builder::new()
-            .name(format!("vcpu0-{name}"))
-            .spawn(move || vcpu_loop(&vcpu, &devs, &ram, &control))
-            .map_err(VmError::Spawn)?;
-        *lock(&self.pthread) = Some(std::os::unix::thread::JoinHandleExt::as_pthread_t(&t));
-        *lock(&self.thread) = Some(t);
+        for (k, vcpu) in self.vcpus.iter().enumerate() {
+            let vcpu = Arc::clone(vcpu);
+            let devs = Arc::clone(&self.devices);
+            let ram = Arc::clone(&self.ram);
+            let control = Arc::clone(&self.control);
+            let t = std::thread::Builder::new()
+                .name(format!("vcpu{k}-{name}"))
+                .spawn(move || vcpu_loop(&vcpu, &devs, &ram, &control))
+                .map_err(VmError::Spawn)?;
+            lock(&self.pthreads).push(std::os::unix::thread::JoinHandleExt::as_pthread_t(&t));
+            lock(&self.threads).push(t);
+        }
+        let n = self.vcpus.len();
         let mut st = lock(&self.control.state);
-        while !st.entered && st.exited.is_none() {
+        while st.entered < n && st.exited.is_none() {
             st = self
                 .control
                 .cv
@@ -564,16 +582,19 @@ impl Vm {
         Ok(())
     }
 
-    /// Parks the vCPU outside KVM_RUN with its last exit completed. Returns false when
-    /// the vCPU thread has already exited.
+    /// Parks every vCPU outside KVM_RUN with its last exit completed. Returns false when
+    /// no vCPU thread runs or one has exited.
     pub fn pause(&self) -> bool {
-        let Some(pthread) = *lock(&self.pthread) else {
+        let pthreads = lock(&self.pthreads).clone();
+        if pthreads.is_empty() {
             return false;
-        };
+        }
         let mut st = lock(&self.control.state);
         st.pause_requested = true;
-        while !st.parked && st.exited.is_none() {
-            kvm::kick_thread(pthread);
+        while st.parked < pthreads.len() && st.exited.is_none() {
+            for &t in &pthreads {
+                kvm::kick_thread(t);
+            }
             st = self
                 .control
                 .cv
@@ -584,7 +605,7 @@ impl Vm {
         st.exited.is_none()
     }
 
-    /// Lets a parked vCPU run again.
+    /// Lets parked vCPUs run again.
     pub fn resume(&self) {
         let mut st = lock(&self.control.state);
         st.pause_requested = false;
@@ -607,7 +628,11 @@ impl Vm {
 
     /// Saves vCPU, VM and device state. The vCPU must be parked.
     pub fn save_state(&self) -> Result<MachineState, VmError> {
-        let vcpus = vec![lock(&self.vcpu).save_state()?];
+        let vcpus = self
+            .vcpus
+            .iter()
+            .map(|v| lock(v).save_state())
+            .collect::<Result<Vec<_>, _>>()?;
         let vm = self.machine.save_vm_state()?;
         let d = lock(&self.devices);
         Ok(MachineState {
@@ -622,14 +647,20 @@ impl Vm {
 
     /// Loads vCPU, VM and device state.
     pub fn load_state(&self, s: &MachineState) -> Result<(), VmError> {
-        let [vcpu] = s.vcpus.as_slice() else {
+        if s.vcpus.len() != self.vcpus.len() {
             return Err(VmError::Config {
                 path: self.dir.config_path(),
-                reason: format!("state has {} vcpus, this vm has 1", s.vcpus.len()),
+                reason: format!(
+                    "state has {} vcpus, this vm has {}",
+                    s.vcpus.len(),
+                    self.vcpus.len()
+                ),
             });
-        };
+        }
         self.machine.load_vm_state(&s.vm)?;
-        lock(&self.vcpu).load_state(vcpu)?;
+        for (v, state) in self.vcpus.iter().zip(&s.vcpus) {
+            lock(v).load_state(state)?;
+        }
         let mut d = lock(&self.devices);
         d.serial.set_state(s.devices.serial.clone());
         d.blk.set_state(s.devices.blk.clone());
@@ -671,16 +702,16 @@ impl Vm {
             st.pause_requested = false;
             self.control.cv.notify_all();
         }
-        let t = lock(&self.thread).take();
-        if let Some(t) = t {
+        let threads = std::mem::take(&mut *lock(&self.threads));
+        for t in threads {
             let pthread = std::os::unix::thread::JoinHandleExt::as_pthread_t(&t);
             while !t.is_finished() {
                 kvm::kick_thread(pthread);
                 std::thread::sleep(Duration::from_millis(1));
             }
             let _ = t.join();
-            *lock(&self.pthread) = None;
         }
+        lock(&self.pthreads).clear();
     }
 
     /// Claims the owner record for this process (`exclusive`: only if none exists).
@@ -732,6 +763,7 @@ fn u64s(v: &[u64]) -> Vec<u8> {
 
 fn vcpu_loop(vcpu: &Mutex<Vcpu>, devs: &Mutex<Devices>, ram: &GuestRam, control: &Control) {
     let mut throttle_at = std::time::Instant::now();
+    let mut entered = false;
     let reason = loop {
         {
             let mut st = lock(&control.state);
@@ -740,7 +772,7 @@ fn vcpu_loop(vcpu: &Mutex<Vcpu>, devs: &Mutex<Devices>, ram: &GuestRam, control:
             }
             if st.pause_requested {
                 lock(vcpu).complete_pending();
-                st.parked = true;
+                st.parked += 1;
                 control.cv.notify_all();
                 while st.pause_requested && !st.stop {
                     st = control
@@ -748,11 +780,12 @@ fn vcpu_loop(vcpu: &Mutex<Vcpu>, devs: &Mutex<Devices>, ram: &GuestRam, control:
                         .wait(st)
                         .unwrap_or_else(std::sync::PoisonError::into_inner);
                 }
-                st.parked = false;
+                st.parked -= 1;
                 continue;
             }
-            if !st.entered {
-                st.entered = true;
+            if !entered {
+                entered = true;
+                st.entered += 1;
                 control.cv.notify_all();
             }
         }
@@ -810,6 +843,6 @@ fn vcpu_loop(vcpu: &Mutex<Vcpu>, devs: &Mutex<Devices>, ram: &GuestRam, control:
     };
     tracing::info!(reason = %reason, "vcpu thread exited");
     let mut st = lock(&control.state);
-    st.exited = Some(reason);
+    st.exited.get_or_insert(reason);
     control.cv.notify_all();
 }

@@ -203,6 +203,22 @@ fn seqs(console: &str) -> Vec<u64> {
         .collect()
 }
 
+/// Pages vCPU 1 has rewritten, from the last complete `work cpu1=N` line (0 before the
+/// first one); the values must never go backwards.
+fn cpu1_work(console: &str) -> u64 {
+    let complete = &console[..console.rfind('\n').map_or(0, |i| i + 1)];
+    let w: Vec<u64> = complete
+        .lines()
+        .filter_map(|l| l.strip_prefix("work cpu1="))
+        .map(|s| s.trim().parse().unwrap())
+        .collect();
+    assert!(
+        w.windows(2).all(|p| p[0] <= p[1]),
+        "vCPU 1 work counter went backwards: {w:?}"
+    );
+    w.last().copied().unwrap_or(0)
+}
+
 /// Console: heartbeats 0..n without gap or repeat, no memory or disk failure reported.
 fn check_console(console: &str) -> u64 {
     for l in console.lines() {
@@ -297,6 +313,8 @@ fn live_migration_there_and_back_keeps_guest_intact() {
         &[
             "--memory",
             "64M",
+            "--vcpus",
+            "2",
             "--dirty",
             "16M",
             "--dirty-rate",
@@ -308,6 +326,10 @@ fn live_migration_there_and_back_keeps_guest_intact() {
     );
     let mut a = env.run("a", "vm1");
     env.wait_seq("vm1", 20);
+    assert!(
+        env.console("vm1").contains("guest: vcpu 1 running"),
+        "vCPU 1 never started"
+    );
 
     // A second runner on another "node" is refused while the VM runs.
     let o = env.output("b", &["run", env.vm_dir("vm1").to_str().unwrap()]);
@@ -345,9 +367,14 @@ fn live_migration_there_and_back_keeps_guest_intact() {
         "owner after migration: {owner}"
     );
 
+    let work_before = cpu1_work(&env.console("vm1"));
     let s = env.last_seq("vm1").unwrap();
     env.wait_seq("vm1", s + 20);
     assert!(b.running());
+    assert!(
+        cpu1_work(&env.console("vm1")) > work_before,
+        "vCPU 1 made no progress after the migration"
+    );
 
     // And back, to a fresh runner on node a.
     let (mut a2, addr_a, _ea) = env.receive("a");
@@ -364,8 +391,13 @@ fn live_migration_there_and_back_keeps_guest_intact() {
         "runner b failed after migration"
     );
     same_ram(&dump);
+    let work_before = cpu1_work(&env.console("vm1"));
     let s = env.last_seq("vm1").unwrap();
     env.wait_seq("vm1", s + 20);
+    assert!(
+        cpu1_work(&env.console("vm1")) > work_before,
+        "vCPU 1 made no progress after the migration back"
+    );
     env.ok("a", &["stop", "vm1"]);
     assert!(a2.wait_exit(Duration::from_secs(10)));
     assert!(
@@ -458,7 +490,16 @@ fn save_on_one_node_restore_on_another() {
     let env = Env::new("save-restore");
     env.create(
         "vm3",
-        &["--memory", "64M", "--dirty", "8M", "--heartbeat-ms", "10"],
+        &[
+            "--memory",
+            "64M",
+            "--vcpus",
+            "2",
+            "--dirty",
+            "8M",
+            "--heartbeat-ms",
+            "10",
+        ],
     );
     let mut a = env.run("a", "vm3");
     env.wait_seq("vm3", 15);
@@ -467,6 +508,7 @@ fn save_on_one_node_restore_on_another() {
     let dir = env.vm_dir("vm3");
     assert!(dir.join("state.hvm").exists());
     let saved_at = env.last_seq("vm3").unwrap();
+    let work_saved = cpu1_work(&env.console("vm3"));
 
     // `run` refuses a VM with a saved state; `restore` on node b resumes it.
     let o = env.output("b", &["run", dir.to_str().unwrap()]);
@@ -481,7 +523,11 @@ fn save_on_one_node_restore_on_another() {
         .spawn()
         .unwrap();
     let mut b = Proc { child };
-    env.wait_seq("vm3", saved_at + 15);
+    env.wait_seq("vm3", saved_at + 20);
+    assert!(
+        cpu1_work(&env.console("vm3")) > work_saved,
+        "vCPU 1 made no progress after the restore"
+    );
     assert!(
         !dir.join("state.hvm").exists(),
         "state file kept after restore"

@@ -397,13 +397,21 @@ impl Machine {
             .map_err(ioctl_err("get dirty log"))
     }
 
-    /// Creates vCPU `id` with the host's supported CPUID.
+    /// Creates vCPU `id` with the host's supported CPUID, its APIC id set to `id`.
     pub fn create_vcpu(&self, id: u64) -> Result<VcpuFd, KvmError> {
         let vcpu = self.vm.create_vcpu(id).map_err(ioctl_err("create vcpu"))?;
-        let cpuid = self
+        let mut cpuid = self
             .kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(ioctl_err("get supported cpuid"))?;
+        let apic_id = u32::try_from(id).unwrap_or(u32::MAX);
+        for e in cpuid.as_mut_slice() {
+            match e.function {
+                1 => e.ebx = (e.ebx & 0x00ff_ffff) | (apic_id << 24),
+                0xb | 0x1f => e.edx = apic_id,
+                _ => {}
+            }
+        }
         vcpu.set_cpuid2(&cpuid).map_err(ioctl_err("set cpuid"))?;
         Ok(vcpu)
     }
@@ -578,13 +586,16 @@ impl Vcpu {
         self.fd.get_tsc_khz().map_err(ioctl_err("get tsc khz"))
     }
 
-    /// Puts the vCPU in 64-bit long mode at `entry` with stack `rsp` and `rdi = arg`, using
-    /// page tables at `cr3` and the flat GDT the runner wrote at `gdt_base`.
+    /// Puts the vCPU in 64-bit long mode at `entry` with stack `rsp`, `rdi = arg` and
+    /// `rsi = arg2`, using page tables at `cr3` and the flat GDT the runner wrote at
+    /// `gdt_base`, and makes it runnable (an application processor would otherwise wait
+    /// for INIT/SIPI in the in-kernel local APIC).
     pub fn setup_long_mode(
         &self,
         entry: u64,
         rsp: u64,
         arg: u64,
+        arg2: u64,
         cr3: u64,
         gdt_base: u64,
     ) -> Result<(), KvmError> {
@@ -630,10 +641,16 @@ impl Vcpu {
             rip: entry,
             rsp,
             rdi: arg,
+            rsi: arg2,
             rflags: 2,
             ..Default::default()
         };
-        self.fd.set_regs(&regs).map_err(ioctl_err("set regs"))
+        self.fd.set_regs(&regs).map_err(ioctl_err("set regs"))?;
+        self.fd
+            .set_mp_state(kvm_mp_state {
+                mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE,
+            })
+            .map_err(ioctl_err("set mp state"))
     }
 
     /// Reads the complete vCPU state. Call only after [`Vcpu::complete_pending`].
