@@ -26,7 +26,7 @@ use crate::extents::{Backing, ExtentMap, Piece, RangeSet};
 use crate::meta::{unexpected, Metadata};
 use block_client::{BlockDevice, WriteFlags};
 use metadata_server::proto::{Request, Response};
-use metadata_server::types::{Attr, FallocMode, FsError, InodeId, SetAttr};
+use metadata_server::types::{Attr, Extent, FallocMode, FsError, InodeId, SetAttr};
 use parking_lot::{Mutex, RwLock};
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -197,6 +197,12 @@ impl DataPath {
         let Response::Mapped { attr, extents } = resp else {
             return Err(unexpected("open", &resp).into());
         };
+        Ok(self.opened(ino, attr, extents))
+    }
+
+    /// Records an open of `ino` that the coordinator already counted (the answer to
+    /// `Open` or `CreateOpen`): the file's attributes and whole extent map.
+    pub fn opened(&self, ino: InodeId, attr: Attr, extents: Vec<Extent>) -> (Arc<OpenFile>, Attr) {
         let mut files = self.files.lock();
         let file = files
             .entry(ino)
@@ -234,7 +240,7 @@ impl DataPath {
             st.fetched_gen = st.inval_gen;
             overlay(&st)
         };
-        Ok((file, attr))
+        (file, attr)
     }
 
     /// Closes one open of the file: commits what is pending, tells the coordinator, and

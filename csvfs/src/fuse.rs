@@ -870,31 +870,46 @@ impl Filesystem for CsvFs {
         let write = flags & libc::O_ACCMODE != libc::O_RDONLY;
         self.spawn("create", parent.0, move |i| {
             let r = (|| {
+                // One request and one journal transaction creates the file (or finds it,
+                // without O_EXCL) and opens it.
                 let resp = i.call(
                     uid,
                     gid,
-                    Request::Create {
+                    Request::CreateOpen {
                         parent: InodeId(parent.0),
                         name,
-                        kind: FileKind::File,
                         perm: mode & 0o7777,
-                        rdev: 0,
                         exclusive,
+                        write,
                     },
                 )?;
-                let attr = i.attr_of("create", resp)?;
+                let Response::Mapped { attr, extents } = resp else {
+                    return Err(unexpected("create", &resp).into());
+                };
                 if attr.kind != FileKind::File {
                     return Err(NodeError::Fs(FsError::IsDir));
                 }
+                let (file, mut attr) = i.data.opened(attr.ino, attr, extents);
+                let fh = i.add_handle(file, flags);
                 if truncate && attr.size_bytes > 0 {
                     let set = SetAttr {
                         size_bytes: Some(0),
                         ..SetAttr::default()
                     };
-                    i.data.set_attr(uid, gid, attr.ino, set)?;
+                    match i.data.set_attr(uid, gid, attr.ino, set) {
+                        Ok(a) => attr = a,
+                        Err(e) => {
+                            // Not opened after all: give the open back.
+                            if let Some(h) = i.handles.lock().remove(&fh.0) {
+                                if let Err(re) = i.data.release(uid, gid, &h.file) {
+                                    warn!(error = %re, "release after a failed truncate failed");
+                                }
+                            }
+                            return Err(e);
+                        }
+                    }
                 }
-                let (file, attr) = i.data.open(uid, gid, attr.ino, write)?;
-                Ok((i.add_handle(file, flags), attr))
+                Ok((fh, attr))
             })();
             match r {
                 Ok((fh, a)) => reply.created(

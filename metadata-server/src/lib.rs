@@ -22,6 +22,18 @@ pub trait MetadataStore: Send + Sync {
     /// Executes `req` for `caller`.
     fn execute(&self, caller: &Caller, req: &Request) -> Result<Response, FsError>;
 
+    /// Answers a read-only request at once when that cannot block: no lock to wait for,
+    /// no device read, no journal wait. `None` when it would block or `req` is a mutation
+    /// or `Fsync`: the caller then uses [`execute`](Self::execute) on a thread that may
+    /// block. The default never answers.
+    fn try_execute_read(
+        &self,
+        _caller: &Caller,
+        _req: &Request,
+    ) -> Option<Result<Response, FsError>> {
+        None
+    }
+
     /// A node is gone for good (crashed or cut off past its lease): drop its opens, so that
     /// unlinked inodes it held open are freed.
     fn node_gone(&self, node: NodeId) -> Result<(), FsError>;

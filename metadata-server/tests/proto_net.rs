@@ -426,21 +426,25 @@ fn current_and_previous_versions_are_accepted_others_refused() {
     let srv = start(&store);
     let addr = srv.local_addr();
     assert!(matches!(
-        raw_handshake(addr, hello(1, 1, 2), SECRET).1,
+        raw_handshake(addr, hello(1, 1, 3), SECRET).1,
+        Ok(3)
+    ));
+    assert!(matches!(
+        raw_handshake(addr, hello(7, 1, 2), SECRET).1,
         Ok(2)
     ));
     assert!(matches!(
         raw_handshake(addr, hello(2, 1, 1), SECRET).1,
         Ok(1)
     ));
-    // A newer node that still speaks 2 gets 2.
+    // A newer node that still speaks 3 gets 3.
     assert!(matches!(
         raw_handshake(addr, hello(3, 2, 5), SECRET).1,
-        Ok(2)
+        Ok(3)
     ));
     // Too new only, or too old.
     assert!(matches!(
-        raw_handshake(addr, hello(4, 3, 3), SECRET).1,
+        raw_handshake(addr, hello(4, 4, 4), SECRET).1,
         Err(Frame::HelloRefused { .. })
     ));
     assert!(matches!(

@@ -25,12 +25,12 @@
 
 use crate::lease::{self, LeaseError};
 use crate::proto::{
-    encode_frame, Caller, ClientHello, Frame, Invalidation, Request, Response, Transcript,
-    MAX_FRAME_BYTES, MAX_HANDSHAKE_FRAME_BYTES, MIN_PROTOCOL_VERSION, NONCE_BYTES,
+    encode_frame, request_kind, Caller, ClientHello, Frame, Invalidation, Request, Response,
+    Transcript, MAX_FRAME_BYTES, MAX_HANDSHAKE_FRAME_BYTES, MIN_PROTOCOL_VERSION, NONCE_BYTES,
     PROTOCOL_VERSION,
 };
 use crate::server::io::{read_frame, write_bytes, WireError};
-use crate::types::{Epoch, FsError, NodeId, RequestId, VolumeId};
+use crate::types::{Epoch, FileKind, FsError, NodeId, RequestId, VolumeId};
 use block_client::BlockDevice;
 use parking_lot::Mutex;
 use std::collections::BTreeMap;
@@ -200,6 +200,8 @@ struct State {
     last_error: String,
     /// Sessions established so far (1 after `connect`).
     sessions: u64,
+    /// Protocol version of the current (or last) session.
+    version: u32,
 }
 
 struct Inner {
@@ -294,6 +296,7 @@ impl MetadataClient {
                 instance: 0,
                 last_error: String::new(),
                 sessions: 0,
+                version: PROTOCOL_VERSION,
             }),
             next_id: AtomicU64::new(start_ns.max(1)),
             closed: AtomicBool::new(false),
@@ -374,6 +377,10 @@ impl MetadataClient {
             if inner.closed.load(Ordering::Acquire) {
                 return Err(FsError::Io("metadata client is closed".into()));
             }
+            if req.since_version() > st.version {
+                drop(st);
+                return self.call_split(uid, gid, req);
+            }
             if let Some(conn) = &st.conn {
                 let _ = conn.send(Frame::Request {
                     id,
@@ -394,6 +401,42 @@ impl MetadataClient {
         match rx.recv() {
             Ok(r) => r,
             Err(_) => Err(FsError::Io("metadata client is closed".into())),
+        }
+    }
+
+    /// Runs a request the coordinator's protocol version does not carry as the older
+    /// requests it combines (not in one transaction).
+    fn call_split(&self, uid: u32, gid: u32, req: Request) -> Result<Response, FsError> {
+        match req {
+            Request::CreateOpen {
+                parent,
+                name,
+                perm,
+                exclusive,
+                write,
+            } => {
+                let create = Request::Create {
+                    parent,
+                    name,
+                    kind: FileKind::File,
+                    perm,
+                    rdev: 0,
+                    exclusive,
+                };
+                let ino = match self.call(uid, gid, create)? {
+                    Response::Attr(a) => a.ino,
+                    other => {
+                        return Err(FsError::Io(format!(
+                            "unexpected answer to create: {other:?}"
+                        )))
+                    }
+                };
+                self.call(uid, gid, Request::Open { ino, write })
+            }
+            other => Err(FsError::Io(format!(
+                "the coordinator's protocol version is too old for {}",
+                request_kind(&other)
+            ))),
         }
     }
 
@@ -621,6 +664,24 @@ fn install(inner: &Inner, s: &Session) -> mpsc::UnboundedReceiver<Frame> {
     st.instance = s.instance;
     st.sessions += 1;
     st.disconnected_since = None;
+    st.version = s.version;
+    // A request sent before a failover to a coordinator of an older protocol version
+    // cannot be carried: it fails (it never ran there).
+    let too_new: Vec<RequestId> = st
+        .pending
+        .iter()
+        .filter(|(_, p)| p.req.since_version() > s.version)
+        .map(|(id, _)| *id)
+        .collect();
+    for id in too_new {
+        if let Some(p) = st.pending.remove(&id) {
+            let _ = p.done.send(Err(FsError::Io(format!(
+                "the coordinator's protocol version {} is too old for {}",
+                s.version,
+                request_kind(&p.req)
+            ))));
+        }
+    }
     let resent = st.pending.len();
     for (id, p) in &st.pending {
         let _ = tx.send(Frame::Request {

@@ -13,9 +13,9 @@ use bincode::Options;
 use serde::{Deserialize, Serialize};
 
 /// The protocol version this build speaks first.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
-/// The oldest protocol version this build still accepts (the current one and the previous).
+/// The oldest protocol version this build still accepts (at least the previous one).
 pub const MIN_PROTOCOL_VERSION: u32 = 1;
 
 /// Largest payload of a frame after authentication, in bytes (16 MiB).
@@ -208,6 +208,7 @@ pub fn request_kind(req: &Request) -> &'static str {
         Request::Commit { .. } => "commit",
         Request::Fallocate { .. } => "fallocate",
         Request::Fsync { .. } => "fsync",
+        Request::CreateOpen { .. } => "createopen",
     }
 }
 

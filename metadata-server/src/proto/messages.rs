@@ -225,6 +225,49 @@ pub enum Request {
         /// Inode.
         ino: InodeId,
     },
+    /// `Create` of a regular file followed by `Open` of it by the caller's node, in one
+    /// journal transaction (open(2) with O_CREAT). With `exclusive` false and a regular file
+    /// already present, that file is opened. Answer: `Mapped` with the whole extent map.
+    /// Since protocol version 3.
+    CreateOpen {
+        /// Directory.
+        parent: InodeId,
+        /// Name.
+        name: Vec<u8>,
+        /// Permission bits, umask already applied.
+        perm: u32,
+        /// Fail with `Exists` when the name exists.
+        exclusive: bool,
+        /// Opened for writing.
+        write: bool,
+    },
+}
+
+impl Request {
+    /// True for requests that change nothing (`Fsync` only waits for the journal).
+    pub fn is_read_only(&self) -> bool {
+        matches!(
+            self,
+            Request::Lookup { .. }
+                | Request::GetAttr { .. }
+                | Request::ReadLink { .. }
+                | Request::ReadDir { .. }
+                | Request::StatFs
+                | Request::GetXattr { .. }
+                | Request::ListXattr { .. }
+                | Request::GetExtents { .. }
+                | Request::Fsync { .. }
+        )
+    }
+
+    /// The first protocol version that carries this request; a node must not send it on a
+    /// session of an older version.
+    pub fn since_version(&self) -> u32 {
+        match self {
+            Request::CreateOpen { .. } => 3,
+            _ => 1,
+        }
+    }
 }
 
 /// The answer to a [`Request`] that succeeded.

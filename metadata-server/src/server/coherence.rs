@@ -423,7 +423,12 @@ pub(crate) fn cached_keys(req: &Request, result: &Result<Response, FsError>) -> 
         (Request::Lookup { parent, name }, Err(FsError::NotFound)) => {
             keys.push(Key::Entry(*parent, name.clone(), None));
         }
-        (Request::Create { parent, name, .. } | Request::Symlink { parent, name, .. }, Ok(r)) => {
+        (
+            Request::Create { parent, name, .. }
+            | Request::CreateOpen { parent, name, .. }
+            | Request::Symlink { parent, name, .. },
+            Ok(r),
+        ) => {
             let ino = attr_ino(r);
             keys.push(Key::Entry(*parent, name.clone(), ino));
             keys.extend(ino.map(Key::Inode));
@@ -491,7 +496,9 @@ fn stale(st: &State, req: &Request, resp: &Response) -> Vec<Invalidation> {
         | Request::Allocate { ino, .. }
         | Request::Commit { ino, .. }
         | Request::Fallocate { ino, .. } => v.push(inode(*ino)),
-        Request::Create { parent, name, .. } | Request::Symlink { parent, name, .. } => {
+        Request::Create { parent, name, .. }
+        | Request::CreateOpen { parent, name, .. }
+        | Request::Symlink { parent, name, .. } => {
             v.push(entry(*parent, name));
             v.push(inode(*parent));
         }

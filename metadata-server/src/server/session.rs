@@ -3,8 +3,8 @@
 use super::io::{error_chain as chain, read_frame, write_bytes, WireError};
 use super::Shared;
 use crate::proto::{
-    encode_frame, request_kind, Caller, ClientHello, Frame, Request, ServerHello, Transcript,
-    MAX_HANDSHAKE_FRAME_BYTES, MIN_PROTOCOL_VERSION, NONCE_BYTES, PROTOCOL_VERSION,
+    encode_frame, request_kind, Caller, ClientHello, Frame, Request, Response, ServerHello,
+    Transcript, MAX_HANDSHAKE_FRAME_BYTES, MIN_PROTOCOL_VERSION, NONCE_BYTES, PROTOCOL_VERSION,
 };
 use crate::types::{FsError, NodeId, RequestId};
 use std::net::SocketAddr;
@@ -254,6 +254,17 @@ async fn established(
                         true,
                     );
                 }
+                // A read-only request the store can answer from memory without waiting
+                // is answered here: no task and no blocking-thread hand-off.
+                if let Some((start, result)) = try_read_now(&shared, node, conn, &caller, &req) {
+                    if !shared
+                        .coherence
+                        .reply(node, conn, start, &req, Frame::Reply { id, result })
+                    {
+                        tracing::debug!(%id, "session gone before the reply; the node will retry");
+                    }
+                    continue;
+                }
                 let Ok(slot) = queued.clone().acquire_owned().await else {
                     break ("request queue closed".into(), true);
                 };
@@ -288,6 +299,23 @@ async fn established(
     }
     drop(tx);
     writer.abort();
+}
+
+/// Runs a read-only request in place when the store can answer it without blocking;
+/// returns the coherence mark taken before it ran and the answer.
+fn try_read_now(
+    shared: &Shared,
+    node: NodeId,
+    conn: u64,
+    caller: &Caller,
+    req: &Request,
+) -> Option<(u64, Result<Response, FsError>)> {
+    if !req.is_read_only() {
+        return None;
+    }
+    let start = shared.coherence.mark(node, conn);
+    let result = shared.store.try_execute_read(caller, req)?;
+    Some((start, result))
 }
 
 /// Requests of one connection read and waiting to run, at most.

@@ -226,11 +226,27 @@ pub(crate) struct Meta {
     /// The held list in memory: ino -> previous on the list.
     pub held_prev: HashMap<InodeId, Option<InodeId>>,
     pub drc: HashMap<(NodeId, u32), DrcSlot>,
+    /// Free inode slots whose next generation is known (the slot's last generation + 1),
+    /// so a create does not read the slot from the LUN. An entry exists only while the
+    /// slot is free in the inode bitmap: allocation removes it, freeing puts it back.
+    /// Filled by freeing and by [`Meta::next_generation`]'s batched reads.
+    pub slot_gens: HashMap<InodeId, u64>,
+    /// While set, [`Meta::read`] refuses to go to the device (it sets `missed` and fails):
+    /// used to answer read-only requests without blocking when everything is cached.
+    pub cached_only: bool,
+    /// A read was refused because of `cached_only`.
+    pub missed: bool,
     pub txn: Txn,
     pub stats: StoreStats,
     /// Who may convert which unwritten cluster; memory only, kept across a rollback.
     pub claims: Claims,
 }
+
+/// Inode slots read at once when a create finds its slot's generation unknown.
+const SLOT_READ_BATCH: u64 = 64;
+
+/// Most entries kept in [`Meta::slot_gens`]; past it, freed slots are read again later.
+pub(crate) const MAX_CACHED_SLOT_GENS: usize = 1 << 16;
 
 fn u(v: u64) -> usize {
     usize::try_from(v).unwrap_or(usize::MAX)
@@ -243,6 +259,10 @@ impl Meta {
             if b.len() == len {
                 return Ok(b.clone());
             }
+        }
+        if self.cached_only {
+            self.missed = true;
+            return Err(FsError::Io(format!("metadata at byte {at} is not cached")));
         }
         let mut buf = vec![0u8; len];
         self.stats.device_reads += 1;
@@ -278,6 +298,9 @@ impl Meta {
             overlay,
             held_prev: HashMap::new(),
             drc: HashMap::new(),
+            slot_gens: HashMap::new(),
+            cached_only: false,
+            missed: false,
             txn: Txn::default(),
             stats: StoreStats::default(),
             claims: Claims::default(),
@@ -538,6 +561,55 @@ impl Meta {
         self.set_bit(BitmapKind::Inodes, i, true);
         self.inode_map.rotor = i + 1;
         Ok(InodeId(i))
+    }
+
+    /// The generation a new inode in the just-allocated slot `ino` takes: one more than
+    /// the slot's last. Unknown slots are read from the LUN (overlay first) together with
+    /// the next free slots after them, whose generations are kept for later creates. A slot
+    /// that cannot be read or does not decode fails the create (a guessed generation could
+    /// repeat an (inode, generation) pair that a node still holds).
+    pub fn next_generation(&mut self, ino: InodeId) -> Result<u64, FsError> {
+        if let Some(generation) = self.slot_gens.remove(&ino) {
+            return Ok(generation);
+        }
+        let slot_bytes = usize::try_from(INODE_BYTES).unwrap_or(1024);
+        let count = SLOT_READ_BATCH
+            .min(self.g.inode_count.saturating_sub(ino.0))
+            .max(1);
+        let at = self.g.inode_offset(ino);
+        let mut buf = vec![0u8; slot_bytes * u(count)];
+        self.stats.device_reads += 1;
+        self.dev
+            .read_at(&mut buf, at)
+            .map_err(|e| io_err(&format!("read inode slot of {ino} at byte {at}"), e))?;
+        let mut own = None;
+        for (k, chunk) in (0u64..).zip(buf.chunks_exact(slot_bytes)) {
+            let slot = InodeId(ino.0 + k);
+            if k > 0
+                && (self.inode_map.get(slot.0)
+                    || self.slot_gens.contains_key(&slot)
+                    || self.slot_gens.len() >= MAX_CACHED_SLOT_GENS)
+            {
+                continue;
+            }
+            let slot_at = self.g.inode_offset(slot);
+            let bytes = match self.overlay.get(&slot_at) {
+                Some(b) if b.len() == slot_bytes => b.as_slice(),
+                _ => chunk,
+            };
+            let generation = match InodeSlot::decode(bytes, slot_at, slot) {
+                Ok(InodeSlot::Empty) => Ok(1),
+                Ok(InodeSlot::Free { generation }) => Ok(generation + 1),
+                Ok(InodeSlot::Used(i)) => Ok(i.generation + 1),
+                Err(e) => Err(corrupt_err(&e)),
+            };
+            if k == 0 {
+                own = Some(generation);
+            } else if let Ok(g) = generation {
+                self.slot_gens.insert(slot, g);
+            }
+        }
+        own.unwrap_or_else(|| Err(FsError::Io(format!("inode slot of {ino} not read"))))
     }
 
     /// Allocates one metadata block.

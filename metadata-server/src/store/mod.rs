@@ -41,7 +41,7 @@ use crate::format::{
     VolumeState,
 };
 use crate::proto::{Caller, Request, Response};
-use crate::types::{Epoch, FsError, Lsn, NodeId, VolumeId};
+use crate::types::{Epoch, FileKind, FsError, Lsn, NodeId, VolumeId};
 use crate::MetadataStore;
 use meta::Meta;
 pub use meta::StoreStats;
@@ -119,18 +119,7 @@ pub struct Store {
 }
 
 fn is_mutation(req: &Request) -> bool {
-    !matches!(
-        req,
-        Request::Lookup { .. }
-            | Request::GetAttr { .. }
-            | Request::ReadLink { .. }
-            | Request::ReadDir { .. }
-            | Request::StatFs
-            | Request::GetXattr { .. }
-            | Request::ListXattr { .. }
-            | Request::GetExtents { .. }
-            | Request::Fsync { .. }
-    )
+    !req.is_read_only()
 }
 
 fn journal_err(e: &JournalError) -> FsError {
@@ -515,6 +504,16 @@ impl Store {
                 Response::Done
             }
             Request::Open { ino, write: _ } => m.open(caller.node, *ino)?,
+            Request::CreateOpen {
+                parent,
+                name,
+                perm,
+                exclusive,
+                write: _,
+            } => {
+                let attr = m.create(caller, *parent, name, FileKind::File, *perm, 0, *exclusive)?;
+                m.open(caller.node, attr.ino)?
+            }
             Request::Release { ino } => {
                 m.release(caller.node, *ino)?;
                 Response::Done
@@ -548,6 +547,13 @@ impl Store {
     fn replay_answer(m: &mut Meta, caller: &Caller, req: &Request) -> Result<Response, FsError> {
         match req {
             Request::Open { ino, .. } => m.mapped(*ino, 0, u64::MAX),
+            // The name led to the file when the request ran; it still does unless a later
+            // request of some node renamed or removed it, which the node could not have
+            // seen before this answer (the caller still waits for it).
+            Request::CreateOpen { parent, name, .. } => {
+                let ino = m.lookup(*parent, name)?.ino;
+                m.mapped(ino, 0, u64::MAX)
+            }
             Request::Allocate {
                 ino,
                 offset_bytes,
@@ -645,6 +651,29 @@ impl MetadataStore for Store {
         drop(g);
         self.wait(lsn)?;
         Ok(resp)
+    }
+
+    fn try_execute_read(
+        &self,
+        _caller: &Caller,
+        req: &Request,
+    ) -> Option<Result<Response, FsError>> {
+        if is_mutation(req) || matches!(req, Request::Fsync { .. }) {
+            return None;
+        }
+        let mut g = self.inner.try_lock()?;
+        if let Err(e) = self.check_usable(&g) {
+            return Some(Err(e));
+        }
+        g.meta.cached_only = true;
+        g.meta.missed = false;
+        let r = Self::run_read(&mut g.meta, req);
+        g.meta.cached_only = false;
+        if g.meta.missed {
+            g.meta.missed = false;
+            return None;
+        }
+        Some(r)
     }
 
     fn node_gone(&self, node: NodeId) -> Result<(), FsError> {

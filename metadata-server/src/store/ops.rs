@@ -9,9 +9,8 @@ use super::meta::{
     encode_xattrs, io_err, store_blob, symlink_inline, xattrs_inline, CInode, DirBlk, Meta,
 };
 use crate::format::{
-    name_hash, valid_name, BlobKind, DirBlockEntry, DiskExtent, Inode, InodeSlot,
-    DIR_ENTRIES_BYTES, DIR_MAX_DEPTH, INODE_BYTES, MAX_FILE_BYTES, MAX_NAME_BYTES,
-    MAX_SYMLINK_BYTES,
+    name_hash, valid_name, BlobKind, DirBlockEntry, DiskExtent, Inode, DIR_ENTRIES_BYTES,
+    DIR_MAX_DEPTH, MAX_FILE_BYTES, MAX_NAME_BYTES, MAX_SYMLINK_BYTES,
 };
 use crate::proto::{ByteRange, Caller, Response};
 use crate::types::{
@@ -305,15 +304,7 @@ impl Meta {
         perm: u32,
     ) -> Result<InodeId, FsError> {
         let ino = self.alloc_inode_slot()?;
-        let at = self.g.inode_offset(ino);
-        let generation = match self.read(at, usize::try_from(INODE_BYTES).unwrap_or(1024)) {
-            Ok(raw) => match InodeSlot::decode(&raw, at, ino) {
-                Ok(InodeSlot::Free { generation }) => generation + 1,
-                Ok(InodeSlot::Used(i)) => i.generation + 1,
-                _ => 1,
-            },
-            Err(_) => 1,
-        };
+        let generation = self.next_generation(ino)?;
         let t = now();
         let (pgid, pperm) = {
             let p = &self.inode(parent)?.inode;
@@ -386,6 +377,9 @@ impl Meta {
             Inode::encode_free(ino, c.inode.generation),
         );
         self.set_bit(crate::format::BitmapKind::Inodes, ino.0, false);
+        if self.slot_gens.len() < super::meta::MAX_CACHED_SLOT_GENS {
+            self.slot_gens.insert(ino, c.inode.generation + 1);
+        }
         Ok(())
     }
 

@@ -7,7 +7,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::*;
-use crate::format::{mkfs, MkfsOptions};
+use crate::format::{mkfs, Inode, MkfsOptions};
 use crate::proto::ByteRange;
 use crate::types::{
     Attr, FallocMode, FileKind, InodeId, RenameFlags, RequestId, SetAttr, XattrMode,
@@ -1848,4 +1848,325 @@ fn readdir_cookies_are_stable_across_changes() {
     for n in &removed {
         assert!(!rest.contains(n), "a removed entry was listed");
     }
+}
+
+fn create_open(name: &str, exclusive: bool) -> Request {
+    Request::CreateOpen {
+        parent: InodeId::ROOT,
+        name: name.as_bytes().to_vec(),
+        perm: 0o640,
+        exclusive,
+        write: true,
+    }
+}
+
+fn mapped_attr(r: Result<Response, FsError>) -> Attr {
+    match r.unwrap() {
+        Response::Mapped { attr, extents } => {
+            assert!(extents.is_empty(), "a new file has no extents");
+            attr
+        }
+        other => panic!("expected Mapped, got {other:?}"),
+    }
+}
+
+fn free_inodes(c: &mut Client, s: &Store) -> u64 {
+    let Response::StatFs(st) = c.run(s, Request::StatFs).unwrap() else {
+        panic!("statfs")
+    };
+    st.free_inodes
+}
+
+#[test]
+fn create_open_creates_and_opens_in_one_durable_transaction() {
+    let disk = Arc::new(CrashDisk::new(32 << 20));
+    let dev: Arc<dyn BlockDevice> = disk.clone();
+    mkfs(dev.clone(), &opts(64 << 10), &mut |_, _| {}).unwrap();
+    let s = Store::open(dev.clone(), Epoch(1)).unwrap();
+    let mut a = Client::new(1);
+    let free0 = free_inodes(&mut a, &s);
+    let t0 = s.stats().transactions;
+    let f = mapped_attr(a.run(&s, create_open("f", true)));
+    assert_eq!(
+        s.stats().transactions,
+        t0 + 1,
+        "create and open are one transaction"
+    );
+    assert_eq!(
+        (f.kind, f.perm, f.uid, f.nlink),
+        (FileKind::File, 0o640, 1000, 1)
+    );
+    assert_eq!(free_inodes(&mut a, &s), free0 - 1);
+    // O_EXCL on an existing name fails and changes nothing.
+    assert!(matches!(
+        a.run(&s, create_open("f", true)),
+        Err(FsError::Exists)
+    ));
+    // Without O_EXCL the existing file is opened again (no new inode).
+    let again = mapped_attr(a.run(&s, create_open("f", false)));
+    assert_eq!((again.ino, again.generation), (f.ino, f.generation));
+    assert_eq!(free_inodes(&mut a, &s), free0 - 1);
+    // A directory under that name is not a file to open.
+    create(&mut a, &s, InodeId::ROOT, "d", FileKind::Dir).unwrap();
+    assert!(matches!(
+        a.run(&s, create_open("d", false)),
+        Err(FsError::Exists)
+    ));
+    // The opens are journaled: after a power cut they hold the unlinked file.
+    a.run(
+        &s,
+        Request::Unlink {
+            parent: InodeId::ROOT,
+            name: b"f".to_vec(),
+        },
+    )
+    .unwrap();
+    drop(s);
+    disk.power_cut();
+    let s = Store::open(dev.clone(), Epoch(2)).unwrap();
+    assert_eq!(s.nodes_holding_opens(), vec![NodeId(1)]);
+    assert!(matches!(
+        a.run(&s, Request::GetAttr { ino: f.ino }),
+        Ok(Response::Attr(_))
+    ));
+    a.run(&s, Request::Release { ino: f.ino }).unwrap();
+    assert!(
+        a.run(&s, Request::GetAttr { ino: f.ino }).is_ok(),
+        "the second open still holds it"
+    );
+    a.run(&s, Request::Release { ino: f.ino }).unwrap();
+    assert!(matches!(
+        a.run(&s, Request::GetAttr { ino: f.ino }),
+        Err(FsError::Stale)
+    ));
+    assert!(s.nodes_holding_opens().is_empty());
+}
+
+#[test]
+fn create_open_retry_runs_once() {
+    let (_d, s) = fresh(64 << 20, &opts(64 << 10));
+    let mut a = Client::new(1);
+    let free0 = free_inodes(&mut a, &s);
+    let caller = a.caller();
+    let req = create_open("r", true);
+    let first = s.execute(&caller, &req);
+    let f = mapped_attr(first.clone());
+    let t = s.stats().transactions;
+    // The retry (same node, same request id) gets the same answer, not EEXIST, and does
+    // not create or open anything again.
+    let retry = s.execute(&caller, &req);
+    assert_eq!(retry, first);
+    assert_eq!(s.stats().transactions, t);
+    assert_eq!(free_inodes(&mut a, &s), free0 - 1);
+    a.run(
+        &s,
+        Request::Unlink {
+            parent: InodeId::ROOT,
+            name: b"r".to_vec(),
+        },
+    )
+    .unwrap();
+    a.run(&s, Request::Release { ino: f.ino }).unwrap();
+    assert_eq!(
+        free_inodes(&mut a, &s),
+        free0,
+        "one release frees it: the retry did not open it twice"
+    );
+    // A new request (new id) for the same name is a new create.
+    assert!(matches!(
+        a.run(&s, create_open("r", true)),
+        Ok(Response::Mapped { .. })
+    ));
+}
+
+/// A volume on a [`FlakyDisk`] with one file created (the root directory is cached and the
+/// store has read a batch of inode slots); the cache of known slot generations is then
+/// emptied so the next create must read its slot.
+fn flaky_store_with_cold_slots() -> (
+    block_client::testing::FlakyHandle,
+    Arc<MemDevice>,
+    Store,
+    Client,
+) {
+    use block_client::testing::FlakyDisk;
+    let mem = Arc::new(MemDevice::new(64 << 20));
+    let flaky = FlakyDisk::new(mem.clone());
+    let handle = flaky.handle();
+    let dev: Arc<dyn BlockDevice> = Arc::new(flaky);
+    mkfs(dev.clone(), &opts(64 << 10), &mut |_, _| {}).unwrap();
+    let s = Store::open(dev, Epoch(1)).unwrap();
+    let mut a = Client::new(1);
+    create(&mut a, &s, InodeId::ROOT, "first", FileKind::File).unwrap();
+    s.inner.lock().meta.slot_gens.clear();
+    (handle, mem, s, a)
+}
+
+/// The slot the allocator hands out next.
+fn next_slot(s: &Store) -> InodeId {
+    let g = s.inner.lock();
+    let m = &g.meta;
+    (0..m.g.inode_count)
+        .map(|i| (i + m.inode_map.rotor) % m.g.inode_count)
+        .find(|i| *i >= 1 && !m.inode_map.get(*i))
+        .map(InodeId)
+        .unwrap()
+}
+
+#[test]
+fn create_fails_with_eio_when_the_slot_cannot_be_read() {
+    use block_client::testing::{FailKind, OpClass};
+    let (handle, _mem, s, mut a) = flaky_store_with_cold_slots();
+    let free0 = free_inodes(&mut a, &s);
+    let reads0 = s.stats().device_reads;
+    handle.fail_nth(OpClass::Read, 1, FailKind::Device(EIO));
+    let r = create(&mut a, &s, InodeId::ROOT, "x", FileKind::File);
+    assert!(matches!(r, Err(FsError::Io(_))), "{r:?}");
+    assert!(s.stats().device_reads > reads0, "the slot was read");
+    // Nothing of the failed create is left: no name, no allocated slot, store usable.
+    assert!(!names(&mut a, &s, InodeId::ROOT).contains_key(b"x".as_slice()));
+    assert_eq!(free_inodes(&mut a, &s), free0);
+    let x = create(&mut a, &s, InodeId::ROOT, "x", FileKind::File).unwrap();
+    assert_eq!(free_inodes(&mut a, &s), free0 - 1);
+    assert_eq!(x.generation, 1, "a never used slot starts at generation 1");
+}
+
+/// errno EIO.
+const EIO: i32 = 5;
+
+#[test]
+fn create_fails_with_eio_on_a_corrupt_slot_and_never_guesses_a_generation() {
+    let (_handle, mem, s, mut a) = flaky_store_with_cold_slots();
+    let slot = next_slot(&s);
+    let at = s.geometry().inode_offset(slot);
+    mem.write_at(&[0xa5; 1024], at, WriteFlags::default())
+        .unwrap();
+    let free0 = free_inodes(&mut a, &s);
+    for _ in 0..2 {
+        let r = create(&mut a, &s, InodeId::ROOT, "y", FileKind::File);
+        assert!(matches!(r, Err(FsError::Corrupt(_))), "{r:?}");
+        assert_eq!(free_inodes(&mut a, &s), free0);
+        assert!(!names(&mut a, &s, InodeId::ROOT).contains_key(b"y".as_slice()));
+    }
+    // Once the slot holds a freed inode of generation 7 again, the create takes 8.
+    mem.write_at(&Inode::encode_free(slot, 7), at, WriteFlags::default())
+        .unwrap();
+    let y = create(&mut a, &s, InodeId::ROOT, "y", FileKind::File).unwrap();
+    assert_eq!((y.ino, y.generation), (slot, 8));
+}
+
+#[test]
+fn slot_generations_are_read_in_batches_and_kept_for_freed_slots() {
+    let (_handle, _mem, s, mut a) = flaky_store_with_cold_slots();
+    let mut seen = BTreeSet::new();
+    let reads = s.stats().device_reads;
+    let mut made = Vec::new();
+    for i in 0..200 {
+        let f = create(&mut a, &s, InodeId::ROOT, &format!("g{i}"), FileKind::File).unwrap();
+        assert!(seen.insert((f.ino, f.generation)), "{f:?} repeats");
+        made.push(f);
+    }
+    let batch_reads = s.stats().device_reads - reads;
+    assert!(
+        batch_reads <= 200 / 64 + 2,
+        "{batch_reads} reads for 200 creates"
+    );
+    // Free some, then make the allocator come back to them: their generations are known
+    // (freeing kept them), so reusing them reads nothing and takes generation + 1.
+    for f in &made[..10] {
+        let i = made.iter().position(|m| m.ino == f.ino).unwrap();
+        a.run(
+            &s,
+            Request::Unlink {
+                parent: InodeId::ROOT,
+                name: format!("g{i}").into_bytes(),
+            },
+        )
+        .unwrap();
+    }
+    s.inner.lock().meta.inode_map.rotor = made[0].ino.0;
+    let reads = s.stats().device_reads;
+    for (k, old) in made[..10].iter().enumerate() {
+        let f = create(&mut a, &s, InodeId::ROOT, &format!("h{k}"), FileKind::File).unwrap();
+        assert_eq!((f.ino, f.generation), (old.ino, old.generation + 1));
+        assert!(seen.insert((f.ino, f.generation)), "{f:?} repeats");
+    }
+    assert_eq!(s.stats().device_reads, reads, "reused slots read nothing");
+    // After a restart nothing is cached: the slots are read again and still give the
+    // same next generations.
+    let dev = s.dev.clone();
+    s.shutdown().unwrap();
+    drop(s);
+    let s = Store::open(dev, Epoch(2)).unwrap();
+    let mut a = Client::new(1);
+    for f in &made[..10] {
+        a.run(
+            &s,
+            Request::Unlink {
+                parent: InodeId::ROOT,
+                name: format!("h{}", made.iter().position(|m| m.ino == f.ino).unwrap())
+                    .into_bytes(),
+            },
+        )
+        .unwrap();
+    }
+    s.inner.lock().meta.slot_gens.clear();
+    s.inner.lock().meta.inode_map.rotor = made[0].ino.0;
+    for old in &made[..10] {
+        let f = create(&mut a, &s, InodeId::ROOT, "again", FileKind::File).unwrap();
+        assert_eq!((f.ino, f.generation), (old.ino, old.generation + 2));
+        a.run(
+            &s,
+            Request::Unlink {
+                parent: InodeId::ROOT,
+                name: b"again".to_vec(),
+            },
+        )
+        .unwrap();
+    }
+}
+
+#[test]
+fn reads_are_answered_in_place_only_when_nothing_can_block() {
+    let (dev, s) = fresh(64 << 20, &opts(64 << 10));
+    let mut a = Client::new(1);
+    let f = create(&mut a, &s, InodeId::ROOT, "f", FileKind::File).unwrap();
+    let caller = a.caller();
+    let getattr = Request::GetAttr { ino: f.ino };
+    assert!(matches!(
+        s.try_execute_read(&caller, &getattr),
+        Some(Ok(Response::Attr(x))) if x.ino == f.ino
+    ));
+    assert!(matches!(
+        s.try_execute_read(
+            &caller,
+            &Request::Lookup {
+                parent: InodeId::ROOT,
+                name: b"none".to_vec()
+            }
+        ),
+        Some(Err(FsError::NotFound))
+    ));
+    // Mutations, Fsync and a busy store are left to `execute`.
+    assert!(s
+        .try_execute_read(&caller, &create_open("g", true))
+        .is_none());
+    assert!(s
+        .try_execute_read(&caller, &Request::Fsync { ino: f.ino })
+        .is_none());
+    {
+        let _busy = s.inner.lock();
+        assert!(s.try_execute_read(&caller, &getattr).is_none());
+    }
+    // After a restart the inode is not cached: no device read in place.
+    s.shutdown().unwrap();
+    drop(s);
+    let s = Store::open(dev, Epoch(2)).unwrap();
+    let reads = s.stats().device_reads;
+    assert!(s.try_execute_read(&caller, &getattr).is_none());
+    assert_eq!(s.stats().device_reads, reads);
+    assert!(matches!(a.run(&s, getattr.clone()), Ok(Response::Attr(_))));
+    assert!(matches!(
+        s.try_execute_read(&caller, &getattr),
+        Some(Ok(Response::Attr(_)))
+    ));
 }
