@@ -3,7 +3,7 @@
 //! the guest writes, to a runner that opens the same folder through node 2's mount. Node 3's
 //! mount is the independent witness: the guest's `seq=N` console lines must continue past
 //! the switch-over with no gap or repeat, no `MEMFAIL`/`DISKFAIL`, and every heartbeat must
-//! have a valid record on the disk.
+//! have a valid record on the disk (`hv-runner verify-disk`, run on node 3).
 //!
 //! Every `hv-runner` child is killed when the step leaves early ([`Child`]'s drop), so the
 //! demo's teardown finds no process holding files on the mounts. Without a usable
@@ -15,7 +15,8 @@
 //! create --volume m1 --name vm-live ─▶ n1: run m1/vm-live ─▶ console shows seq=..
 //!   n2: receive --listen 127.0.0.1:0 --volume m2 ─▶ "listening ADDR"
 //!   n1: migrate vm-live --to ADDR ─▶ report; n1 runner exits
-//!   console (read on node 3) continues ─▶ n2: stop vm-live ─▶ check console + disk on node 3
+//!   console (read on node 3) continues ─▶ n2: stop vm-live ─▶ check console on node 3
+//!   n3: verify-disk m3/vm-live --heartbeats N
 //! ```
 
 use crate::demo::DemoError;
@@ -37,10 +38,6 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 const HEARTBEATS_BEFORE: u64 = 5;
 /// See [`HEARTBEATS_BEFORE`].
 const HEARTBEATS_AFTER: u64 = 10;
-/// Magic of a test-guest disk record (fixtures/guest/guest.c).
-const RECORD_MAGIC: u64 = 0x5245_434f_5244_5631;
-/// Disk sector size of the test guest's records.
-const SECTOR_BYTES: usize = 512;
 
 /// Why the live-migration step failed.
 #[derive(Debug, thiserror::Error)]
@@ -315,60 +312,6 @@ fn last_seq(path: &Path) -> Result<Option<u64>, VmStepError> {
     Ok(seqs.last().copied())
 }
 
-/// The test guest's record mixer (fixtures/guest/guest.c).
-fn mix(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^ (x >> 31)
-}
-
-/// Checks that every heartbeat `0..count` has a valid record on the disk (each record lives
-/// in sector `seq % sectors`, filled from `mix` and closed by a checksum).
-fn check_disk(path: &Path, count: u64) -> Result<(), VmStepError> {
-    let bad = |detail: String| VmStepError::Guest {
-        path: path.to_path_buf(),
-        detail,
-    };
-    let data = std::fs::read(path).map_err(io("read", path))?;
-    let sectors = u64::try_from(data.len() / SECTOR_BYTES).unwrap_or(u64::MAX);
-    let mut seen = vec![false; usize::try_from(count).unwrap_or(0)];
-    for (i, sec) in (0u64..).zip(data.chunks_exact(SECTOR_BYTES)) {
-        let w: Vec<u64> = sec
-            .chunks_exact(8)
-            .map(|b| {
-                let mut a = [0u8; 8];
-                a.copy_from_slice(b);
-                u64::from_le_bytes(a)
-            })
-            .collect();
-        if w[0] != RECORD_MAGIC {
-            continue;
-        }
-        let seq = w[1];
-        if seq % sectors != i {
-            return Err(bad(format!("record {seq} in sector {i}")));
-        }
-        let mut sum = RECORD_MAGIC ^ seq;
-        for (k, &v) in (0u64..).zip(&w).take(63).skip(2) {
-            if v != mix(seq.wrapping_mul(64).wrapping_add(k)) {
-                return Err(bad(format!("record {seq} word {k} is wrong")));
-            }
-            sum = mix(sum ^ v);
-        }
-        if w[63] != sum {
-            return Err(bad(format!("record {seq} checksum is wrong")));
-        }
-        if let Some(s) = usize::try_from(seq).ok().and_then(|s| seen.get_mut(s)) {
-            *s = true;
-        }
-    }
-    match seen.iter().position(|s| !s) {
-        Some(missing) => Err(bad(format!("no record for heartbeat {missing}"))),
-        None => Ok(()),
-    }
-}
-
 /// The demo step: see the module doc. `say` is the demo's progress output.
 pub(crate) fn step(cluster: &LocalCluster, say: fn(&str)) -> Result<(), DemoError> {
     Ok(run(cluster, say)?)
@@ -513,8 +456,21 @@ fn run(cluster: &LocalCluster, say: fn(&str)) -> Result<(), VmStepError> {
         });
     }
     let count = u64::try_from(seqs.len()).unwrap_or(u64::MAX);
-    let disk3 = m3.join(VM_NAME).join("disk.img");
-    check_disk(&disk3, count)?;
+    // The disk records, checked by the runner's own checker through node 3's mount.
+    let vm3 = m3.join(VM_NAME);
+    let count_arg = count.to_string();
+    r.run(
+        "n3",
+        "verify-disk",
+        "verify-disk",
+        &[
+            os("verify-disk"),
+            vm3.as_os_str(),
+            os("--heartbeats"),
+            std::ffi::OsStr::new(&count_arg),
+        ],
+        COMMAND_TIMEOUT,
+    )?;
     say(&format!(
         "      node 3 checked: seq=0..{} without gap or repeat, no MEMFAIL/DISKFAIL, \
          {count} valid disk records",

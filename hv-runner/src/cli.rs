@@ -121,6 +121,16 @@ pub enum Command {
         /// The VM folder.
         dir: PathBuf,
     },
+    /// Check the test guest's disk records in DIR/NAME: every record valid, and one for
+    /// every heartbeat on its console (exit status 1 otherwise).
+    VerifyDisk {
+        /// The VM folder.
+        dir: PathBuf,
+        /// Number of heartbeats whose records must be present. Default: the complete
+        /// `seq=N` lines of the folder's console.log.
+        #[arg(long)]
+        heartbeats: Option<u64>,
+    },
 }
 
 /// Parses `123`, `64K`, `64M`, `1G`, `1GiB` (binary units) into bytes.

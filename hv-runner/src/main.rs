@@ -4,8 +4,8 @@
 //! It does not manage networks or real guest kernels: the guest is a tiny test program
 //! (fixtures/guest) with a serial console and a virtio-blk disk.
 //! Main types: [`vm::Vm`] (one VM), [`migration`] (live migration, save/restore),
-//! [`runner`] (process and control socket). Spec: ../shared/DESIGN.md (hv-runner) and
-//! MIGRATION.md.
+//! [`runner`] (process and control socket), [`verify`] (the test guest's disk check).
+//! Spec: ../shared/DESIGN.md (hv-runner) and MIGRATION.md.
 
 mod cli;
 mod devices;
@@ -13,6 +13,7 @@ mod kvm;
 mod migration;
 mod out;
 mod runner;
+mod verify;
 mod vm;
 
 use std::io::BufReader;
@@ -162,6 +163,20 @@ fn main() -> Result<()> {
             std::fs::remove_file(&path).with_context(|| format!("remove {}", path.display()))?;
             let reason = runner::serve(vm, &node, &cli.runtime_dir)?;
             out::line(&format!("vm {}: {reason}", dir.name));
+        }
+        Command::VerifyDisk { dir, heartbeats } => {
+            let report = verify::verify_disk(&dir, heartbeats)?;
+            for l in report.lines(&dir) {
+                out::line(&l);
+            }
+            if !report.problems.is_empty() {
+                bail!(
+                    "{} bad or missing disk records in {} (first: {})",
+                    report.problems.len(),
+                    dir.display(),
+                    report.problems[0]
+                );
+            }
         }
     }
     Ok(())

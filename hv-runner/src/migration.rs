@@ -532,6 +532,7 @@ fn precopy_and_switch<W: Write>(
     // Switch-over: the disk and console are handed to the destination.
     tracing::debug!(us = paused_at.elapsed().as_micros(), "destination ready");
     vm.close_devices().map_err(|e| (e.into(), true, true))?;
+    tracing::debug!(us = paused_at.elapsed().as_micros(), "devices closed");
     vm.release_owner();
     tracing::debug!(
         us = paused_at.elapsed().as_micros(),

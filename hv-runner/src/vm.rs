@@ -675,14 +675,32 @@ impl Vm {
     /// Flushes disk and console while the guest still runs, so the flush inside the
     /// downtime ([`Vm::close_devices`]) has little left to write.
     pub fn presync_devices(&self) {
-        let (disk, log) = {
+        let (disk, disk_at, log, log_at) = {
             let d = lock(&self.devices);
-            (d.blk.disk_handle(), d.serial.log_handle())
+            (
+                d.blk.disk_handle(),
+                d.blk.sync.point(),
+                d.serial.log_handle(),
+                d.serial.sync.point(),
+            )
         };
-        for f in [disk, log].into_iter().flatten() {
-            if let Err(e) = f.sync_data() {
-                tracing::warn!(vm = %self.dir.name, error = %e, "pre-switch-over flush failed");
-            }
+        let sync = |f: Option<std::fs::File>| {
+            let ok = f.is_some_and(|f| match f.sync_data() {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!(vm = %self.dir.name, error = %e, "pre-switch-over flush failed");
+                    false
+                }
+            });
+            ok
+        };
+        let (disk_ok, log_ok) = (sync(disk), sync(log));
+        let mut d = lock(&self.devices);
+        if disk_ok {
+            d.blk.sync.synced(disk_at);
+        }
+        if log_ok {
+            d.serial.sync.synced(log_at);
         }
     }
 

@@ -234,43 +234,20 @@ fn check_console(console: &str) -> u64 {
     s.len() as u64
 }
 
-fn mix(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^ (x >> 31)
-}
-
 /// Disk: a valid record for every heartbeat 0..n (records are written before the
-/// heartbeat line is printed).
-fn check_disk(disk: &Path, n: u64) {
-    const MAGIC: u64 = 0x5245_434f_5244_5631;
-    let d = std::fs::read(disk).unwrap();
-    let sectors = d.len() as u64 / 512;
-    assert!(n < sectors, "test wrote more records than the disk holds");
-    let mut found = 0;
-    for (i, sec) in d.chunks_exact(512).enumerate() {
-        let w: Vec<u64> = sec
-            .chunks_exact(8)
-            .map(|b| u64::from_le_bytes(b.try_into().unwrap()))
-            .collect();
-        if w[0] != MAGIC {
-            continue;
-        }
-        let seq = w[1];
-        assert_eq!(seq % sectors, i as u64, "record {seq} in wrong sector {i}");
-        let mut sum = MAGIC ^ seq;
-        for (k, &v) in w.iter().enumerate().take(63).skip(2) {
-            assert_eq!(v, mix(seq * 64 + k as u64), "record {seq} word {k} corrupt");
-            sum = mix(sum ^ v);
-        }
-        assert_eq!(w[63], sum, "record {seq} checksum");
-        found += 1;
-    }
-    assert!(
-        found >= n,
-        "only {found} records on disk for {n} heartbeats"
+/// heartbeat line is printed), checked by `hv-runner verify-disk`.
+fn check_disk(env: &Env, name: &str, n: u64) {
+    let dir = env.vm_dir(name);
+    let out = env.ok(
+        "a",
+        &[
+            "verify-disk",
+            dir.to_str().unwrap(),
+            "--heartbeats",
+            &n.to_string(),
+        ],
     );
+    assert!(out.contains(": ok: "), "verify-disk: {out}");
 }
 
 fn migrate(env: &Env, node: &str, name: &str, to: &str, extra: &[&str]) -> Output {
@@ -407,7 +384,7 @@ fn live_migration_there_and_back_keeps_guest_intact() {
 
     let n = check_console(&env.console("vm1"));
     assert!(n >= 60, "only {n} heartbeats");
-    check_disk(&env.vm_dir("vm1").join("disk.img"), n);
+    check_disk(&env, "vm1", n);
 }
 
 #[test]
@@ -481,7 +458,7 @@ fn destination_killed_mid_migration_leaves_vm_on_source() {
     env.ok("c", &["stop", "vm2"]);
     assert!(c.wait_exit(Duration::from_secs(10)));
     let n = check_console(&env.console("vm2"));
-    check_disk(&env.vm_dir("vm2").join("disk.img"), n);
+    check_disk(&env, "vm2", n);
 }
 
 #[test]
@@ -535,7 +512,21 @@ fn save_on_one_node_restore_on_another() {
     env.ok("b", &["stop", "vm3"]);
     assert!(b.wait_exit(Duration::from_secs(10)));
     let n = check_console(&env.console("vm3"));
-    check_disk(&dir.join("disk.img"), n);
+    check_disk(&env, "vm3", n);
+
+    // The checker fails on a damaged record: flip one bit of record 1 (sector 1).
+    let disk = dir.join("disk.img");
+    let mut d = std::fs::read(&disk).unwrap();
+    d[512 + 100] ^= 1;
+    std::fs::write(&disk, &d).unwrap();
+    let o = env.output("a", &["verify-disk", dir.to_str().unwrap()]);
+    assert!(!o.status.success(), "verify-disk passed a damaged disk");
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("BAD sector 1: record 1 word 12 is wrong")
+            && out.contains("BAD no record for heartbeat 1"),
+        "verify-disk output: {out}"
+    );
 }
 
 #[test]
