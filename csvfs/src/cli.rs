@@ -41,8 +41,9 @@ pub struct MountArgs {
     /// File holding the cluster secret. Required (flag or config).
     #[arg(long)]
     pub secret: Option<PathBuf>,
-    /// Address the metadata server listens on when this node becomes coordinator; it is
-    /// published in the lease. Default: 127.0.0.1:0 (any free port).
+    /// Address the metadata server listens on when this node becomes coordinator, at
+    /// mount or by taking over from a dead one; it is published in the lease. Every node
+    /// needs one. Default: 127.0.0.1:0 (a free port, chosen anew at each takeover).
     #[arg(long)]
     pub listen: Option<String>,
     /// How long the kernel caches attributes and names, in milliseconds (coordinator

@@ -433,6 +433,15 @@ impl LocalCluster {
             .ok_or(LocalError::NoSuchNode(id))
     }
 
+    /// The process id of node `id` while it runs.
+    pub fn node_pid(&self, id: u32) -> Option<u32> {
+        self.nodes
+            .iter()
+            .find(|n| n.id == id)
+            .and_then(|n| n.child.as_ref())
+            .map(Child::id)
+    }
+
     /// The nodes started so far.
     pub fn nodes(&self) -> &[NodeProc] {
         &self.nodes

@@ -2,14 +2,41 @@
 //!
 //! ```text
 //!  open LUN ─▶ read + validate superblock ─▶ read secret
-//!     ─▶ lease: acquire_or_find ─┬─ Coordinator{epoch}: open store, start server on
-//!                                │   --listen (published in the lease), keep the lease
+//!     ─▶ lease: acquire_or_find ─┬─ Coordinator{epoch}: host (below)
 //!                                └─ Follower: nothing to host
 //!     ─▶ connect the metadata client (coordinator found through the lease)
-//!     ─▶ heartbeat thread, periodic commit thread
+//!     ─▶ heartbeat, periodic commit and role threads
 //!     ─▶ FUSE session (AutoUnmount through fusermount when present)
 //!     ─▶ runs until unmounted, SIGTERM or SIGINT ─▶ commit, close, release the lease
+//!
+//!  host(epoch): keep the lease (LeaseKeeper) ─▶ open the store (journal replay) under
+//!               the keeper's guard ─▶ start the server on --listen (already in the lease)
 //! ```
+//!
+//! The role thread makes every node a candidate for coordinator, all the time:
+//!
+//! ```text
+//!            ┌────────────── follower ◀──────────────────────────────┐
+//!            │ poll the lease every 250 ms (LeaseWatcher)            │
+//!            │ counter still for the lease timeout, or released      │ guard lapsed (lease
+//!            ▼                                                       │ taken, not renewed
+//!   race: write epoch+1, settle, read back ── lost ─▶ follower       │ in time, paused):
+//!            │ won                                                   │ store fenced,
+//!            ▼                                                       │ server stopped,
+//!   host(epoch): replay, serve, "node N took over as coordinator" ─▶ coordinator
+//! ```
+//!
+//! Every node's metadata client finds the new address in the lease and resends what was in
+//! flight with the same request ids; the duplicate-request cache, kept in the journal,
+//! makes each run once. While no coordinator exists, metadata calls wait (up to the
+//! request timeout) and data I/O to extents already mapped goes on directly.
+//!
+//! Allocation after a takeover: clusters handed to a node (its preallocation included) are
+//! written into the file's extent map as unwritten extents in the same journaled
+//! transaction as the bitmap change, so the new coordinator's replay sees them as
+//! allocated to that file. Nothing about allocation lives only in the old coordinator's
+//! memory, and a node still writing into those clusters cannot have them handed to anyone
+//! else.
 
 use crate::config::MountConfig;
 use crate::data::DataPath;
@@ -20,22 +47,28 @@ use metadata_server::client::{
     ClientConfig, ConnectError, CoordinatorLocator, InvalidationHandler, MetadataClient,
 };
 use metadata_server::format::{Superblock, SuperblockError};
-use metadata_server::lease::{self, LeaseError, LeaseKeeper, LeaseRole, NodeState};
+use metadata_server::lease::{
+    self, LeaseError, LeaseKeeper, LeaseRole, LeaseWatcher, NodeState, WatchVerdict,
+};
 use metadata_server::proto::{Invalidation, Request, Response};
 use metadata_server::server::{Server, ServerConfig, ServerError, ServerHandle};
 use metadata_server::store::{Store, StoreError};
-use metadata_server::types::{Epoch, FsError, NodeId};
+use metadata_server::types::{Epoch, FsError, NodeId, VolumeId};
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
-/// Lease timeout this node promises to renew within when it is coordinator.
-pub const LEASE_TIMEOUT_MS: u64 = 6000;
+/// Lease timeout this node promises to renew within when it is coordinator. A dead
+/// coordinator is replaced after about this plus the settle delay (a quarter of it) plus
+/// the journal replay; a live one gives up after half of it without a renewal.
+pub const LEASE_TIMEOUT_MS: u64 = 4000;
 /// Lease renewal interval.
-pub const LEASE_RENEW_MS: u64 = 1000;
+pub const LEASE_RENEW_MS: u64 = 500;
+/// How often a follower looks at the lease.
+const WATCH_MS: u64 = 250;
 /// Heartbeat interval of every node.
 const HEARTBEAT_MS: u64 = 1000;
 /// Interval of the background commit of pending writes.
@@ -191,19 +224,19 @@ pub fn open_volume(lun: &str) -> Result<(Arc<dyn BlockDevice>, Superblock), Moun
 }
 
 /// A concrete address for `listen`: port 0 is replaced by a free port, so the address can
-/// be published in the lease before the server binds it.
-fn concrete_addr(listen: SocketAddr) -> Result<SocketAddr, MountError> {
+/// be published in the lease before the server binds it. The returned listener keeps the
+/// port taken until the server is about to bind it.
+fn reserve_addr(listen: SocketAddr) -> Result<(SocketAddr, Option<TcpListener>), MountError> {
     if listen.port() != 0 {
-        return Ok(listen);
+        return Ok((listen, None));
     }
-    let l = TcpListener::bind(listen).map_err(|source| MountError::Listen {
+    let err = |source| MountError::Listen {
         addr: listen,
         source,
-    })?;
-    l.local_addr().map_err(|source| MountError::Listen {
-        addr: listen,
-        source,
-    })
+    };
+    let l = TcpListener::bind(listen).map_err(err)?;
+    let addr = l.local_addr().map_err(err)?;
+    Ok((addr, Some(l)))
 }
 
 /// What this node hosts as coordinator.
@@ -211,6 +244,150 @@ struct Hosted {
     server: ServerHandle,
     keeper: LeaseKeeper,
     store: Arc<Store>,
+    epoch: Epoch,
+}
+
+impl Hosted {
+    /// Stops serving at once: the store refuses further work, the server closes every
+    /// connection, the lease is left as it is (it is lost already).
+    fn fence(self, why: &str) {
+        self.store.fence(why);
+        self.server.shutdown();
+        drop(self.keeper);
+    }
+
+    /// Clean stop at unmount: store shut down (clean), lease released.
+    fn shutdown(self) {
+        self.server.shutdown();
+        if let Err(e) = self.store.shutdown() {
+            tracing::error!(error = %e, "closing the metadata store failed");
+        }
+        if let Err(e) = self.keeper.release() {
+            warn!(error = %e, "releasing the coordinator lease failed");
+        }
+    }
+}
+
+/// What a node needs to become coordinator, at mount or by taking over.
+struct Candidate {
+    lun: Arc<dyn BlockDevice>,
+    node: NodeId,
+    volume: VolumeId,
+    secret: Vec<u8>,
+    listen: SocketAddr,
+    hosted: parking_lot::Mutex<Option<Hosted>>,
+}
+
+impl Candidate {
+    /// Hosts the coordinator for the lease just won with `epoch` at `addr`: keeps the lease,
+    /// replays the journal, serves. Returns how many records were replayed.
+    fn host(
+        &self,
+        epoch: Epoch,
+        addr: SocketAddr,
+        reserved: Option<TcpListener>,
+    ) -> Result<u64, MountError> {
+        // Renewing first: the replay must not eat into the lease timeout.
+        let keeper = LeaseKeeper::start(self.lun.clone(), self.node, epoch, LEASE_RENEW_MS)
+            .map_err(MountError::Lease)?;
+        let store = Arc::new(
+            Store::open(self.lun.clone(), epoch)
+                .map_err(|source| MountError::OpenStore { epoch, source })?,
+        );
+        store.set_lease_guard(keeper.guard());
+        let mut config = ServerConfig::new(addr, self.secret.clone(), self.volume, epoch);
+        config.nodes_with_opens = store.nodes_holding_opens();
+        drop(reserved);
+        let server = Server::start(store.clone(), config).map_err(MountError::StartServer)?;
+        let replayed = store.stats().replayed_records;
+        *self.hosted.lock() = Some(Hosted {
+            server,
+            keeper,
+            store,
+            epoch,
+        });
+        Ok(replayed)
+    }
+
+    fn is_hosting(&self) -> bool {
+        self.hosted.lock().is_some()
+    }
+
+    /// One step of the role thread; see the module doc.
+    fn step(&self, watcher: &mut LeaseWatcher) {
+        let lapsed = {
+            let hosted = self.hosted.lock();
+            match hosted.as_ref() {
+                Some(h) => h.keeper.guard().check().err().map(|why| (why, h.epoch)),
+                None => None,
+            }
+        };
+        if let Some((why, epoch)) = lapsed {
+            if let Some(h) = self.hosted.lock().take() {
+                h.fence(&why);
+            }
+            info!(node = %self.node, %epoch, reason = %why, "this node stopped acting as coordinator; following");
+            *watcher = LeaseWatcher::new();
+            return;
+        }
+        if self.is_hosting() {
+            return;
+        }
+        let seen = match watcher.poll(&self.lun, LEASE_TIMEOUT_MS) {
+            Ok(WatchVerdict::Live(_)) => return,
+            Ok(WatchVerdict::Takeable(seen)) => seen,
+            Err(e) => {
+                tracing::debug!(error = %e, "reading the coordinator lease failed");
+                return;
+            }
+        };
+        let started = Instant::now();
+        let (addr, reserved) = match reserve_addr(self.listen) {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(error = %e, "cannot take over: no listen address");
+                return;
+            }
+        };
+        match lease::race(&self.lun, self.node, addr, LEASE_TIMEOUT_MS, seen.as_ref()) {
+            Ok(LeaseRole::Coordinator { epoch }) => {
+                let replay_start = Instant::now();
+                match self.host(epoch, addr, reserved) {
+                    Ok(replayed) => info!(
+                        "node {} took over as coordinator, epoch {}, replayed {replayed} records in {} ms (takeover {} ms, serving at {addr})",
+                        self.node.0,
+                        epoch.0,
+                        replay_start.elapsed().as_millis(),
+                        started.elapsed().as_millis()
+                    ),
+                    Err(e) => tracing::error!(
+                        error = %error_chain(&e),
+                        %epoch,
+                        "won the coordinator lease but cannot serve; letting it expire"
+                    ),
+                }
+            }
+            Ok(LeaseRole::Follower {
+                coordinator, epoch, ..
+            }) => {
+                info!(%coordinator, %epoch, "another node holds the coordinator lease; following")
+            }
+            Err(e) => warn!(error = %e, "racing for the coordinator lease failed"),
+        }
+        *watcher = LeaseWatcher::new();
+    }
+}
+
+/// `e` and its sources, joined with ": ".
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cur = c.source();
+    }
+    out
 }
 
 fn fusermount_present() -> bool {
@@ -238,29 +415,22 @@ pub fn run(cfg: &MountConfig) -> Result<(), MountError> {
     );
     let _enter = span.enter();
 
-    let my_addr = concrete_addr(cfg.listen)?;
+    let candidate = Arc::new(Candidate {
+        lun: lun.clone(),
+        node: cfg.node,
+        volume: sb.volume,
+        secret: secret.clone(),
+        listen: cfg.listen,
+        hosted: parking_lot::Mutex::new(None),
+    });
+    let (my_addr, reserved) = reserve_addr(cfg.listen)?;
     let role = lease::acquire_or_find(&lun, cfg.node, my_addr, LEASE_TIMEOUT_MS)
         .map_err(MountError::Lease)?;
-    let hosted = match role {
+    match role {
         LeaseRole::Coordinator { epoch } => {
             span.record("epoch", epoch.0);
-            info!(%epoch, addr = %my_addr, "this node is coordinator");
-            let store = Arc::new(
-                Store::open(lun.clone(), epoch)
-                    .map_err(|source| MountError::OpenStore { epoch, source })?,
-            );
-            let keeper = LeaseKeeper::start(lun.clone(), cfg.node, epoch, LEASE_RENEW_MS)
-                .map_err(MountError::Lease)?;
-            let server = Server::start(
-                store.clone(),
-                ServerConfig::new(my_addr, secret.clone(), sb.volume, epoch),
-            )
-            .map_err(MountError::StartServer)?;
-            Some(Hosted {
-                server,
-                keeper,
-                store,
-            })
+            let replayed = candidate.host(epoch, my_addr, reserved)?;
+            info!(%epoch, addr = %my_addr, replayed, "this node is coordinator");
         }
         LeaseRole::Follower {
             coordinator,
@@ -269,9 +439,8 @@ pub fn run(cfg: &MountConfig) -> Result<(), MountError> {
         } => {
             span.record("epoch", epoch.0);
             info!(%coordinator, %addr, %epoch, "following the coordinator");
-            None
         }
-    };
+    }
 
     let invalidator = Invalidator::new().map_err(|source| MountError::Start {
         what: "the invalidation thread",
@@ -303,7 +472,7 @@ pub fn run(cfg: &MountConfig) -> Result<(), MountError> {
     invalidator.set_data(data.clone());
 
     let stop = Arc::new(AtomicBool::new(false));
-    let background = start_background(&lun, cfg.node, &client, &data, &stop, &span)?;
+    let background = start_background(&candidate, &client, &data, &stop, &span)?;
 
     let pool = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -372,7 +541,7 @@ pub fn run(cfg: &MountConfig) -> Result<(), MountError> {
     info!(
         mountpoint = %cfg.mountpoint.display(),
         auto_unmount,
-        coordinator = hosted.is_some(),
+        coordinator = candidate.is_hosting(),
         "mounted"
     );
     let result = session.run();
@@ -387,14 +556,9 @@ pub fn run(cfg: &MountConfig) -> Result<(), MountError> {
     }
     client.close();
     pool.shutdown_timeout(Duration::from_secs(2));
+    let hosted = candidate.hosted.lock().take();
     if let Some(h) = hosted {
-        h.server.shutdown();
-        if let Err(e) = h.store.shutdown() {
-            tracing::error!(error = %e, "closing the metadata store failed");
-        }
-        if let Err(e) = h.keeper.release() {
-            warn!(error = %e, "releasing the coordinator lease failed");
-        }
+        h.shutdown();
     }
     result.map_err(|source| MountError::Fuse {
         mountpoint: cfg.mountpoint.clone(),
@@ -402,10 +566,9 @@ pub fn run(cfg: &MountConfig) -> Result<(), MountError> {
     })
 }
 
-/// Starts the heartbeat and periodic-commit threads.
+/// Starts the heartbeat, periodic-commit and role threads.
 fn start_background(
-    lun: &Arc<dyn BlockDevice>,
-    node: NodeId,
+    candidate: &Arc<Candidate>,
     client: &Arc<MetadataClient>,
     data: &Arc<DataPath>,
     stop: &Arc<AtomicBool>,
@@ -417,8 +580,14 @@ fn start_background(
             .spawn(f)
             .map_err(|source| MountError::Start { what, source })
     };
+    let node = candidate.node;
     let hb = {
-        let (lun, client, stop, span) = (lun.clone(), client.clone(), stop.clone(), span.clone());
+        let (lun, client, stop, span) = (
+            candidate.lun.clone(),
+            client.clone(),
+            stop.clone(),
+            span.clone(),
+        );
         start(
             "csvfs-heartbeat",
             Box::new(move || {
@@ -438,6 +607,20 @@ fn start_background(
             }),
         )?
     };
+    let role = {
+        let (candidate, stop, span) = (candidate.clone(), stop.clone(), span.clone());
+        start(
+            "csvfs-role",
+            Box::new(move || {
+                let _e = span.enter();
+                let mut watcher = LeaseWatcher::new();
+                while !stop.load(Ordering::SeqCst) {
+                    candidate.step(&mut watcher);
+                    sleep_unless(&stop, Duration::from_millis(WATCH_MS));
+                }
+            }),
+        )?
+    };
     let committer = {
         let (data, stop, span) = (data.clone(), stop.clone(), span.clone());
         start(
@@ -451,7 +634,7 @@ fn start_background(
             }),
         )?
     };
-    Ok(vec![hb, committer])
+    Ok(vec![hb, role, committer])
 }
 
 fn sleep_unless(stop: &AtomicBool, d: Duration) {

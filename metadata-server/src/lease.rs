@@ -1,6 +1,6 @@
 //! The coordinator lease and node heartbeats on the LUN: who is coordinator, at which
 //! address and epoch, and which nodes are alive. All lease logic lives here; the record
-//! layout is `format::lease` (FORMAT.md §3). Robust failover and self-fencing grow here.
+//! layout is `format::lease` (FORMAT.md §3).
 //!
 //! Acquisition is a delta lease in the manner of sanlock: it needs no compare-and-swap on
 //! the disk, only the assumption that a write lands within the settle delay.
@@ -18,14 +18,26 @@
 //!                                                 yes ─▶ Coordinator{epoch}  no ─▶ Follower
 //! ```
 //!
+//! [`acquire_or_find`] runs the whole diagram once (at mount). A running follower watches
+//! with a [`LeaseWatcher`] instead, polled every few hundred milliseconds: it remembers
+//! when it first saw the current renewal counter and reports the lease expired once the
+//! counter has not moved for the lease's own `timeout_ms`; [`race`] then runs the right
+//! half of the diagram (write epoch+1, settle, read back). Every follower that saw the
+//! expiry may race; the last write to land wins, the others read it back and follow.
+//!
 //! Heartbeats: node n writes its slot (counter + 1, wall time, the epoch it last saw, its
 //! data-path state). FORMAT.md §3 has no state field yet, so the state travels in the
 //! slot's `addr` field: empty for Direct, `redirected:<reason>` for Redirected. When the
 //! format gains a field, only `encode_state`/`decode_state` change.
 //!
 //! The [`LeaseKeeper`] renews (counter + wall time) every interval. It stops and reports
-//! the lease lost when the record names another owner or epoch, or when it could not
-//! renew for half the lease timeout (so it gives up well before anyone can take over).
+//! the lease lost when the record names another owner or epoch, or when no renewal has
+//! succeeded for half the lease timeout (write errors, or the process was paused), so it
+//! gives up well before anyone can take over. Self-fencing: a [`LeaseGuard`] taken from
+//! the keeper answers, without I/O, whether this node may still act as coordinator (not
+//! lost, last successful renewal started less than half the timeout ago); the store
+//! checks it before every request, so a coordinator that was paused or cut off refuses
+//! work from the moment its guard lapses, even before its keeper thread runs again.
 
 use crate::format::lease::{LeaseKind, LeaseRecord};
 use crate::format::{DecodeError, Geometry, Superblock, SuperblockError, BLOCK_LEN};
@@ -250,20 +262,45 @@ fn info(rec: &LeaseRecord) -> Result<Option<CoordinatorInfo>, LeaseError> {
     }))
 }
 
-/// Reads who holds the lease. Does not judge whether the lease is still renewed.
-pub fn find_coordinator(dev: &Arc<dyn BlockDevice>) -> Result<CoordinatorInfo, LeaseError> {
+/// Reads the coordinator lease record (`None`: never written).
+fn read_lease(dev: &Arc<dyn BlockDevice>) -> Result<Option<LeaseRecord>, LeaseError> {
     let (g, volume) = geometry(dev)?;
-    let rec = read_record(
+    read_record(
         dev,
         "coordinator lease",
         g.lease_offset(),
         LeaseKind::Coordinator,
         volume,
-    )?;
-    match rec {
+    )
+}
+
+/// Reads who holds the lease. Does not judge whether the lease is still renewed.
+pub fn find_coordinator(dev: &Arc<dyn BlockDevice>) -> Result<CoordinatorInfo, LeaseError> {
+    match read_lease(dev)? {
         Some(r) => info(&r)?.ok_or(LeaseError::NoCoordinator),
         None => Err(LeaseError::NoCoordinator),
     }
+}
+
+/// Checks a racer's node and timeout; returns the timeout as stored, the lease's byte
+/// offset and the volume.
+fn racer_args(
+    dev: &Arc<dyn BlockDevice>,
+    node: NodeId,
+    timeout_ms: u64,
+) -> Result<(u32, u64, VolumeId), LeaseError> {
+    let timeout_u32 = u32::try_from(timeout_ms)
+        .ok()
+        .filter(|t| *t > 0)
+        .ok_or(LeaseError::BadTimeout { timeout_ms })?;
+    let (g, volume) = geometry(dev)?;
+    if g.heartbeat_offset(node).is_none() {
+        return Err(LeaseError::NodeOutOfRange {
+            node,
+            max_nodes: g.max_nodes,
+        });
+    }
+    Ok((timeout_u32, g.lease_offset(), volume))
 }
 
 /// Takes the coordinator lease when it is free or expired (not renewed within its
@@ -276,18 +313,7 @@ pub fn acquire_or_find(
     my_addr: SocketAddr,
     timeout_ms: u64,
 ) -> Result<LeaseRole, LeaseError> {
-    let timeout_u32 = u32::try_from(timeout_ms)
-        .ok()
-        .filter(|t| *t > 0)
-        .ok_or(LeaseError::BadTimeout { timeout_ms })?;
-    let (g, volume) = geometry(dev)?;
-    if g.heartbeat_offset(node).is_none() {
-        return Err(LeaseError::NodeOutOfRange {
-            node,
-            max_nodes: g.max_nodes,
-        });
-    }
-    let at = g.lease_offset();
+    let (timeout_u32, at, volume) = racer_args(dev, node, timeout_ms)?;
     const WHAT: &str = "coordinator lease";
     let read = || read_record(dev, WHAT, at, LeaseKind::Coordinator, volume);
     let span = tracing::info_span!("lease_acquire", %node, %volume);
@@ -330,6 +356,22 @@ pub fn acquire_or_find(
             }
         }
     }
+    race_record(dev, node, my_addr, timeout_u32, &read, seen)
+}
+
+/// Writes `{node, epoch+1, counter+1, my_addr}` over the record last `seen`, waits the
+/// settle delay and reads back: whoever's write landed last holds the lease.
+fn race_record(
+    dev: &Arc<dyn BlockDevice>,
+    node: NodeId,
+    my_addr: SocketAddr,
+    timeout_ms: u32,
+    read: &dyn Fn() -> Result<Option<LeaseRecord>, LeaseError>,
+    seen: Option<LeaseRecord>,
+) -> Result<LeaseRole, LeaseError> {
+    const WHAT: &str = "coordinator lease";
+    let (g, volume) = geometry(dev)?;
+    let at = g.lease_offset();
     let (epoch, counter) = match &seen {
         // Counters come from the disk: never overflow on a damaged value.
         Some(r) => (
@@ -342,7 +384,7 @@ pub fn acquire_or_find(
         kind: LeaseKind::Coordinator,
         volume,
         node: Some(node),
-        timeout_ms: timeout_u32,
+        timeout_ms,
         epoch,
         counter,
         time: now(),
@@ -350,7 +392,7 @@ pub fn acquire_or_find(
     };
     write_record(dev, WHAT, at, &mine)?;
     // Let a competitor's write in flight land before reading back.
-    std::thread::sleep(Duration::from_millis((timeout_ms / 4).clamp(10, 5000)));
+    std::thread::sleep(settle_delay(u64::from(timeout_ms)));
     match read()? {
         Some(r) if r.node == Some(node) && r.epoch == epoch && r.counter >= counter => {
             tracing::info!(%epoch, addr = %my_addr, "acquired the coordinator lease");
@@ -371,10 +413,145 @@ pub fn acquire_or_find(
     }
 }
 
+/// How long a racer waits between its write and the read-back: a quarter of the lease
+/// timeout, at least 10 ms, at most 5 s.
+pub fn settle_delay(timeout_ms: u64) -> Duration {
+    Duration::from_millis((timeout_ms / 4).clamp(10, 5000))
+}
+
+/// Races for a lease that a [`LeaseWatcher`] reported expired or free (`seen` is the
+/// record it judged). Re-reads the record first: when it changed meanwhile (the owner
+/// renewed, or another node won), nobody writes and the current holder is reported.
+/// Blocks for the settle delay.
+pub fn race(
+    dev: &Arc<dyn BlockDevice>,
+    node: NodeId,
+    my_addr: SocketAddr,
+    timeout_ms: u64,
+    seen: Option<&LeaseRecord>,
+) -> Result<LeaseRole, LeaseError> {
+    let (timeout_u32, at, volume) = racer_args(dev, node, timeout_ms)?;
+    let read = || read_record(dev, "coordinator lease", at, LeaseKind::Coordinator, volume);
+    let span = tracing::info_span!("lease_race", %node, %volume);
+    let _enter = span.enter();
+    let now = read()?;
+    if now.as_ref() != seen {
+        // Renewed by its owner, or won by another node: follow. Released meanwhile: race.
+        if let Some(i) = now.as_ref().map(info).transpose()?.flatten() {
+            return Ok(LeaseRole::Follower {
+                coordinator: i.node,
+                addr: i.addr,
+                epoch: i.epoch,
+            });
+        }
+    }
+    race_record(dev, node, my_addr, timeout_u32, &read, now)
+}
+
+/// What a [`LeaseWatcher`] concluded from one look at the lease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WatchVerdict {
+    /// The owner renewed within its timeout (or this is the first look at this counter).
+    Live(CoordinatorInfo),
+    /// The lease is free (never written or released), or its owner has not renewed it for
+    /// its timeout: race for it with [`race`], passing this record.
+    Takeable(Option<LeaseRecord>),
+}
+
+/// Watches the coordinator lease from a follower; see the module doc.
+#[derive(Debug, Default)]
+pub struct LeaseWatcher {
+    /// The record last seen and when its counter was first seen.
+    last: Option<(LeaseRecord, Instant)>,
+}
+
+impl LeaseWatcher {
+    /// A watcher that has seen nothing yet.
+    pub fn new() -> LeaseWatcher {
+        LeaseWatcher::default()
+    }
+
+    /// Reads the lease once and judges it. The timeout is the record's own `timeout_ms`
+    /// (the owner's promise), measured on this node's monotonic clock from the first look
+    /// at the current counter; a record with timeout 0 is judged with `default_timeout_ms`.
+    pub fn poll(
+        &mut self,
+        dev: &Arc<dyn BlockDevice>,
+        default_timeout_ms: u64,
+    ) -> Result<WatchVerdict, LeaseError> {
+        let Some(rec) = read_lease(dev)? else {
+            self.last = None;
+            return Ok(WatchVerdict::Takeable(None));
+        };
+        let Some(i) = info(&rec)? else {
+            self.last = None;
+            return Ok(WatchVerdict::Takeable(Some(rec)));
+        };
+        let since = match &self.last {
+            Some((r, t))
+                if r.counter == rec.counter && r.epoch == rec.epoch && r.node == rec.node =>
+            {
+                *t
+            }
+            _ => Instant::now(),
+        };
+        self.last = Some((rec.clone(), since));
+        let timeout_ms = match rec.timeout_ms {
+            0 => default_timeout_ms,
+            t => u64::from(t),
+        };
+        if since.elapsed() >= Duration::from_millis(timeout_ms) {
+            tracing::info!(owner = %i.node, epoch = %i.epoch, counter = i.counter, timeout_ms, "coordinator lease expired: not renewed within its timeout");
+            return Ok(WatchVerdict::Takeable(Some(rec)));
+        }
+        Ok(WatchVerdict::Live(i))
+    }
+}
+
 #[derive(Debug, Default)]
 struct KeeperStatus {
     lost: Option<String>,
     renewals: u64,
+}
+
+/// State shared by a keeper's thread and its guards.
+#[derive(Debug)]
+struct KeeperShared {
+    status: Mutex<KeeperStatus>,
+    /// When the last successful renewal (or the acquisition) started.
+    renewed_at: Mutex<Instant>,
+    /// Half the lease timeout: how long this node acts on one renewal.
+    valid_for: Duration,
+}
+
+impl KeeperShared {
+    fn check(&self) -> Result<(), String> {
+        if let Some(why) = &self.status.lock().lost {
+            return Err(why.clone());
+        }
+        let age = self.renewed_at.lock().elapsed();
+        if age >= self.valid_for {
+            return Err(format!(
+                "lease not renewed for {} ms (limit {} ms)",
+                age.as_millis(),
+                self.valid_for.as_millis()
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Answers, without I/O, whether the coordinator holding a [`LeaseKeeper`] may still act
+/// as coordinator; see the module doc. Cheap to clone and to check.
+#[derive(Debug, Clone)]
+pub struct LeaseGuard(Arc<KeeperShared>);
+
+impl LeaseGuard {
+    /// `Ok` while the lease is held and was renewed less than half its timeout ago; the
+    /// reason otherwise. Once it fails it never succeeds again: the keeper has given up.
+    pub fn check(&self) -> Result<(), String> {
+        self.0.check()
+    }
 }
 
 /// Renews the coordinator lease in the background. Dropping it stops renewing (without
@@ -383,7 +560,7 @@ struct KeeperStatus {
 #[derive(Debug)]
 pub struct LeaseKeeper {
     stop: Arc<AtomicBool>,
-    status: Arc<Mutex<KeeperStatus>>,
+    shared: Arc<KeeperShared>,
     thread: Option<JoinHandle<()>>,
     dev: Arc<dyn BlockDevice>,
     node: NodeId,
@@ -392,6 +569,7 @@ pub struct LeaseKeeper {
 
 impl LeaseKeeper {
     /// Starts renewing the lease this node acquired with `epoch`, every `interval_ms`.
+    /// Call it right after winning: the lease counts as renewed when this is called.
     pub fn start(
         dev: Arc<dyn BlockDevice>,
         node: NodeId,
@@ -400,43 +578,51 @@ impl LeaseKeeper {
     ) -> Result<LeaseKeeper, LeaseError> {
         let (g, volume) = geometry(&dev)?;
         let at = g.lease_offset();
-        let stop = Arc::new(AtomicBool::new(false));
-        let status = Arc::new(Mutex::new(KeeperStatus::default()));
         let interval = Duration::from_millis(interval_ms.max(1));
+        let timeout = renew_timeout(&dev, at, volume).unwrap_or(interval * 3);
+        let stop = Arc::new(AtomicBool::new(false));
+        let shared = Arc::new(KeeperShared {
+            status: Mutex::new(KeeperStatus::default()),
+            // The lease was written before the racer's settle delay: count from there.
+            renewed_at: Mutex::new(
+                Instant::now()
+                    .checked_sub(settle_delay(
+                        u64::try_from(timeout.as_millis()).unwrap_or(0),
+                    ))
+                    .unwrap_or_else(Instant::now),
+            ),
+            valid_for: timeout / 2,
+        });
         let thread = {
-            let (dev, stop, status) = (dev.clone(), stop.clone(), status.clone());
+            let (dev, stop, shared) = (dev.clone(), stop.clone(), shared.clone());
             std::thread::Builder::new()
                 .name("csvfs-lease".into())
                 .spawn(move || {
                     let span = tracing::info_span!("lease_keeper", %node, %epoch);
                     let _e = span.enter();
-                    let mut last_ok = Instant::now();
                     while !stop.load(Ordering::Acquire) {
-                        let lost = match renew_once(&dev, at, volume, node, epoch) {
-                            Ok(()) => {
-                                last_ok = Instant::now();
-                                status.lock().renewals += 1;
-                                None
-                            }
-                            Err(RenewError::Taken(why)) => Some(why),
-                            Err(RenewError::Io(e)) => {
-                                // Give up at half the lease timeout, before anyone may take it.
-                                let timeout =
-                                    renew_timeout(&dev, at, volume).unwrap_or(interval * 3);
-                                if last_ok.elapsed() >= timeout / 2 {
-                                    Some(format!(
-                                        "could not renew for {} ms: {e}",
-                                        last_ok.elapsed().as_millis()
-                                    ))
-                                } else {
+                        // Give up at half the lease timeout, before anyone may take it over;
+                        // also after a pause of the whole process (SIGSTOP, a stall).
+                        let stale = shared.check().err();
+                        let started = Instant::now();
+                        let lost = match stale {
+                            Some(why) => Some(why),
+                            None => match renew_once(&dev, at, volume, node, epoch) {
+                                Ok(()) => {
+                                    *shared.renewed_at.lock() = started;
+                                    shared.status.lock().renewals += 1;
+                                    None
+                                }
+                                Err(RenewError::Taken(why)) => Some(why),
+                                Err(RenewError::Io(e)) => {
                                     tracing::warn!(error = %e, "lease renewal failed; retrying");
                                     None
                                 }
-                            }
+                            },
                         };
                         if let Some(why) = lost {
                             tracing::error!("coordinator lease lost: {why}");
-                            status.lock().lost = Some(why);
+                            shared.status.lock().lost = Some(why);
                             return;
                         }
                         std::thread::sleep(interval);
@@ -446,12 +632,17 @@ impl LeaseKeeper {
         };
         Ok(LeaseKeeper {
             stop,
-            status,
+            shared,
             thread: Some(thread),
             dev,
             node,
             epoch,
         })
+    }
+
+    /// A guard that tells whether this node may still act as coordinator.
+    pub fn guard(&self) -> LeaseGuard {
+        LeaseGuard(self.shared.clone())
     }
 
     /// The epoch the keeper renews.
@@ -462,17 +653,17 @@ impl LeaseKeeper {
     /// True once the lease is lost; the keeper has stopped and this node must stop
     /// acting as coordinator.
     pub fn is_lost(&self) -> bool {
-        self.status.lock().lost.is_some()
+        self.shared.status.lock().lost.is_some()
     }
 
     /// Why the lease was lost, once it is.
     pub fn lost_reason(&self) -> Option<String> {
-        self.status.lock().lost.clone()
+        self.shared.status.lock().lost.clone()
     }
 
     /// Successful renewals so far.
     pub fn renewals(&self) -> u64 {
-        self.status.lock().renewals
+        self.shared.status.lock().renewals
     }
 
     fn halt(&mut self) {
@@ -733,6 +924,15 @@ mod tests {
         let dev: Arc<dyn BlockDevice> = flaky;
         acquire_or_find(&dev, NodeId(1), addr(7001), 1000).unwrap();
         let keeper = LeaseKeeper::start(dev.clone(), NodeId(1), Epoch(1), 20).unwrap();
+        // Renewing well first, so the give-up is counted from a real renewal.
+        let t0 = Instant::now();
+        while keeper.renewals() < 3 {
+            assert!(
+                t0.elapsed() < Duration::from_secs(2),
+                "keeper never renewed"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
         handle.fail_all(OpClass::Write, FailKind::PathLost);
         let t0 = Instant::now();
         while !keeper.is_lost() {
@@ -743,6 +943,92 @@ mod tests {
         let took = t0.elapsed();
         assert!(took >= Duration::from_millis(400), "{took:?}");
         assert!(took < Duration::from_millis(1000), "{took:?}");
+    }
+
+    #[test]
+    fn watcher_reports_expiry_once_the_counter_stops_and_one_racer_wins() {
+        let dev = volume();
+        let role = acquire_or_find(&dev, NodeId(1), addr(7001), 300).unwrap();
+        assert_eq!(role, LeaseRole::Coordinator { epoch: Epoch(1) });
+        let keeper = LeaseKeeper::start(dev.clone(), NodeId(1), Epoch(1), 30).unwrap();
+        let mut w2 = LeaseWatcher::new();
+        let mut w3 = LeaseWatcher::new();
+        // While renewed: live, for longer than the timeout.
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_millis(500) {
+            assert!(matches!(w2.poll(&dev, 300).unwrap(), WatchVerdict::Live(_)));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // The coordinator dies (stops renewing, keeps the record).
+        drop(keeper);
+        let dead = Instant::now();
+        let (seen2, seen3) = loop {
+            let (a, b) = (w2.poll(&dev, 300).unwrap(), w3.poll(&dev, 300).unwrap());
+            if let (WatchVerdict::Takeable(a), WatchVerdict::Takeable(b)) = (a, b) {
+                break (a, b);
+            }
+            assert!(dead.elapsed() < Duration::from_secs(3), "expiry not seen");
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert!(dead.elapsed() >= Duration::from_millis(300));
+        // Both race at once: exactly one wins, the other follows it.
+        let d2 = dev.clone();
+        let r2 = std::thread::spawn(move || race(&d2, NodeId(2), addr(7002), 300, seen2.as_ref()));
+        let r3 = race(&dev, NodeId(3), addr(7003), 300, seen3.as_ref()).unwrap();
+        let r2 = r2.join().unwrap().unwrap();
+        let winners: Vec<_> = [&r2, &r3]
+            .into_iter()
+            .filter(|r| matches!(r, LeaseRole::Coordinator { .. }))
+            .collect();
+        assert_eq!(winners.len(), 1, "{r2:?} {r3:?}");
+        let c = find_coordinator(&dev).unwrap();
+        assert_eq!(c.epoch, Epoch(2));
+        let loser = if matches!(r2, LeaseRole::Coordinator { .. }) {
+            &r3
+        } else {
+            &r2
+        };
+        assert!(
+            matches!(loser, LeaseRole::Follower { coordinator, epoch: Epoch(2), .. } if *coordinator == c.node)
+        );
+        // A late racer with the old record does not write: it follows the winner.
+        let late = race(&dev, NodeId(4), addr(7004), 300, seen3.as_ref()).unwrap();
+        assert!(matches!(
+            late,
+            LeaseRole::Follower {
+                epoch: Epoch(2),
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn guard_lapses_when_the_keeper_cannot_renew_and_stays_lapsed() {
+        let mem = volume();
+        let flaky = Arc::new(FlakyDisk::new(mem));
+        let handle = flaky.handle();
+        let dev: Arc<dyn BlockDevice> = flaky;
+        acquire_or_find(&dev, NodeId(1), addr(7001), 400).unwrap();
+        let keeper = LeaseKeeper::start(dev.clone(), NodeId(1), Epoch(1), 20).unwrap();
+        let guard = keeper.guard();
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(guard.check().is_ok());
+        handle.fail_all(OpClass::Write, FailKind::PathLost);
+        let t0 = Instant::now();
+        while guard.check().is_ok() {
+            assert!(t0.elapsed() < Duration::from_secs(2), "guard never lapsed");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        // At most half the timeout after the last renewal.
+        assert!(
+            t0.elapsed() <= Duration::from_millis(250),
+            "{:?}",
+            t0.elapsed()
+        );
+        handle.heal();
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(guard.check().is_err(), "a lapsed guard came back");
+        assert!(keeper.is_lost());
     }
 
     #[test]

@@ -13,6 +13,18 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::time::Duration;
 
+/// Deterministic test bytes for `seed`: an xorshift stream.
+pub fn pattern(seed: u64, buf: &mut [u8]) {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    for w in buf.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let b = x.to_le_bytes();
+        w.copy_from_slice(&b[..w.len()]);
+    }
+}
+
 /// How long a node may take to mount.
 pub const MOUNT_TIMEOUT: Duration = Duration::from_secs(60);
 

@@ -7,7 +7,7 @@
 //! full volume answering ENOSPC without damage.
 
 use csvfs::local::is_mounted;
-use csvfs_tests::cluster::{ClusterSpec, TestCluster};
+use csvfs_tests::cluster::{pattern, ClusterSpec, TestCluster};
 use metadata_server::format::MkfsOptions;
 use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Read, Write};
@@ -15,17 +15,6 @@ use std::os::unix::fs::FileExt;
 use std::sync::Barrier;
 use std::thread;
 use std::time::{Duration, Instant};
-
-fn pattern(seed: u64, buf: &mut [u8]) {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    for w in buf.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let b = x.to_le_bytes();
-        w.copy_from_slice(&b[..w.len()]);
-    }
-}
 
 /// A small deterministic generator for offsets.
 struct Rng(u64);

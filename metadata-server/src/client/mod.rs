@@ -16,7 +16,9 @@
 //!   │            │           FsError::Io("coordinator unreachable ...")
 //!   │            │ re-locate (re-reads the lease), back-off 50 ms … 1 s
 //!   └────────────┘ on success: every pending request is sent again with the SAME id;
-//!                  the store's duplicate-request cache makes it run once
+//!                  the store's duplicate-request cache makes it run once; a session
+//!                  with a higher epoch (a failover) first raises a local
+//!                  Invalidation::All, since the new coordinator knows no caches
 //! ```
 //!
 //! Request ids start at the wall clock in nanoseconds when the client starts and count up
@@ -204,12 +206,17 @@ struct State {
     version: u32,
 }
 
+/// Where to acknowledge an invalidation: its sequence number and the session's queue.
+type Ack = (u64, mpsc::UnboundedSender<Frame>);
+
 struct Inner {
     cfg: ClientConfig,
     state: Mutex<State>,
     next_id: AtomicU64,
     closed: AtomicBool,
-    handler_tx: std::sync::mpsc::Sender<(Invalidation, u64, mpsc::UnboundedSender<Frame>)>,
+    /// Invalidations for the handler thread, with the sequence number and connection to
+    /// acknowledge them on (`None`: raised locally, nothing to acknowledge).
+    handler_tx: std::sync::mpsc::Sender<(Invalidation, Option<Ack>)>,
 }
 
 /// A connection to the coordinator's metadata server. Share it (`Arc`) between threads.
@@ -267,17 +274,18 @@ impl MetadataClient {
             .enable_all()
             .build()
             .map_err(ConnectError::Runtime)?;
-        let (handler_tx, handler_rx) =
-            std::sync::mpsc::channel::<(Invalidation, u64, mpsc::UnboundedSender<Frame>)>();
+        let (handler_tx, handler_rx) = std::sync::mpsc::channel::<(Invalidation, Option<Ack>)>();
         let node = cfg.node;
         std::thread::Builder::new()
             .name("csvfs-mdc-inval".into())
             .spawn(move || {
                 let span = tracing::debug_span!("invalidations", %node);
                 let _enter = span.enter();
-                while let Ok((inv, seq, conn)) = handler_rx.recv() {
+                while let Ok((inv, ack)) = handler_rx.recv() {
                     handler.invalidate(&inv);
-                    let _ = conn.send(Frame::InvalidateAck { seq });
+                    if let Some((seq, conn)) = ack {
+                        let _ = conn.send(Frame::InvalidateAck { seq });
+                    }
                 }
             })
             .map_err(ConnectError::Runtime)?;
@@ -658,6 +666,12 @@ fn install(inner: &Inner, s: &Session) -> mpsc::UnboundedReceiver<Frame> {
     if st.instance != 0 && st.instance != s.instance {
         tracing::info!(addr = %s.addr, epoch = %s.epoch, "connected to a new coordinator instance");
     }
+    if st.epoch != Epoch(0) && s.epoch > st.epoch {
+        // A new coordinator after a failover knows nothing of what this node caches: drop
+        // all of it (the handler runs it next, before any later invalidation).
+        tracing::info!(old = %st.epoch, new = %s.epoch, "coordinator epoch changed; dropping every cache");
+        let _ = inner.handler_tx.send((Invalidation::All, None));
+    }
     st.epoch = st.epoch.max(s.epoch);
     st.volume = Some(s.volume);
     st.addr = s.addr;
@@ -812,7 +826,11 @@ async fn serve(inner: &Arc<Inner>, s: Session, mut rx: mpsc::UnboundedReceiver<F
                 }
             }
             Frame::Invalidate { seq, inv } => {
-                if inner.handler_tx.send((inv, seq, conn_tx.clone())).is_err() {
+                if inner
+                    .handler_tx
+                    .send((inv, Some((seq, conn_tx.clone()))))
+                    .is_err()
+                {
                     break "invalidation handler stopped".into();
                 }
             }

@@ -208,6 +208,8 @@ pub struct StoreStats {
     pub max_txn_bytes: u64,
     /// Checkpoints done.
     pub checkpoints: u64,
+    /// Journal records replayed when the store was opened.
+    pub replayed_records: u64,
 }
 
 /// The whole in-memory state, guarded by the store lock.

@@ -23,6 +23,12 @@
 //!
 //! Any failed journal or device write makes the store refuse all further work (sticky),
 //! like the journal itself; the coordinator reopens it (replay) to continue.
+//!
+//! Fencing: a coordinator gives the store its [`LeaseGuard`] ([`Store::set_lease_guard`]).
+//! Every request and every shutdown checks it first; once the lease is lost or not renewed
+//! for half its timeout, the store refuses all further work (sticky, like a failed write)
+//! and writes nothing more, so a paused or cut-off coordinator never writes metadata after
+//! another node may have taken the volume over. [`Store::fence`] does the same on demand.
 
 mod claims;
 mod extmap;
@@ -40,6 +46,7 @@ use crate::format::{
     DecodeError, DrcPayload, DrcSlot, Geometry, Superblock, SuperblockError, Transaction,
     VolumeState,
 };
+use crate::lease::LeaseGuard;
 use crate::proto::{Caller, Request, Response};
 use crate::types::{Epoch, FileKind, FsError, Lsn, NodeId, VolumeId};
 use crate::MetadataStore;
@@ -116,6 +123,8 @@ pub struct Store {
     read_only: bool,
     volume: VolumeId,
     geometry: Geometry,
+    /// The coordinator lease this store runs under, once set.
+    guard: std::sync::OnceLock<LeaseGuard>,
 }
 
 fn is_mutation(req: &Request) -> bool {
@@ -164,6 +173,7 @@ impl Store {
                 read_only: true,
                 volume: first.superblock.volume,
                 geometry: g,
+                guard: std::sync::OnceLock::new(),
             });
         }
         let (journal, records) = Journal::open(dev.clone(), jstart, jlen, epoch)?;
@@ -201,6 +211,7 @@ impl Store {
         }
         let mut meta =
             Meta::load(dev.clone(), sb.clone(), HashMap::new()).map_err(StoreError::Load)?;
+        meta.stats.replayed_records = replayed as u64;
         let reaped = meta.reap_orphans().map_err(StoreError::Load)?;
         meta.sb.state = VolumeState::InUse;
         meta.txn.sb = true;
@@ -225,7 +236,23 @@ impl Store {
             read_only: false,
             volume: sb.volume,
             geometry: g,
+            guard: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Makes every later request and shutdown check `guard` first (see the module doc).
+    /// Only the first guard set counts.
+    pub fn set_lease_guard(&self, guard: LeaseGuard) {
+        let _ = self.guard.set(guard);
+    }
+
+    /// Refuses all further work from now on (sticky): this node is no longer coordinator.
+    pub fn fence(&self, reason: &str) {
+        let mut g = self.inner.lock();
+        if g.failed.is_none() {
+            tracing::warn!(reason, "metadata store fenced: refusing further work");
+            g.failed = Some(format!("fenced: {reason}"));
+        }
     }
 
     /// The volume's UUID.
@@ -303,6 +330,7 @@ impl Store {
     /// refuses further work afterwards.
     pub fn shutdown(&self) -> Result<(), FsError> {
         let mut g = self.inner.lock();
+        self.check_lease(&mut g)?;
         if let Some(f) = &g.failed {
             return Err(FsError::Io(f.clone()));
         }
@@ -414,7 +442,20 @@ impl Store {
         })
     }
 
-    fn check_usable(&self, g: &Inner) -> Result<(), FsError> {
+    /// Fences the store (sticky) when its lease guard has lapsed.
+    fn check_lease(&self, g: &mut Inner) -> Result<(), FsError> {
+        match self.guard.get().map(LeaseGuard::check) {
+            Some(Err(why)) if g.failed.is_none() => {
+                tracing::warn!(reason = %why, "coordinator lease lapsed: the metadata store refuses further work");
+                g.failed = Some(format!("fenced: {why}"));
+                Err(FsError::Io(format!("store fenced: {why}")))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn check_usable(&self, g: &mut Inner) -> Result<(), FsError> {
+        self.check_lease(g)?;
         if let Some(f) = &g.failed {
             return Err(FsError::Io(format!("store failed earlier: {f}")));
         }
@@ -575,7 +616,7 @@ impl Store {
 impl MetadataStore for Store {
     fn execute(&self, caller: &Caller, req: &Request) -> Result<Response, FsError> {
         let mut g = self.inner.lock();
-        self.check_usable(&g)?;
+        self.check_usable(&mut g)?;
         if !is_mutation(req) {
             let r = Self::run_read(&mut g.meta, req);
             if matches!(req, Request::Fsync { .. }) && r.is_ok() {
@@ -678,7 +719,7 @@ impl MetadataStore for Store {
 
     fn node_gone(&self, node: NodeId) -> Result<(), FsError> {
         let mut g = self.inner.lock();
-        self.check_usable(&g)?;
+        self.check_usable(&mut g)?;
         if self.read_only {
             return Err(FsError::ReadOnly);
         }
