@@ -34,9 +34,11 @@
 //! Allocation after a takeover: clusters handed to a node (its preallocation included) are
 //! written into the file's extent map as unwritten extents in the same journaled
 //! transaction as the bitmap change, so the new coordinator's replay sees them as
-//! allocated to that file. Nothing about allocation lives only in the old coordinator's
-//! memory, and a node still writing into those clusters cannot have them handed to anyone
-//! else.
+//! allocated to that file and never hands them to another file. Which node may convert an
+//! unwritten cluster (its claim) is coordinator memory only and is lost with the old
+//! coordinator; so a coordinator that took over grants no claim for `CLAIM_GRACE`, in
+//! which every surviving node reconnects and commits, ending the claims it held, before
+//! another node can be given one of those clusters.
 
 use crate::config::MountConfig;
 use crate::data::DataPath;
@@ -69,6 +71,11 @@ pub const LEASE_TIMEOUT_MS: u64 = 4000;
 pub const LEASE_RENEW_MS: u64 = 500;
 /// How often a follower looks at the lease.
 const WATCH_MS: u64 = 250;
+/// After a takeover, how long the new coordinator grants no claim on unwritten clusters
+/// (the old coordinator's claims are unknown): long enough for every node to reconnect
+/// (a silent coordinator is given up after 5 s, a hung handshake after 5 s more at worst;
+/// a dead one at once) and to commit once (every second), which ends its old claims.
+const CLAIM_GRACE: Duration = Duration::from_secs(8);
 /// Heartbeat interval of every node.
 const HEARTBEAT_MS: u64 = 1000;
 /// Interval of the background commit of pending writes.
@@ -281,11 +288,14 @@ struct Candidate {
 impl Candidate {
     /// Hosts the coordinator for the lease just won with `epoch` at `addr`: keeps the lease,
     /// replays the journal, serves. Returns how many records were replayed.
+    /// `takeover`: other nodes may still be writing under claims the previous coordinator
+    /// granted (it died or left while they stayed mounted).
     fn host(
         &self,
         epoch: Epoch,
         addr: SocketAddr,
         reserved: Option<TcpListener>,
+        takeover: bool,
     ) -> Result<u64, MountError> {
         // Renewing first: the replay must not eat into the lease timeout.
         let keeper = LeaseKeeper::start(self.lun.clone(), self.node, epoch, LEASE_RENEW_MS)
@@ -295,6 +305,9 @@ impl Candidate {
                 .map_err(|source| MountError::OpenStore { epoch, source })?,
         );
         store.set_lease_guard(keeper.guard());
+        if takeover {
+            store.hold_claims_for(CLAIM_GRACE);
+        }
         let mut config = ServerConfig::new(addr, self.secret.clone(), self.volume, epoch);
         config.nodes_with_opens = store.nodes_holding_opens();
         drop(reserved);
@@ -352,7 +365,7 @@ impl Candidate {
         match lease::race(&self.lun, self.node, addr, LEASE_TIMEOUT_MS, seen.as_ref()) {
             Ok(LeaseRole::Coordinator { epoch }) => {
                 let replay_start = Instant::now();
-                match self.host(epoch, addr, reserved) {
+                match self.host(epoch, addr, reserved, true) {
                     Ok(replayed) => info!(
                         "node {} took over as coordinator, epoch {}, replayed {replayed} records in {} ms (takeover {} ms, serving at {addr})",
                         self.node.0,
@@ -424,12 +437,15 @@ pub fn run(cfg: &MountConfig) -> Result<(), MountError> {
         hosted: parking_lot::Mutex::new(None),
     });
     let (my_addr, reserved) = reserve_addr(cfg.listen)?;
+    // A lease with an owner that this node wins was expired: its owner died, maybe with
+    // other nodes still mounted.
+    let owned = lease::find_coordinator(&lun).is_ok();
     let role = lease::acquire_or_find(&lun, cfg.node, my_addr, LEASE_TIMEOUT_MS)
         .map_err(MountError::Lease)?;
     match role {
         LeaseRole::Coordinator { epoch } => {
             span.record("epoch", epoch.0);
-            let replayed = candidate.host(epoch, my_addr, reserved)?;
+            let replayed = candidate.host(epoch, my_addr, reserved, owned)?;
             info!(%epoch, addr = %my_addr, replayed, "this node is coordinator");
         }
         LeaseRole::Follower {

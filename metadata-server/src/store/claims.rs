@@ -13,22 +13,41 @@
 //! ```
 //!
 //! Claims live in coordinator memory only: they protect data that is not committed yet,
-//! which does not outlive the session that wrote it.
+//! which does not outlive the session that wrote it. After a failover the new coordinator
+//! does not know the claims the old one handed out, while nodes may still be writing under
+//! them until their next commit. So a store opened by a takeover grants no claim at all
+//! for a grace period ([`Claims::hold_until`]): Allocate answers leave unwritten clusters
+//! out and the nodes ask again, and meanwhile every node that held claims reconnects and
+//! commits (which ends its claims) before anyone can be given those clusters.
 
 use crate::types::{InodeId, NodeId};
 use std::collections::{BTreeMap, HashMap};
+use std::time::Instant;
 
 /// The claims of every inode.
 #[derive(Debug, Default, Clone)]
 pub(crate) struct Claims {
     /// ino -> file cluster -> node holding its conversion.
     by_inode: HashMap<InodeId, BTreeMap<u64, NodeId>>,
+    /// No claim is granted before this instant (the grace after a failover).
+    held_until: Option<Instant>,
 }
 
 impl Claims {
+    /// Grants no claim before `until`; see the module doc.
+    pub(crate) fn hold_until(&mut self, until: Instant) {
+        self.held_until = Some(until);
+    }
+
     /// Claims file cluster `fc` of `ino` for `node` unless another node holds it.
     /// True when `node` holds it afterwards.
     pub(crate) fn take(&mut self, ino: InodeId, fc: u64, node: NodeId) -> bool {
+        if let Some(until) = self.held_until {
+            if Instant::now() < until {
+                return false;
+            }
+            self.held_until = None;
+        }
         *self
             .by_inode
             .entry(ino)
@@ -60,6 +79,16 @@ impl Claims {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nothing_is_claimed_during_the_grace() {
+        let mut c = Claims::default();
+        let (ino, a) = (InodeId(5), NodeId(1));
+        c.hold_until(Instant::now() + std::time::Duration::from_millis(50));
+        assert!(!c.take(ino, 3, a));
+        std::thread::sleep(std::time::Duration::from_millis(60));
+        assert!(c.take(ino, 3, a));
+    }
 
     #[test]
     fn one_holder_per_cluster_until_released() {

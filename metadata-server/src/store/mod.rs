@@ -246,6 +246,17 @@ impl Store {
         let _ = self.guard.set(guard);
     }
 
+    /// Grants no conversion claim on unwritten clusters for `grace`: what a coordinator that
+    /// took over calls right after opening, since claims the old one handed out are not
+    /// known (see `claims`). Allocations still succeed; nodes ask again for the claims.
+    pub fn hold_claims_for(&self, grace: std::time::Duration) {
+        self.inner
+            .lock()
+            .meta
+            .claims
+            .hold_until(std::time::Instant::now() + grace);
+    }
+
     /// Refuses all further work from now on (sticky): this node is no longer coordinator.
     pub fn fence(&self, reason: &str) {
         let mut g = self.inner.lock();
