@@ -714,7 +714,7 @@ impl MetadataStore for Store {
             return None;
         }
         let mut g = self.inner.try_lock()?;
-        if let Err(e) = self.check_usable(&g) {
+        if let Err(e) = self.check_usable(&mut g) {
             return Some(Err(e));
         }
         g.meta.cached_only = true;
