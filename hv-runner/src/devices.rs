@@ -5,9 +5,12 @@
 //!
 //! Requests are executed synchronously when the guest writes QueueNotify, so there is never
 //! a request in flight while the vCPU is parked: the device state saved for migration is
-//! just the registers and ring indices ([`crate::vm::DeviceState`]). The device raises no interrupt
-//! (it sets InterruptStatus; the test guest polls the used ring); wiring an irqfd is left
-//! for a real guest kernel.
+//! just the registers and ring indices ([`crate::vm::DeviceState`]). Completions set
+//! InterruptStatus bit 0 (the driver clears it through InterruptACK) and, unless the
+//! driver set VIRTQ_AVAIL_F_NO_INTERRUPT, raise an edge on [`VIRTIO_BLK_GSI`] of the
+//! in-kernel interrupt controllers (the vCPU thread pulses the line via KVM_IRQ_LINE when
+//! [`VirtioBlk::mmio_write`] asks for it). A device error sets DEVICE_NEEDS_RESET and
+//! InterruptStatus bit 1 (configuration change) and interrupts too.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
@@ -26,6 +29,11 @@ pub const IDLE_PORT: u16 = 0x510;
 pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
 /// Size of the virtio-mmio window.
 pub const VIRTIO_MMIO_LEN: u64 = 0x200;
+/// Interrupt line (GSI) of the virtio-blk device: IRQ 5 of the PIC (and IOAPIC pin 5).
+pub const VIRTIO_BLK_GSI: u32 = 5;
+const INT_USED_RING: u32 = 1;
+const INT_CONFIG: u32 = 2;
+const AVAIL_F_NO_INTERRUPT: u16 = 1;
 const QUEUE_MAX: u16 = 256;
 const SECTOR: u64 = 512;
 
@@ -367,8 +375,9 @@ impl VirtioBlk {
         data[..n].copy_from_slice(&bytes[..n]);
     }
 
-    /// Guest MMIO write at `offset` in the window.
-    pub fn mmio_write(&mut self, offset: u64, data: &[u8], ram: &GuestRam) {
+    /// Guest MMIO write at `offset` in the window. Returns true when the device interrupt
+    /// must be raised.
+    pub fn mmio_write(&mut self, offset: u64, data: &[u8], ram: &GuestRam) -> bool {
         let mut b = [0u8; 4];
         let n = data.len().min(4);
         b[..n].copy_from_slice(&data[..n]);
@@ -389,7 +398,7 @@ impl VirtioBlk {
                 s.queue_num = u16::try_from(v).unwrap_or(0).min(QUEUE_MAX);
             }
             0x044 if s.queue_sel == 0 => s.queue_ready = v == 1,
-            0x050 => self.process_queue(ram),
+            0x050 => return self.process_queue(ram),
             0x064 => s.interrupt_status &= !v,
             0x070 => {
                 if v == 0 {
@@ -411,6 +420,7 @@ impl VirtioBlk {
             0x0a4 if s.queue_sel == 0 => s.used = hi(s.used),
             _ => {}
         }
+        false
     }
 
     fn read_u16(ram: &GuestRam, gpa: u64) -> Option<u16> {
@@ -432,15 +442,17 @@ impl VirtioBlk {
         })
     }
 
-    fn process_queue(&mut self, ram: &GuestRam) {
+    /// Executes every new request; returns true when the interrupt must be raised.
+    fn process_queue(&mut self, ram: &GuestRam) -> bool {
         let s = &self.state;
         if !s.queue_ready || s.queue_num == 0 || s.status & 4 == 0 {
-            return;
+            return false;
         }
         let num = s.queue_num;
         let Some(avail_idx) = Self::read_u16(ram, s.avail + 2) else {
             return self.fail("avail ring outside ram");
         };
+        let mut completed = false;
         while self.state.next_avail != avail_idx {
             let slot = u64::from(self.state.next_avail % num);
             let Some(head) = Self::read_u16(ram, self.state.avail + 4 + slot * 2) else {
@@ -467,13 +479,19 @@ impl VirtioBlk {
             {
                 return self.fail("used ring outside ram");
             }
-            self.state.interrupt_status |= 1;
+            self.state.interrupt_status |= INT_USED_RING;
+            completed = true;
         }
+        let flags = Self::read_u16(ram, self.state.avail).unwrap_or(0);
+        completed && flags & AVAIL_F_NO_INTERRUPT == 0
     }
 
-    fn fail(&mut self, why: &str) {
+    /// Marks the device broken; returns true (the configuration-change interrupt).
+    fn fail(&mut self, why: &str) -> bool {
         tracing::warn!(why, "virtio-blk: device needs reset");
         self.state.status |= STATUS_NEEDS_RESET;
+        self.state.interrupt_status |= INT_CONFIG;
+        true
     }
 
     /// Runs one request; returns the number of bytes written into guest memory.

@@ -28,10 +28,10 @@ use crate::vm::{MachineState, OwnerRecord, Vm, VmConfig, VmDir, VmError};
 /// Stream magic.
 pub const MAGIC: [u8; 8] = *b"HVMIGRT\0";
 /// Protocol version spoken by this runner.
-pub const VERSION: u32 = 2;
-/// Oldest protocol version accepted (version 1 had a different page frame, vCPU state
-/// and RESUMED reply).
-pub const MIN_VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
+/// Oldest protocol version accepted (version 2's device raised no interrupt, version 1
+/// also had a different page frame, vCPU state and RESUMED reply).
+pub const MIN_VERSION: u32 = 3;
 
 const T_PAGES: u8 = 8;
 const T_ROUND: u8 = 2;

@@ -531,6 +531,7 @@ impl Vm {
             GUEST_DATA_START,
             u64::from(c.fill),
             u64::from(c.vcpus),
+            u64::from(devices::VIRTIO_BLK_GSI),
         ];
         ram.write(BOOT_PARAMS, &u64s(&params))?;
         ram.write(GUEST_LOAD, TEST_GUEST)?;
@@ -562,10 +563,11 @@ impl Vm {
             let vcpu = Arc::clone(vcpu);
             let devs = Arc::clone(&self.devices);
             let ram = Arc::clone(&self.ram);
+            let machine = Arc::clone(&self.machine);
             let control = Arc::clone(&self.control);
             let t = std::thread::Builder::new()
                 .name(format!("vcpu{k}-{name}"))
-                .spawn(move || vcpu_loop(&vcpu, &devs, &ram, &control))
+                .spawn(move || vcpu_loop(&vcpu, &devs, &ram, &machine, &control))
                 .map_err(VmError::Spawn)?;
             lock(&self.pthreads).push(std::os::unix::thread::JoinHandleExt::as_pthread_t(&t));
             lock(&self.threads).push(t);
@@ -779,7 +781,13 @@ fn u64s(v: &[u64]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
-fn vcpu_loop(vcpu: &Mutex<Vcpu>, devs: &Mutex<Devices>, ram: &GuestRam, control: &Control) {
+fn vcpu_loop(
+    vcpu: &Mutex<Vcpu>,
+    devs: &Mutex<Devices>,
+    ram: &GuestRam,
+    machine: &Machine,
+    control: &Control,
+) {
     let mut throttle_at = std::time::Instant::now();
     let mut entered = false;
     let reason = loop {
@@ -842,8 +850,10 @@ fn vcpu_loop(vcpu: &Mutex<Vcpu>, devs: &Mutex<Devices>, ram: &GuestRam, control:
             }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
                 if let Some(off) = addr.checked_sub(devices::VIRTIO_MMIO_BASE) {
-                    if off < devices::VIRTIO_MMIO_LEN {
-                        lock(devs).blk.mmio_write(off, data, ram);
+                    if off < devices::VIRTIO_MMIO_LEN && lock(devs).blk.mmio_write(off, data, ram) {
+                        if let Err(e) = machine.pulse_irq(devices::VIRTIO_BLK_GSI) {
+                            tracing::error!(error = %e, "virtio-blk interrupt failed");
+                        }
                     }
                 }
             }

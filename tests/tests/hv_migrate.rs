@@ -303,9 +303,16 @@ fn live_migration_there_and_back_keeps_guest_intact() {
     );
     let mut a = env.run("a", "vm1");
     env.wait_seq("vm1", 20);
+    let console = env.console("vm1");
     assert!(
-        env.console("vm1").contains("guest: vcpu 1 running"),
+        console.contains("guest: vcpu 1 running"),
         "vCPU 1 never started"
+    );
+    // The disk's first request completed through its interrupt (the guest waits for it
+    // with hlt; every later heartbeat does the same).
+    assert!(
+        console.contains(" irqs=1\n"),
+        "no completion interrupt: {console}"
     );
 
     // A second runner on another "node" is refused while the VM runs.
@@ -615,4 +622,29 @@ fn non_converging_guest_is_cancelled_or_throttled() {
     env.ok("c", &["stop", "vm4"]);
     assert!(c.wait_exit(Duration::from_secs(10)));
     check_console(&env.console("vm4"));
+}
+
+#[test]
+fn receive_refuses_another_protocol_version() {
+    use std::io::{Read, Write};
+    let _s = serial();
+    let env = Env::new("version");
+    let (mut b, addr, _eb) = env.receive("b");
+    let mut c = std::net::TcpStream::connect(&addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    // A hello of protocol version 1.
+    c.write_all(b"HVMIGRT\0\x01\0\0\0").unwrap();
+    let mut head = [0u8; 5];
+    c.read_exact(&mut head).unwrap();
+    assert_eq!(head[0], 0x1f, "expected an ERROR reply");
+    let mut msg = vec![0u8; u32::from_le_bytes(head[1..].try_into().unwrap()) as usize];
+    c.read_exact(&mut msg).unwrap();
+    let msg: String = serde_json::from_slice(&msg).unwrap();
+    assert!(
+        msg.contains("migration protocol version 1 not supported"),
+        "refusal: {msg}"
+    );
+    // The destination keeps listening for the next attempt.
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(b.running());
 }

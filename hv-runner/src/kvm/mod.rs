@@ -416,6 +416,15 @@ impl Machine {
         Ok(vcpu)
     }
 
+    /// Raises an edge on interrupt line `gsi` of the in-kernel PIC and IOAPIC
+    /// (KVM_IRQ_LINE up, then down).
+    pub fn pulse_irq(&self, gsi: u32) -> Result<(), KvmError> {
+        self.vm
+            .set_irq_line(gsi, true)
+            .and_then(|()| self.vm.set_irq_line(gsi, false))
+            .map_err(ioctl_err("irq line"))
+    }
+
     /// Reads VM-wide state (KVM clock, PIC and IOAPIC).
     pub fn save_vm_state(&self) -> Result<VmState, KvmError> {
         let clock = self.vm.get_clock().map_err(ioctl_err("get clock"))?;
