@@ -80,6 +80,29 @@ impl BlockError {
     }
 }
 
+/// Where an asynchronous request reports: its outcome (the data of a read, an empty vector
+/// for a write). It runs on the device's completion thread, so it must not block.
+pub type Completion = Box<dyn FnOnce(Result<Vec<u8>, BlockError>) + Send>;
+
+/// An asynchronous request (see [`BlockDevice::submit`]).
+#[derive(Debug, Clone, Copy)]
+pub enum AsyncIo<'a> {
+    /// Read `len_bytes` at `offset_bytes`.
+    Read {
+        /// Where on the device.
+        offset_bytes: u64,
+        /// How many bytes.
+        len_bytes: u32,
+    },
+    /// Write `buf` at `offset_bytes`, without FUA; `buf` is sent before `submit` returns.
+    Write {
+        /// The data.
+        buf: &'a [u8],
+        /// Where on the device.
+        offset_bytes: u64,
+    },
+}
+
 /// One shared block device (the LUN). Implementations are usable at the same time from
 /// many threads; async callers use `tokio::task::spawn_blocking` or an implementation's
 /// own async methods. Offsets and lengths are in bytes.
@@ -127,6 +150,16 @@ pub trait BlockDevice: Send + Sync + fmt::Debug {
     fn try_write_at_nowait(&self, buf: &[u8], offset_bytes: u64) -> Result<bool, BlockError> {
         let _ = (buf, offset_bytes);
         Ok(false)
+    }
+
+    /// Starts `io` and reports its outcome to `done` instead of waiting. Returns `done`
+    /// unused when the device cannot start it now (no asynchronous requests, no live
+    /// connection, too large); the caller then uses `read_at`/`write_at`. A request lost
+    /// with its connection is not resent: `done` gets the path-lost error, and a retry with
+    /// the blocking methods resends it.
+    fn submit(&self, io: AsyncIo<'_>, done: Completion) -> Result<(), Completion> {
+        let _ = io;
+        Err(done)
     }
 
     /// Checks that a request lies inside the device.
@@ -179,5 +212,8 @@ impl<T: BlockDevice + ?Sized> BlockDevice for std::sync::Arc<T> {
     }
     fn try_write_at_nowait(&self, buf: &[u8], offset_bytes: u64) -> Result<bool, BlockError> {
         (**self).try_write_at_nowait(buf, offset_bytes)
+    }
+    fn submit(&self, io: AsyncIo<'_>, done: Completion) -> Result<(), Completion> {
+        (**self).submit(io, done)
     }
 }

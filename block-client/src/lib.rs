@@ -34,7 +34,7 @@ mod sys;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 
-pub use device::{BlockDevice, BlockError, WriteFlags};
+pub use device::{AsyncIo, BlockDevice, BlockError, Completion, WriteFlags};
 pub use file::{FileDevice, FileOptions};
 pub use nbd::client::open_device;
 pub use nbd::{NbdClient, NbdClientOptions};

@@ -24,10 +24,10 @@
 use crate::errno::NodeError;
 use crate::extents::{Backing, ExtentMap, Piece, RangeSet};
 use crate::meta::{unexpected, Metadata};
-use block_client::{BlockDevice, WriteFlags};
+use block_client::{AsyncIo, BlockDevice, BlockError, WriteFlags};
 use metadata_server::proto::{Request, Response};
 use metadata_server::types::{Attr, Extent, FallocMode, FsError, InodeId, SetAttr};
-use parking_lot::{Mutex, RwLock};
+use parking_lot::{Condvar, Mutex, RwLock, RwLockWriteGuard};
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -82,12 +82,36 @@ pub struct OpenFile {
     io: RwLock<()>,
     meta: Mutex<()>,
     state: Mutex<FileState>,
+    /// Asynchronous LUN requests in flight (started under `io` shared, see
+    /// [`DataPath::read_async`]); exclusive holders of `io` wait for them to finish.
+    in_flight: Mutex<u32>,
+    /// Signalled when `in_flight` drops to zero.
+    idle: Condvar,
 }
 
 impl OpenFile {
     /// The inode.
     pub fn ino(&self) -> InodeId {
         self.ino
+    }
+
+    /// `io` exclusively, once no asynchronous request of the file is in flight.
+    fn exclusive(&self) -> RwLockWriteGuard<'_, ()> {
+        let g = self.io.write();
+        let mut n = self.in_flight.lock();
+        while *n > 0 {
+            self.idle.wait(&mut n);
+        }
+        g
+    }
+
+    /// One asynchronous request ended.
+    fn async_ended(&self) {
+        let mut n = self.in_flight.lock();
+        *n -= 1;
+        if *n == 0 {
+            self.idle.notify_all();
+        }
     }
 
     /// True when this node holds uncommitted writes for the file, or claims that a commit
@@ -108,6 +132,15 @@ pub enum SeekTarget {
     /// SEEK_HOLE.
     Hole,
 }
+
+/// Outcome of [`DataPath::read_async`]: the bytes read, or `None` when the read has to be
+/// done on the blocking path ([`DataPath::read`]).
+pub type ReadDone = Box<dyn FnOnce(Option<Vec<u8>>) + Send>;
+
+/// Outcome of [`DataPath::write_async`]: `Some(commit_now)` once the write is on the LUN
+/// and recorded, or `None` when it has to be done on the blocking path
+/// ([`DataPath::write`]).
+pub type WriteDone = Box<dyn FnOnce(Option<bool>) + Send>;
 
 /// The node's data path for one mounted volume.
 pub struct DataPath {
@@ -211,6 +244,8 @@ impl DataPath {
                     ino,
                     io: RwLock::new(()),
                     meta: Mutex::new(()),
+                    in_flight: Mutex::new(0),
+                    idle: Condvar::new(),
                     state: Mutex::new(FileState {
                         map: ExtentMap::new(),
                         inval_gen: 0,
@@ -279,7 +314,7 @@ impl DataPath {
             st.prealloc = RangeSet::new();
             r
         };
-        let _io = file.io.write();
+        let _io = file.exclusive();
         for (start, end) in ranges {
             let still_unwritten = match self.meta.call(
                 uid,
@@ -519,21 +554,115 @@ impl DataPath {
                     .map_err(NodeError::lun("write"))?;
             }
             let mut st = file.state.lock();
-            st.pending.insert(offset_bytes, end);
-            st.pending_size_bytes = st.pending_size_bytes.max(end).max(st.attr.size_bytes);
-            if st.seq_end_bytes != offset_bytes {
-                st.seq_start_bytes = offset_bytes;
-            }
-            st.seq_end_bytes = end;
-            if !st.prealloc.is_empty() {
-                let cl = self.cluster_bytes;
-                st.prealloc
-                    .remove(align_down(offset_bytes, cl), align_up(end, cl));
-            }
             Ok(Some(
-                sync || st.pending.count_ranges() > MAX_PENDING_RANGES
-                    || st.pending.len_bytes() > MAX_PENDING_BYTES,
+                record_write(&mut st, self.cluster_bytes, offset_bytes, end) || sync,
             ))
+        }
+    }
+
+    /// The LUN byte offset and length of an asynchronous request on `[offset_bytes,
+    /// offset_bytes + len_bytes)` (cut at end of file with `to_eof`), counted in flight;
+    /// `None` when it needs the blocking path: `io` busy, layout stale, past end of file,
+    /// or not all of it in one written extent.
+    fn async_target(
+        &self,
+        file: &OpenFile,
+        offset_bytes: u64,
+        len_bytes: u64,
+        to_eof: bool,
+    ) -> Option<(u64, u32)> {
+        let _io = file.io.try_read()?;
+        let st = file.state.lock();
+        if st.fetched_gen != st.inval_gen {
+            return None;
+        }
+        let mut end = offset_bytes.checked_add(len_bytes)?;
+        if to_eof {
+            end = end.min(st.attr.size_bytes.max(st.pending_size_bytes));
+        }
+        if end <= offset_bytes {
+            return None;
+        }
+        let pieces = st.map.pieces(offset_bytes, end);
+        let [Piece {
+            backing: Backing::Written { lun_offset_bytes },
+            ..
+        }] = pieces[..]
+        else {
+            return None;
+        };
+        let len = u32::try_from(end - offset_bytes).ok()?;
+        *file.in_flight.lock() += 1;
+        Some((lun_offset_bytes, len))
+    }
+
+    /// Starts a read that needs neither the coordinator nor zero-filling: the layout is
+    /// fresh and the range, cut at end of file, lies in one written extent. The LUN's
+    /// completion thread hands the data to `done`; any other read gets `done(None)` at
+    /// once, and so does a read the LUN fails (the blocking path then reports the error).
+    pub fn read_async(
+        &self,
+        file: &Arc<OpenFile>,
+        offset_bytes: u64,
+        size_bytes: u32,
+        done: ReadDone,
+    ) {
+        let Some((lun_offset_bytes, len)) =
+            self.async_target(file, offset_bytes, u64::from(size_bytes), true)
+        else {
+            return done(None);
+        };
+        let f = file.clone();
+        let started = self.lun.submit(
+            AsyncIo::Read {
+                offset_bytes: lun_offset_bytes,
+                len_bytes: len,
+            },
+            Box::new(move |r| {
+                f.async_ended();
+                done(r.ok());
+            }),
+        );
+        if let Err(refused) = started {
+            refused(Err(BlockError::Unsupported {
+                op: "asynchronous read",
+            }));
+        }
+    }
+
+    /// Starts a write (without O_SYNC) that needs neither the coordinator nor a claim: the
+    /// layout is fresh and the range lies in one written extent. Once the LUN acknowledged
+    /// it and it is recorded as pending, `done` gets whether to commit now; any other write
+    /// gets `done(None)`, and so does a write the LUN fails (the blocking path redoes it).
+    pub fn write_async(
+        &self,
+        file: &Arc<OpenFile>,
+        offset_bytes: u64,
+        data: &[u8],
+        done: WriteDone,
+    ) {
+        let len = u64::try_from(data.len()).unwrap_or(u64::MAX);
+        let Some((lun_offset_bytes, _)) = self.async_target(file, offset_bytes, len, false) else {
+            return done(None);
+        };
+        let (f, cl, end) = (file.clone(), self.cluster_bytes, offset_bytes + len);
+        let started = self.lun.submit(
+            AsyncIo::Write {
+                buf: data,
+                offset_bytes: lun_offset_bytes,
+            },
+            Box::new(move |r| {
+                let commit_now = r
+                    .is_ok()
+                    .then(|| record_write(&mut f.state.lock(), cl, offset_bytes, end));
+                f.async_ended();
+                done(commit_now);
+            }),
+        );
+        if let Err(refused) = started {
+            refused(Err(BlockError::Unsupported {
+                op: "asynchronous write",
+            }));
         }
     }
 
@@ -799,7 +928,7 @@ impl DataPath {
             };
         };
         let file = self.get(ino);
-        let _io = file.as_ref().map(|f| f.io.write());
+        let _io = file.as_ref().map(|f| f.exclusive());
         if let Some(f) = &file {
             self.commit_locked(uid, gid, f)?;
         }
@@ -830,7 +959,7 @@ impl DataPath {
         mode: FallocMode,
     ) -> Result<Attr, NodeError> {
         let file = self.get(ino);
-        let _io = file.as_ref().map(|f| f.io.write());
+        let _io = file.as_ref().map(|f| f.exclusive());
         if let Some(f) = &file {
             self.commit_locked(uid, gid, f)?;
         }
@@ -904,6 +1033,24 @@ impl DataPath {
             }
         }
     }
+}
+
+/// Records a write of `[offset_bytes, end)` now on the LUN as pending; true when enough is
+/// pending to commit now.
+fn record_write(st: &mut FileState, cluster_bytes: u64, offset_bytes: u64, end: u64) -> bool {
+    st.pending.insert(offset_bytes, end);
+    st.pending_size_bytes = st.pending_size_bytes.max(end).max(st.attr.size_bytes);
+    if st.seq_end_bytes != offset_bytes {
+        st.seq_start_bytes = offset_bytes;
+    }
+    st.seq_end_bytes = end;
+    if !st.prealloc.is_empty() {
+        st.prealloc.remove(
+            align_down(offset_bytes, cluster_bytes),
+            align_up(end, cluster_bytes),
+        );
+    }
+    st.pending.count_ranges() > MAX_PENDING_RANGES || st.pending.len_bytes() > MAX_PENDING_BYTES
 }
 
 /// True when this node must ask the coordinator before writing into `p`: a hole, or an

@@ -3,7 +3,10 @@
 //!
 //! The FUSE event loops never block on the network or the LUN: every request is handed
 //! to a worker pool (tokio's blocking pool) together with its reply object, and the
-//! worker replies. Regular files are always opened with direct I/O so no node serves a
+//! worker replies. The exception is the data fast path: a read or write that lies in one
+//! written extent of a file whose layout is fresh is sent to the LUN by the event loop
+//! itself and answered by the LUN's completion thread (no worker, no waiting thread);
+//! anything else, and any such request the LUN fails, goes to a worker. Regular files are always opened with direct I/O so no node serves a
 //! file from its page cache, and parallel direct writes and asynchronous direct I/O are
 //! enabled so many requests of one file are in flight at once.
 
@@ -249,13 +252,20 @@ impl CsvFs {
     where
         F: FnOnce(&Inner) + Send + 'static,
     {
-        let inner = self.inner.clone();
-        drop(self.pool.spawn_blocking(move || {
-            let span = debug_span!(parent: &inner.span, "fuse", op, inode = ino);
-            let _g = span.enter();
-            f(&inner);
-        }));
+        spawn_on(&self.pool, self.inner.clone(), op, ino, f);
     }
+}
+
+/// Runs `f` on one of `pool`'s workers, in a request span.
+fn spawn_on<F>(pool: &tokio::runtime::Handle, inner: Arc<Inner>, op: &'static str, ino: u64, f: F)
+where
+    F: FnOnce(&Inner) + Send + 'static,
+{
+    drop(pool.spawn_blocking(move || {
+        let span = debug_span!(parent: &inner.span, "fuse", op, inode = ino);
+        let _g = span.enter();
+        f(&inner);
+    }));
 }
 
 impl Filesystem for CsvFs {
@@ -561,15 +571,26 @@ impl Filesystem for CsvFs {
         reply: ReplyData,
     ) {
         let (uid, gid) = (req.uid(), req.gid());
-        self.spawn("read", ino.0, move |i| {
-            let r = i
-                .handle(fh)
-                .and_then(|(f, _)| i.data.read(uid, gid, &f, offset, size));
-            match r {
-                Ok(buf) => reply.data(&buf),
-                Err(e) => reply.error(fail("read", &e)),
-            }
+        let span = debug_span!(parent: &self.inner.span, "fuse", op = "read", inode = ino.0);
+        let _g = span.enter();
+        let file = match self.inner.handle(fh) {
+            Ok((file, _)) => file,
+            Err(e) => return reply.error(fail("read", &e)),
+        };
+        // Reads inside written clusters go straight to the LUN from this thread and are
+        // answered by the LUN's completion thread; the rest take a worker.
+        let (pool, inner) = (self.pool.clone(), self.inner.clone());
+        let f = file.clone();
+        let done = Box::new(move |got: Option<Vec<u8>>| match got {
+            Some(buf) => reply.data(&buf),
+            None => spawn_on(&pool, inner, "read", ino.0, move |i| {
+                match i.data.read(uid, gid, &f, offset, size) {
+                    Ok(buf) => reply.data(&buf),
+                    Err(e) => reply.error(fail("read", &e)),
+                }
+            }),
         });
+        self.inner.data.read_async(&file, offset, size, done);
     }
 
     fn write(
@@ -585,17 +606,45 @@ impl Filesystem for CsvFs {
         reply: ReplyWrite,
     ) {
         let (uid, gid) = (req.uid(), req.gid());
-        let data = data.to_vec();
-        let flag_sync = flags.0 & (libc::O_SYNC | libc::O_DSYNC) != 0;
-        self.spawn("write", ino.0, move |i| {
-            let r = i
-                .handle(fh)
-                .and_then(|(f, sync)| i.data.write(uid, gid, &f, offset, &data, sync || flag_sync));
-            match r {
-                Ok(n) => reply.written(n),
-                Err(e) => reply.error(fail("write", &e)),
+        let span = debug_span!(parent: &self.inner.span, "fuse", op = "write", inode = ino.0);
+        let _g = span.enter();
+        let (file, handle_sync) = match self.inner.handle(fh) {
+            Ok(h) => h,
+            Err(e) => return reply.error(fail("write", &e)),
+        };
+        let sync = handle_sync || flags.0 & (libc::O_SYNC | libc::O_DSYNC) != 0;
+        let Ok(len) = u32::try_from(data.len()) else {
+            return reply.error(Errno::EFBIG);
+        };
+        let slow = {
+            let (pool, inner, f) = (self.pool.clone(), self.inner.clone(), file.clone());
+            let data = data.to_vec();
+            // The blocking path: the whole write, or the commit after an asynchronous one.
+            move |reply: ReplyWrite, commit_only: bool| {
+                spawn_on(&pool, inner, "write", ino.0, move |i| {
+                    let r = if commit_only {
+                        i.data.commit(uid, gid, &f).map(|()| len)
+                    } else {
+                        i.data.write(uid, gid, &f, offset, &data, sync)
+                    };
+                    match r {
+                        Ok(n) => reply.written(n),
+                        Err(e) => reply.error(fail("write", &e)),
+                    }
+                });
             }
+        };
+        if sync {
+            return slow(reply, false);
+        }
+        // Writes inside written clusters go straight to the LUN from this thread and are
+        // answered by the LUN's completion thread; the rest take a worker.
+        let done = Box::new(move |outcome: Option<bool>| match outcome {
+            Some(false) => reply.written(len),
+            Some(true) => slow(reply, true),
+            None => slow(reply, false),
         });
+        self.inner.data.write_async(&file, offset, data, done);
     }
 
     fn flush(

@@ -7,7 +7,8 @@
 //! ```
 //!
 //! Each connection has one writer lock and one reader thread; any number of requests are
-//! in flight, matched by cookie. When the server advertises NBD_FLAG_CAN_MULTI_CONN the
+//! in flight, matched by cookie. A request started with `submit` has no
+//! waiting thread: the reader thread runs its completion. When the server advertises NBD_FLAG_CAN_MULTI_CONN the
 //! client opens several connections and spreads requests over them round-robin.
 //!
 //! Connection state machine (per connection slot):
@@ -39,7 +40,7 @@ use parking_lot::{Mutex, RwLock};
 use super::proto::*;
 use super::transport::{write_two, Stream};
 use super::uri::NbdUri;
-use crate::{BlockDevice, BlockError, WriteFlags};
+use crate::{AsyncIo, BlockDevice, BlockError, Completion, WriteFlags};
 
 /// Requests whose payload is at most this size are batched with others into one send.
 const COMBINE_MAX_BYTES: usize = 64 << 10;
@@ -117,9 +118,38 @@ enum ReplyError {
 
 type Reply = Result<Vec<u8>, ReplyError>;
 
+/// Who hears a request's reply.
+enum Notify {
+    /// A caller thread waiting on the channel.
+    Wait(mpsc::SyncSender<Reply>),
+    /// A completion, run by whichever thread learns the outcome (usually the reader).
+    Call(Box<dyn FnOnce(Reply) + Send>),
+}
+
+impl std::fmt::Debug for Notify {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Notify::Wait(_) => "Wait",
+            Notify::Call(_) => "Call",
+        })
+    }
+}
+
+impl Notify {
+    fn send(self, r: Reply) {
+        match self {
+            // A waiter that gave up already dropped its receiver; nothing to tell it.
+            Notify::Wait(tx) => {
+                let _ = tx.send(r);
+            }
+            Notify::Call(f) => f(r),
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Waiter {
-    tx: mpsc::SyncSender<Reply>,
+    tx: Notify,
     offset: u64,
     /// Read buffer (reads only; empty otherwise).
     buf: Vec<u8>,
@@ -166,8 +196,7 @@ impl Conn {
         };
         self.control.shutdown();
         for (_, w) in waiters {
-            // A waiter that gave up already dropped its receiver; nothing to tell it.
-            let _ = w.tx.send(Err(ReplyError::Lost(lost(
+            w.tx.send(Err(ReplyError::Lost(lost(
                 io::ErrorKind::ConnectionAborted,
                 why,
             ))));
@@ -186,19 +215,31 @@ impl Conn {
         buf: Vec<u8>,
     ) -> Result<mpsc::Receiver<Reply>, ReplyError> {
         let (tx, rx) = mpsc::sync_channel(1);
+        self.register(req, data, buf, Notify::Wait(tx))
+            .map_err(|(e, _)| e)?;
+        Ok(rx)
+    }
+
+    /// Registers `notify` for one request and sends it; hands `notify` back, unused, when
+    /// the connection is dead already.
+    fn register(
+        &self,
+        req: &Req,
+        data: &[u8],
+        buf: Vec<u8>,
+        notify: Notify,
+    ) -> Result<(), (ReplyError, Notify)> {
         let cookie = self.next_cookie.fetch_add(1, Ordering::Relaxed);
         {
             let mut st = self.state.lock();
             if let Some(why) = &st.dead {
-                return Err(ReplyError::Lost(lost(
-                    io::ErrorKind::NotConnected,
-                    why.clone(),
-                )));
+                let e = ReplyError::Lost(lost(io::ErrorKind::NotConnected, why.clone()));
+                return Err((e, notify));
             }
             st.pending.insert(
                 cookie,
                 Waiter {
-                    tx,
+                    tx: notify,
                     offset: req.offset,
                     buf,
                     covered: 0,
@@ -210,7 +251,7 @@ impl Conn {
         if let Err(e) = self.send(&header, data) {
             self.kill(&format!("send request: {e}"));
         }
-        Ok(rx)
+        Ok(())
     }
 
     /// Waits for the reply of a started request.
@@ -284,9 +325,15 @@ impl Conn {
 
     fn put_waiter(&self, cookie: u64, w: Waiter) {
         let mut st = self.state.lock();
-        // On a dead connection the waiter is dropped, which wakes its caller with "lost".
-        if st.dead.is_none() {
-            st.pending.insert(cookie, w);
+        match &st.dead {
+            None => {
+                st.pending.insert(cookie, w);
+            }
+            Some(why) => {
+                let e = ReplyError::Lost(lost(io::ErrorKind::ConnectionAborted, why.clone()));
+                drop(st);
+                w.tx.send(Err(e));
+            }
         }
     }
 
@@ -300,7 +347,7 @@ impl Conn {
                     let cookie = read_u64(rd)?;
                     let mut w = self.take_waiter(cookie)?;
                     if error != 0 {
-                        let _ = w.tx.send(Err(ReplyError::Errno(error)));
+                        w.tx.send(Err(ReplyError::Errno(error)));
                         continue;
                     }
                     if !w.buf.is_empty() {
@@ -311,7 +358,7 @@ impl Conn {
                         }
                         rd.read_exact(&mut w.buf)?;
                     }
-                    let _ = w.tx.send(Ok(w.buf));
+                    w.tx.send(Ok(w.buf));
                 }
                 STRUCTURED_REPLY_MAGIC => {
                     let flags = read_u16(rd)?;
@@ -372,7 +419,7 @@ impl Conn {
                             }
                             None => Ok(std::mem::take(&mut w.buf)),
                         };
-                        let _ = w.tx.send(r);
+                        w.tx.send(r);
                     } else {
                         self.put_waiter(cookie, w);
                     }
@@ -535,6 +582,19 @@ struct Req {
     len: u32,
 }
 
+impl Req {
+    /// A read of `len` bytes at `offset`.
+    fn read(offset: u64, len: u32) -> Req {
+        Req {
+            op: "read",
+            cmd: CMD_READ,
+            flags: 0,
+            offset,
+            len,
+        }
+    }
+}
+
 /// A request started with [`NbdClient::start_read`] or [`NbdClient::start_write`].
 /// Dropping it without waiting abandons the reply (the request still runs on the server).
 #[derive(Debug)]
@@ -575,7 +635,8 @@ struct Shared {
     info: ExportInfo,
     slots: Vec<RwLock<Option<Arc<Conn>>>>,
     next_slot: AtomicUsize,
-    write_seq: AtomicU64,
+    /// Counts acknowledged writes; shared with asynchronous completions.
+    write_seq: Arc<AtomicU64>,
     flushed_seq: AtomicU64,
     lost_unflushed: AtomicBool,
     closed: AtomicBool,
@@ -663,7 +724,7 @@ impl NbdClient {
                 info,
                 slots,
                 next_slot: AtomicUsize::new(0),
-                write_seq: AtomicU64::new(0),
+                write_seq: Arc::new(AtomicU64::new(0)),
                 flushed_seq: AtomicU64::new(0),
                 lost_unflushed: AtomicBool::new(false),
                 closed: AtomicBool::new(false),
@@ -801,21 +862,10 @@ impl NbdClient {
         let sh = &self.shared;
         match reply {
             Ok(buf) => {
-                if req.cmd == CMD_WRITE && req.flags & CMD_FLAG_FUA == 0
-                    || req.cmd == CMD_WRITE_ZEROES
-                    || req.cmd == CMD_TRIM
-                {
-                    let seq = sh.write_seq.fetch_add(1, Ordering::SeqCst) + 1;
-                    conn.max_write_seq.fetch_max(seq, Ordering::SeqCst);
-                }
+                note_acked(req, &sh.write_seq, conn);
                 Some(Ok(buf))
             }
-            Err(ReplyError::Errno(e)) => Some(Err(BlockError::Device {
-                op: req.op,
-                offset_bytes: req.offset,
-                len_bytes: u64::from(req.len),
-                source: io::Error::from_raw_os_error(nbd_error_to_errno(e)),
-            })),
+            Err(ReplyError::Errno(e)) => Some(Err(device_error(req, e))),
             Err(ReplyError::Lost(source)) => {
                 self.note_lost(conn);
                 let deadline = started + Duration::from_millis(sh.options.reconnect_timeout_ms);
@@ -844,14 +894,7 @@ impl NbdClient {
                 size_bytes: u64::from(self.shared.info.max_block_bytes),
             });
         }
-        let req = Req {
-            op: "read",
-            cmd: CMD_READ,
-            flags: 0,
-            offset: offset_bytes,
-            len: len_bytes,
-        };
-        Ok(self.start_pending(req, Vec::new()))
+        Ok(self.start_pending(Req::read(offset_bytes, len_bytes), Vec::new()))
     }
 
     /// Starts a write of `data` (at most [`BlockDevice::max_request_bytes`]) without waiting
@@ -941,6 +984,79 @@ impl NbdClient {
     }
 }
 
+impl NbdClient {
+    /// The next connection, if it is live: asynchronous requests never wait to reconnect.
+    fn live_conn(&self) -> Option<Arc<Conn>> {
+        let sh = &self.shared;
+        let i = sh.next_slot.fetch_add(1, Ordering::Relaxed) % sh.slots.len();
+        if sh.closed.load(Ordering::SeqCst) {
+            return None;
+        }
+        sh.slots[i]
+            .read()
+            .as_ref()
+            .filter(|c| !c.is_dead())
+            .cloned()
+    }
+
+    /// Sends `req` with `done` as its completion (see [`BlockDevice::submit`]).
+    fn start_async(&self, req: Req, data: &[u8], done: Completion) -> Result<(), Completion> {
+        if req.len > self.shared.info.max_block_bytes
+            || self
+                .check_range(req.op, req.offset, u64::from(req.len))
+                .is_err()
+        {
+            return Err(done);
+        }
+        let Some(conn) = self.live_conn() else {
+            return Err(done);
+        };
+        let seq = self.shared.write_seq.clone();
+        let acked_on = conn.clone();
+        let notify = Notify::Call(Box::new(move |reply: Reply| {
+            done(match reply {
+                Ok(buf) => {
+                    note_acked(&req, &seq, &acked_on);
+                    Ok(buf)
+                }
+                Err(ReplyError::Errno(e)) => Err(device_error(&req, e)),
+                Err(ReplyError::Lost(source)) => Err(BlockError::PathLost { op: req.op, source }),
+            });
+        }));
+        let buf = self.read_buffer(&req);
+        match conn.register(&req, data, buf, notify) {
+            Ok(()) => Ok(()),
+            // Dead since it was picked: the completion says so, the caller retries.
+            Err((e, notify)) => {
+                notify.send(Err(e));
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Counts an acknowledged write (no FUA) against the connection it was acknowledged on,
+/// for the "lost before a flush" check.
+fn note_acked(req: &Req, write_seq: &AtomicU64, conn: &Conn) {
+    if req.cmd == CMD_WRITE && req.flags & CMD_FLAG_FUA == 0
+        || req.cmd == CMD_WRITE_ZEROES
+        || req.cmd == CMD_TRIM
+    {
+        let seq = write_seq.fetch_add(1, Ordering::SeqCst) + 1;
+        conn.max_write_seq.fetch_max(seq, Ordering::SeqCst);
+    }
+}
+
+/// The error for a request the server failed with NBD error `e`.
+fn device_error(req: &Req, e: u32) -> BlockError {
+    BlockError::Device {
+        op: req.op,
+        offset_bytes: req.offset,
+        len_bytes: u64::from(req.len),
+        source: io::Error::from_raw_os_error(nbd_error_to_errno(e)),
+    }
+}
+
 impl Drop for NbdClient {
     fn drop(&mut self) {
         self.close();
@@ -964,19 +1080,35 @@ impl BlockDevice for NbdClient {
         self.shared.info.max_block_bytes
     }
 
+    fn submit(&self, io: AsyncIo<'_>, done: Completion) -> Result<(), Completion> {
+        match io {
+            AsyncIo::Read {
+                offset_bytes,
+                len_bytes,
+            } => self.start_async(Req::read(offset_bytes, len_bytes), &[], done),
+            AsyncIo::Write { buf, offset_bytes } => {
+                let Ok(len) = u32::try_from(buf.len()) else {
+                    return Err(done);
+                };
+                let req = Req {
+                    op: "write",
+                    cmd: CMD_WRITE,
+                    flags: 0,
+                    offset: offset_bytes,
+                    len,
+                };
+                self.start_async(req, buf, done)
+            }
+        }
+    }
+
     fn read_at(&self, buf: &mut [u8], offset_bytes: u64) -> Result<(), BlockError> {
         self.check_range("read", offset_bytes, buf.len() as u64)?;
         let chunk = usize::try_from(self.chunk_bytes()).unwrap_or(usize::MAX);
         let mut off = offset_bytes;
         for part in buf.chunks_mut(chunk) {
             let n = part.len() as u64;
-            let req = Req {
-                op: "read",
-                cmd: CMD_READ,
-                flags: 0,
-                offset: off,
-                len: len_u32(n),
-            };
+            let req = Req::read(off, len_u32(n));
             let data = self.request(&req, &[])?;
             part.copy_from_slice(&data);
             self.recycle(data);

@@ -228,6 +228,65 @@ mod tests {
     }
 
     #[test]
+    fn async_requests_complete_on_the_reply_thread() {
+        let path = sock("async");
+        let flaky = Arc::new(FlakyDisk::new(MemDevice::new(4 << 20)));
+        let h = flaky.handle();
+        let server = serve_device(flaky, &ListenAddr::Unix(path), ServeOptions::default()).unwrap();
+        let c = NbdClient::open(&server.uri(), NbdClientOptions::default()).unwrap();
+        let read = |offset_bytes, len_bytes| crate::AsyncIo::Read {
+            offset_bytes,
+            len_bytes,
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        let done = |i: u8| -> crate::Completion {
+            let tx = tx.clone();
+            Box::new(move |r| tx.send((i, r)).unwrap())
+        };
+        for i in 0..32u8 {
+            let buf = [i; 4096];
+            let w = crate::AsyncIo::Write {
+                buf: &buf,
+                offset_bytes: u64::from(i) * 4096,
+            };
+            assert!(c.submit(w, done(i)).is_ok());
+        }
+        for _ in 0..32 {
+            let (i, r) = rx.recv().unwrap();
+            assert!(r.unwrap().is_empty(), "write {i}");
+        }
+        for i in 0..32u8 {
+            assert!(c.submit(read(u64::from(i) * 4096, 4096), done(i)).is_ok());
+        }
+        for _ in 0..32 {
+            let (i, r) = rx.recv().unwrap();
+            assert!(r.unwrap().iter().all(|&b| b == i), "block {i}");
+        }
+        // A device error reaches the completion, typed; requests outside the device or
+        // larger than the server takes are handed back unstarted.
+        h.fail_nth(OpClass::Read, 1, FailKind::Device(libc::EIO));
+        assert!(c.submit(read(0, 512), done(0)).is_ok());
+        let (_, r) = rx.recv().unwrap();
+        assert!(
+            matches!(&r, Err(BlockError::Device { source, .. }) if source.raw_os_error() == Some(libc::EIO)),
+            "{r:?}"
+        );
+        assert!(c.submit(read(4 << 20, 1), done(0)).is_err());
+        assert!(c.submit(read(0, 64 << 20), done(0)).is_err());
+        // A closed client starts nothing.
+        c.close();
+        assert!(c
+            .submit(
+                crate::AsyncIo::Write {
+                    buf: &[0; 512],
+                    offset_bytes: 0
+                },
+                done(0)
+            )
+            .is_err());
+    }
+
+    #[test]
     fn many_threads_share_one_client() {
         let path = sock("threads");
         let server = serve_device(
