@@ -10,17 +10,20 @@
 //! 5. a multi-GiB sparse VM disk written from node 1, verified byte for byte from 2 and 3
 //! 6. a small VM run by `hv-runner` on node 1, live-migrated to node 2 while it writes,
 //!    its console and disk records checked through node 3 (`demo_vm`)
-//! 7. `csvfs state`
-//! 8. clean unmount of every node
-//! 9. fsck of the volume (`fsck-csvfs` next to this binary, built on first use under cargo)
-//!
-//! Later issues add steps (coordinator failover) to `STEPS`.
+//! 7. coordinator failover: the coordinator node's process is killed (SIGKILL); a survivor
+//!    takes the lease over with a higher epoch and serves (`failover_step`); the image,
+//!    the VM's folder and the files written before are checked from both survivors, and
+//!    both write more
+//! 8. `csvfs state`
+//! 9. clean unmount of every node still running
+//! 10. fsck of the volume (`fsck-csvfs` next to this binary, built on first use under cargo)
 
 use crate::cli::DemoArgs;
 use crate::local::{LocalCluster, LocalError};
 use crate::output::{human_bytes, print_state};
 use crate::state::{read_state, StateError};
 use metadata_server::format::MkfsOptions;
+use metadata_server::lease::{self, CoordinatorInfo};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
@@ -74,6 +77,9 @@ pub enum DemoError {
         /// Its output.
         output: String,
     },
+    /// The coordinator lease could not be read.
+    #[error("read the coordinator lease")]
+    Lease(#[source] metadata_server::lease::LeaseError),
     /// The current executable could not be found.
     #[error("find the csvfs executable")]
     Exe(#[source] std::io::Error),
@@ -118,6 +124,10 @@ const STEPS: &[Step] = &[
     ("live-migrate a running VM, node 1 to 2", |d| {
         crate::demo_vm::step(&d.cluster, say)
     }),
+    (
+        "kill the coordinator (kill -9): a survivor takes over",
+        step_failover,
+    ),
     ("show the volume state (csvfs state)", step_state),
     ("unmount every node", step_unmount),
     ("check the volume (fsck)", step_fsck),
@@ -290,20 +300,27 @@ fn step_folders(d: &mut Demo) -> Result<(), DemoError> {
                 detail: format!("node {id} lists {names:?}, expected [vm1, vm2, vm3]"),
             });
         }
-        for vm in &names {
-            let cfg = root.join(vm).join("vm.toml");
-            let text = std::fs::read_to_string(&cfg).map_err(io("read", &cfg))?;
-            if !text.contains(&format!("name = \"{vm}\"")) {
-                return Err(DemoError::Mismatch {
-                    path: cfg,
-                    offset_bytes: 0,
-                    detail: format!("node {id} reads {text:?}"),
-                });
-            }
-        }
+        check_configs(&root, id, &names)?;
         say(&format!(
             "      node {id} sees vm1/ vm2/ vm3/ with their configs"
         ));
+    }
+    Ok(())
+}
+
+/// Checks that each VM folder's `vm.toml` under `root` names its VM, as read on node `id`.
+fn check_configs(root: &Path, id: u32, vms: &[impl AsRef<str>]) -> Result<(), DemoError> {
+    for vm in vms {
+        let vm = vm.as_ref();
+        let cfg = root.join(vm).join("vm.toml");
+        let text = std::fs::read_to_string(&cfg).map_err(io("read", &cfg))?;
+        if !text.contains(&format!("name = \"{vm}\"")) {
+            return Err(DemoError::Mismatch {
+                path: cfg,
+                offset_bytes: 0,
+                detail: format!("node {id} reads {text:?}"),
+            });
+        }
     }
     Ok(())
 }
@@ -349,10 +366,9 @@ fn step_write_image(d: &mut Demo) -> Result<(), DemoError> {
     Ok(())
 }
 
-/// Reads the whole image through one node and compares every byte with what was written
-/// (the patterned chunks, zeros everywhere else).
-fn verify_image(path: &Path, img: &Image) -> Result<f64, DemoError> {
-    let mut f = File::open(path).map_err(io("open", path))?;
+/// Opens the image at `path` and checks its size.
+fn open_image(path: &Path, img: &Image) -> Result<File, DemoError> {
+    let f = File::open(path).map_err(io("open", path))?;
     let len = f.metadata().map_err(io("stat", path))?.len();
     if len != img.size_bytes {
         return Err(DemoError::Mismatch {
@@ -361,6 +377,13 @@ fn verify_image(path: &Path, img: &Image) -> Result<f64, DemoError> {
             detail: format!("size {len}, expected {}", img.size_bytes),
         });
     }
+    Ok(f)
+}
+
+/// Reads the whole image through one node and compares every byte with what was written
+/// (the patterned chunks, zeros everywhere else).
+fn verify_image(path: &Path, img: &Image) -> Result<f64, DemoError> {
+    let mut f = open_image(path, img)?;
     let block = 4u64 << 20;
     let mut got = vec![0u8; usize::try_from(block).unwrap_or(4 << 20)];
     let mut want = vec![0u8; got.len()];
@@ -429,9 +452,172 @@ fn step_state(d: &mut Demo) -> Result<(), DemoError> {
     Ok(())
 }
 
+/// The node named in the coordinator lease.
+fn coordinator(d: &Demo) -> Result<CoordinatorInfo, DemoError> {
+    let dev = block_client::open_device(&d.cluster.uri).map_err(|source| {
+        DemoError::Cluster(LocalError::OpenLun {
+            uri: d.cluster.uri.clone(),
+            source,
+        })
+    })?;
+    lease::find_coordinator(&dev).map_err(DemoError::Lease)
+}
+
+/// Every file of the folder `dir` with its bytes, sorted by name.
+fn folder_contents(dir: &Path) -> Result<Vec<(String, Vec<u8>)>, DemoError> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).map_err(io("list", dir))? {
+        let e = e.map_err(io("list", dir))?;
+        let path = e.path();
+        if e.file_type().map_err(io("stat", &path))?.is_file() {
+            let bytes = std::fs::read(&path).map_err(io("read", &path))?;
+            out.push((e.file_name().to_string_lossy().into_owned(), bytes));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Checks the image's size and every patterned chunk (the holes were checked in step 6).
+fn verify_chunks(path: &Path, img: &Image) -> Result<(), DemoError> {
+    let f = open_image(path, img)?;
+    let n = usize::try_from(CHUNK_BYTES).unwrap_or(4 << 20);
+    let (mut got, mut want) = (vec![0u8; n], vec![0u8; n]);
+    for &c in &img.chunks {
+        f.read_exact_at(&mut got, c).map_err(io("read", path))?;
+        pattern(c, &mut want);
+        if let Some(i) = got.iter().zip(&want).position(|(a, b)| a != b) {
+            return Err(DemoError::Mismatch {
+                path: path.to_path_buf(),
+                offset_bytes: c + i as u64,
+                detail: format!("read {:#04x}, expected {:#04x}", got[i], want[i]),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// How long a survivor may take to become coordinator after the kill.
+const TAKEOVER_TIMEOUT: Duration = Duration::from_secs(60);
+/// Bytes each survivor writes after the takeover.
+const AFTER_BYTES: usize = 8 << 20;
+
+fn step_failover(d: &mut Demo) -> Result<(), DemoError> {
+    let old = coordinator(d)?;
+    let survivors: Vec<u32> = NODES.iter().copied().filter(|&n| n != old.node.0).collect();
+    let witness = survivors.last().copied().unwrap_or(NODES[2]);
+    // The VM's folder as a survivor sees it before the kill (absent when the VM step was
+    // skipped).
+    let vm_dir = Path::new(crate::demo_vm::VM_NAME);
+    let vm_before = {
+        let dir = d.cluster.mountpoint(witness)?.join(vm_dir);
+        if dir.is_dir() {
+            Some(folder_contents(&dir)?)
+        } else {
+            None
+        }
+    };
+    say(&format!(
+        "      {} is coordinator at {} ({}); killing its process",
+        old.node, old.addr, old.epoch
+    ));
+    let killed = Instant::now();
+    d.cluster.kill_node(old.node.0)?;
+    let new = crate::local::wait_for("a survivor to take over", TAKEOVER_TIMEOUT, || {
+        Ok(coordinator(d)
+            .ok()
+            .filter(|c| c.node != old.node && c.epoch > old.epoch))
+    })?;
+    let took = killed.elapsed();
+    // The first metadata operation through each survivor after the takeover.
+    for &id in &survivors {
+        let dir = d
+            .cluster
+            .mountpoint(id)?
+            .join(format!("after-failover-{id}"));
+        std::fs::create_dir(&dir).map_err(io("create folder", &dir))?;
+    }
+    say(&format!(
+        "      {} took over as coordinator at {} ({}), {:.1} s after the kill; \
+         serving again {:.1} s after it",
+        new.node,
+        new.addr,
+        new.epoch,
+        took.as_secs_f64(),
+        killed.elapsed().as_secs_f64()
+    ));
+    for &id in &survivors {
+        let root = d.cluster.mountpoint(id)?;
+        if let Some(img) = d.image.as_ref() {
+            verify_chunks(&root.join(&img.rel), img)?;
+        }
+        if let Some(before) = &vm_before {
+            let dir = root.join(vm_dir);
+            if folder_contents(&dir)? != *before {
+                return Err(DemoError::Mismatch {
+                    path: dir,
+                    offset_bytes: 0,
+                    detail: "the VM's folder changed across the failover".into(),
+                });
+            }
+        }
+        check_configs(&root, id, &["vm1", "vm2", "vm3"])?;
+        say(&format!(
+            "      node {id}: the disk image's data, {} and vm1..vm3 intact",
+            if vm_before.is_some() {
+                "the VM's folder"
+            } else {
+                "(no VM folder: the VM step was skipped)"
+            }
+        ));
+    }
+    // Both survivors write more, each checked through the other.
+    let mut buf = vec![0u8; AFTER_BYTES];
+    for &id in &survivors {
+        let path = d
+            .cluster
+            .mountpoint(id)?
+            .join(format!("after-failover-{id}"))
+            .join("data.bin");
+        pattern(u64::from(id) << 40, &mut buf);
+        let mut f = File::create(&path).map_err(io("create", &path))?;
+        f.write_all(&buf).map_err(io("write", &path))?;
+        f.sync_all().map_err(io("fsync", &path))?;
+    }
+    for (&a, &b) in survivors.iter().zip(survivors.iter().rev()) {
+        let path = d
+            .cluster
+            .mountpoint(b)?
+            .join(format!("after-failover-{a}"))
+            .join("data.bin");
+        let got = std::fs::read(&path).map_err(io("read", &path))?;
+        pattern(u64::from(a) << 40, &mut buf);
+        if got != buf {
+            return Err(DemoError::Mismatch {
+                path,
+                offset_bytes: 0,
+                detail: format!("node {a}'s file reads differently on node {b}"),
+            });
+        }
+    }
+    say(&format!(
+        "      nodes {survivors:?} each wrote {} after the takeover, read back on the other",
+        human_bytes(AFTER_BYTES as u64)
+    ));
+    Ok(())
+}
+
 fn step_unmount(d: &mut Demo) -> Result<(), DemoError> {
-    // Followers first, the coordinator last.
-    for id in [3, 2, 1] {
+    // Followers first, the coordinator last; nodes killed earlier are skipped.
+    let coord = coordinator(d).ok().map(|c| c.node.0);
+    let mut order: Vec<u32> = NODES
+        .iter()
+        .rev()
+        .copied()
+        .filter(|&n| d.cluster.node_pid(n).is_some())
+        .collect();
+    order.sort_by_key(|&n| Some(n) == coord);
+    for id in order {
         let status = d.cluster.unmount_node(id, Duration::from_secs(30))?;
         if !status.success() {
             return Err(DemoError::NodeExit { node: id, status });

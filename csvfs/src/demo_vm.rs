@@ -27,7 +27,7 @@ use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 /// The VM's folder name on the volume (`vm1`..`vm3` are the demo's earlier folders).
-const VM_NAME: &str = "vm-live";
+pub(crate) const VM_NAME: &str = "vm-live";
 /// How long the guest may take to print its first heartbeats (guests may be emulated).
 const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long a migration may take.

@@ -199,6 +199,23 @@ pub fn is_mounted(path: &Path) -> bool {
     })
 }
 
+/// Mount points of csvfs mounts on this machine whose LUN (the mount's source) is `lun`.
+pub fn mounts_of(lun: &str) -> Vec<PathBuf> {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    let want = lun.replace(' ', "\\040");
+    info.lines()
+        .filter_map(|l| {
+            let mp = l.split(' ').nth(4)?;
+            let mut rest = l.split(" - ").nth(1)?.split(' ');
+            let (fstype, source) = (rest.next()?, rest.next()?);
+            (fstype.contains("csvfs") && source == want)
+                .then(|| PathBuf::from(mp.replace("\\040", " ")))
+        })
+        .collect()
+}
+
 /// The last `max_bytes` of a log file, for error messages.
 pub fn log_tail(path: &Path, max_bytes: usize) -> String {
     let mut s = String::new();

@@ -1,7 +1,7 @@
 //! User-facing output on stdout: the one module allowed to print there.
 #![allow(clippy::print_stdout)]
 
-use crate::state::VolumeState;
+use crate::state::{FreeSource, VolumeState};
 use metadata_server::lease::NodeState;
 use metadata_server::types::Timestamp;
 
@@ -98,10 +98,18 @@ pub fn render_state(s: &VolumeState) -> String {
         },
         None => out.push_str("Coordinator : none (never elected)\n"),
     }
+    let source = match &s.free_source {
+        FreeSource::Coordinator(mp) => {
+            format!("from the coordinator (statfs through {})", mp.display())
+        }
+        FreeSource::Bitmap => {
+            "from the on-disk bitmap, as of the coordinator's last checkpoint".to_string()
+        }
+    };
     out.push_str(&format!(
         "Volume      : {name} on {}\n\
          Free space  : {} of {} ({pct:.1}% free, {} clusters of {};\n              \
-         from the on-disk bitmap, as of the coordinator's last checkpoint)\n",
+         {source})\n",
         s.lun,
         human_bytes(free),
         human_bytes(total),

@@ -1,6 +1,9 @@
 //! `csvfs state`: what the LUN says about the volume's nodes, in the manner of
-//! Get-ClusterSharedVolumeState. Reads the superblock, the lease area and the cluster
-//! bitmap; needs no coordinator.
+//! Get-ClusterSharedVolumeState. Reads the superblock and the lease area; needs no
+//! coordinator. Free space comes from the live coordinator (statfs through a mount of the
+//! same LUN on this machine) when one answers within [`STATFS_TIMEOUT`], else from the
+//! on-disk cluster bitmap, which lags while the volume is mounted (it is written at
+//! checkpoints), and the output says which.
 
 use crate::mount::{open_volume, MountError};
 use block_client::BlockDevice;
@@ -10,7 +13,8 @@ use metadata_server::format::{
 };
 use metadata_server::lease::{self, LeaseError, SlotInfo};
 use metadata_server::types::Timestamp;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Why the state could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -43,17 +47,55 @@ pub struct VolumeState {
     pub lease: Option<LeaseRecord>,
     /// Every node that ever heartbeated.
     pub slots: Vec<SlotInfo>,
-    /// Free data clusters per the on-disk bitmap (as of the last checkpoint).
+    /// Free data clusters.
     pub free_clusters: u64,
+    /// Where `free_clusters` comes from.
+    pub free_source: FreeSource,
     /// Wall-clock now, to age heartbeats.
     pub now: Timestamp,
+}
+
+/// Where the free-space figure of `csvfs state` comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FreeSource {
+    /// The coordinator answered statfs through this node's mount at the path.
+    Coordinator(PathBuf),
+    /// The on-disk bitmap, as of the coordinator's last checkpoint.
+    Bitmap,
+}
+
+/// How long `csvfs state` waits for the coordinator's statfs before it falls back to the
+/// on-disk bitmap.
+pub const STATFS_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Free clusters as the live coordinator counts them, asked through a local mount of
+/// `lun_uri` (statfs of a csvfs mount reports clusters as blocks), within
+/// [`STATFS_TIMEOUT`].
+fn live_free_clusters(lun_uri: &str) -> Option<(u64, PathBuf)> {
+    let mp = crate::local::mounts_of(lun_uri).into_iter().next()?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let path = mp.clone();
+    // A thread, so a coordinator that does not answer only costs the timeout.
+    std::thread::Builder::new()
+        .name("state-statfs".into())
+        .spawn(move || {
+            let _ = tx.send(nix::sys::statvfs::statvfs(&path));
+        })
+        .ok()?;
+    match rx.recv_timeout(STATFS_TIMEOUT) {
+        Ok(Ok(st)) => Some((st.blocks_free(), mp)),
+        _ => None,
+    }
 }
 
 /// Reads the volume's state from the LUN.
 pub fn read_state(lun_uri: &str) -> Result<VolumeState, StateError> {
     let (lun, sb) = open_volume(lun_uri)?;
     let area = lease::read_all(&lun).map_err(StateError::Lease)?;
-    let free_clusters = count_free_clusters(lun.as_ref(), &sb)?;
+    let (free_clusters, free_source) = match live_free_clusters(lun_uri) {
+        Some((n, mp)) => (n, FreeSource::Coordinator(mp)),
+        None => (count_free_clusters(lun.as_ref(), &sb)?, FreeSource::Bitmap),
+    };
     let d = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();
@@ -63,6 +105,7 @@ pub fn read_state(lun_uri: &str) -> Result<VolumeState, StateError> {
         lease: area.lease,
         slots: area.slots,
         free_clusters,
+        free_source,
         now: Timestamp {
             secs: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
             nanos: d.subsec_nanos(),

@@ -2,7 +2,8 @@
 // Test helpers outside #[test] functions unwrap too: a failure is the test failing.
 #![allow(clippy::unwrap_used)]
 //! Bad input to `csvfs mount` gives one clear message and a non-zero exit, never a panic:
-//! a LUN that is not a csvfs volume, a wrong cluster secret, a missing setting.
+//! a LUN that is not a csvfs volume, a volume of an unsupported format version, a wrong
+//! cluster secret, a missing setting.
 
 use csvfs_tests::cluster::{csvfs_exe, ClusterSpec, TestCluster};
 use std::process::Command;
@@ -155,4 +156,56 @@ fn mount_helper_mounts_like_mount_8_and_umount_stops_the_node() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("node_id"));
     c.finish();
+}
+
+#[test]
+fn unsupported_format_version_is_refused_with_one_clear_message() {
+    use metadata_server::format::{crc_of, mkfs, MkfsOptions};
+    let dir = std::env::temp_dir().join(format!("csvfs-version-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let lun = dir.join("v.img");
+    std::fs::File::create(&lun)
+        .unwrap()
+        .set_len(256 << 20)
+        .unwrap();
+    let dev = block_client::open_device(lun.to_str().unwrap()).unwrap();
+    mkfs(dev, &MkfsOptions::default(), &mut |_, _| {}).unwrap();
+    // Format major 2 in both superblock copies, each with a valid CRC (FORMAT.md §2:
+    // major at byte 8, CRC of the 512 bytes at byte 4).
+    let mut img = std::fs::read(&lun).unwrap();
+    let backup = img.len() - 4096;
+    for at in [0, backup] {
+        let sb = &mut img[at..at + 512];
+        assert_eq!(&sb[8..10], &1u16.to_le_bytes(), "format major 1 at byte 8");
+        sb[8..10].copy_from_slice(&2u16.to_le_bytes());
+        let crc = crc_of(sb);
+        sb[4..8].copy_from_slice(&crc.to_le_bytes());
+    }
+    std::fs::write(&lun, &img).unwrap();
+    let mp = dir.join("mnt");
+    std::fs::create_dir_all(&mp).unwrap();
+    let secret = dir.join("secret");
+    std::fs::write(&secret, "s3cret\n").unwrap();
+    let (ok, text) = mount_output(&[
+        "mount",
+        "--lun",
+        lun.to_str().unwrap(),
+        "--node-id",
+        "1",
+        "--secret",
+        secret.to_str().unwrap(),
+        mp.to_str().unwrap(),
+    ]);
+    assert!(!ok, "mounting a format 2.x volume succeeded");
+    assert!(
+        text.contains("unsupported csvfs format version 2."),
+        "message: {text}"
+    );
+    assert_eq!(
+        text.matches("unsupported csvfs format version").count(),
+        1,
+        "said more than once: {text}"
+    );
+    assert!(!text.contains("panicked"), "panic: {text}");
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -297,6 +297,17 @@ fn cluster_failover() {
     fs::remove_file(c.mp(2).join("renamed.txt")).unwrap();
     assert!(!c.mp(3).join("renamed.txt").exists());
 
+    // `csvfs state` takes free space from the live coordinator through a local mount.
+    let out = Command::new(csvfs_exe())
+        .args(["state", "--lun", &c.uri()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("from the coordinator (statfs through"),
+        "free space not from the coordinator:\n{text}"
+    );
+
     // Fencing: pause the new coordinator past its lease timeout; the other survivor takes
     // over, and the paused one, resumed, must stop acting as coordinator.
     let other = if second.node.0 == 2 { 3 } else { 2 };
