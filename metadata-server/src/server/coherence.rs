@@ -267,14 +267,27 @@ impl Coherence {
 
     /// Sends the invalidations that the successful mutation `req` (answered `resp`) by
     /// `origin` requires to every other node caching what changed, and waits for their
-    /// acks or the timeout.
+    /// acks or the timeout. (The server runs the two halves apart.)
+    #[cfg(test)]
     pub(crate) async fn invalidate_for(&self, origin: NodeId, req: &Request, resp: &Response) {
-        let mut waits: Vec<(NodeId, u64, Invalidation, oneshot::Receiver<()>)> = Vec::new();
+        let waits = self.send_invalidations(origin, req, resp);
+        self.await_acks(waits).await;
+    }
+
+    /// Sends the invalidations a successful mutation requires (see `stale`) and returns
+    /// the acks to wait for (none when no other node caches what changed).
+    pub(crate) fn send_invalidations(
+        &self,
+        origin: NodeId,
+        req: &Request,
+        resp: &Response,
+    ) -> Vec<AckWait> {
+        let mut waits: Vec<AckWait> = Vec::new();
         {
             let mut st = self.state.lock();
             let invs = stale(&st, req, resp);
             if invs.is_empty() {
-                return;
+                return waits;
             }
             let mut targets: HashMap<NodeId, Vec<Invalidation>> = HashMap::new();
             for inv in invs {
@@ -334,6 +347,15 @@ impl Coherence {
                 // A version-1 node is never tracked, so it never gets here.
             }
         }
+        waits
+    }
+
+    /// Waits for the acks of invalidations sent by `send_invalidations`, at most the
+    /// ack timeout.
+    pub(crate) async fn await_acks(&self, waits: Vec<AckWait>) {
+        if waits.is_empty() {
+            return;
+        }
         let deadline = tokio::time::Instant::now() + self.ack_timeout;
         let mut late: HashSet<NodeId> = HashSet::new();
         for (node, seq, inv, rx) in waits {
@@ -364,6 +386,9 @@ impl Coherence {
         }
     }
 }
+
+/// An invalidation sent and the ack it waits for: (node, seq, what, ack).
+pub(crate) type AckWait = (NodeId, u64, Invalidation, oneshot::Receiver<()>);
 
 fn miss(missed: &mut HashSet<Invalidation>, all: &mut bool, inv: Invalidation) {
     if *all {

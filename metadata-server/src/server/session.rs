@@ -257,12 +257,7 @@ async fn established(
                 // A read-only request the store can answer from memory without waiting
                 // is answered here: no task and no blocking-thread hand-off.
                 if let Some((start, result)) = try_read_now(&shared, node, conn, &caller, &req) {
-                    if !shared
-                        .coherence
-                        .reply(node, conn, start, &req, Frame::Reply { id, result })
-                    {
-                        tracing::debug!(%id, "session gone before the reply; the node will retry");
-                    }
+                    ReplyTo { node, conn, start }.send(&shared, &req, id, result);
                     continue;
                 }
                 let Ok(slot) = queued.clone().acquire_owned().await else {
@@ -347,17 +342,37 @@ async fn handle(job: Job, running: Arc<Semaphore>, slot: OwnedSemaphorePermit) {
     };
     drop(slot);
     let start = shared.coherence.mark(node, conn);
-    let store = shared.store.clone();
+    let on_thread = shared.clone();
+    let span = tracing::Span::current();
+    // The store call and the invalidations it requires run on the blocking thread; when no
+    // other node has to acknowledge anything (the usual case), the reply goes out from
+    // there too, without waking this task first. Waiting for acks stays in this task, so it
+    // never holds a blocking thread.
     let joined = tokio::task::spawn_blocking(move || {
-        let result = store.execute(&caller, &req);
-        (req, result)
+        let shared = on_thread;
+        let _span = span.enter();
+        let result = shared.store.execute(&caller, &req);
+        // Release the permit first: waiting for other nodes' acks must not hold up this
+        // node's other requests.
+        drop(permit);
+        let waits = match &result {
+            Ok(resp) => shared.coherence.send_invalidations(node, &req, resp),
+            Err(_) => Vec::new(),
+        };
+        if waits.is_empty() {
+            ReplyTo { node, conn, start }.send(&shared, &req, id, result);
+            None
+        } else {
+            Some((req, result, waits))
+        }
     })
     .await;
-    // Release the permit first: waiting for other nodes' acks must not hold up this
-    // node's other requests.
-    drop(permit);
-    let (req, result) = match joined {
-        Ok(x) => x,
+    match joined {
+        Ok(None) => {}
+        Ok(Some((req, result, waits))) => {
+            shared.coherence.await_acks(waits).await;
+            ReplyTo { node, conn, start }.send(&shared, &req, id, result);
+        }
         Err(e) => {
             tracing::error!(error = %e, "store call panicked");
             let reply = Frame::Reply {
@@ -367,17 +382,35 @@ async fn handle(job: Job, running: Arc<Semaphore>, slot: OwnedSemaphorePermit) {
             let _ = shared
                 .coherence
                 .reply(node, conn, start, &Request::StatFs, reply);
-            return;
         }
-    };
-    if let Ok(resp) = &result {
-        shared.coherence.invalidate_for(node, &req, resp).await;
     }
-    if !shared
-        .coherence
-        .reply(node, conn, start, &req, Frame::Reply { id, result })
-    {
-        tracing::debug!("session gone before the reply; the node will retry");
+}
+
+/// Where a reply goes: the node's connection and the coherence mark taken before its
+/// request ran.
+#[derive(Debug, Clone, Copy)]
+struct ReplyTo {
+    node: NodeId,
+    conn: u64,
+    start: u64,
+}
+
+impl ReplyTo {
+    /// Queues the reply (with the invalidations it raced, see the coherence module).
+    fn send(
+        self,
+        shared: &Shared,
+        req: &Request,
+        id: RequestId,
+        result: Result<Response, FsError>,
+    ) {
+        let reply = Frame::Reply { id, result };
+        if !shared
+            .coherence
+            .reply(self.node, self.conn, self.start, req, reply)
+        {
+            tracing::debug!("session gone before the reply; the node will retry");
+        }
     }
 }
 

@@ -1145,15 +1145,35 @@ pub(crate) fn xattrs_inline(len: usize) -> bool {
 }
 
 /// Writes the overlay home (sorted by offset) and flushes.
+/// Largest single write of a checkpoint, in bytes.
+const HOME_RUN_BYTES: usize = 1 << 20;
+
 pub(crate) fn write_home(
     dev: &dyn BlockDevice,
     overlay: &HashMap<u64, Vec<u8>>,
 ) -> Result<(), FsError> {
-    let mut keys: Vec<&u64> = overlay.keys().collect();
-    keys.sort();
+    let mut keys: Vec<u64> = overlay.keys().copied().collect();
+    keys.sort_unstable();
+    // Adjacent pieces (inode slots next to each other, consecutive blocks) go out as one
+    // write of at most HOME_RUN_BYTES.
+    let mut run: Vec<u8> = Vec::new();
+    let mut run_at = 0u64;
     for k in keys {
-        dev.write_at(&overlay[k], *k, WriteFlags::default())
-            .map_err(|e| io_err(&format!("write metadata home at byte {k}"), e))?;
+        let bytes = &overlay[&k];
+        let contiguous = run_at + run.len() as u64 == k;
+        if !run.is_empty() && (!contiguous || run.len() + bytes.len() > HOME_RUN_BYTES) {
+            dev.write_at(&run, run_at, WriteFlags::default())
+                .map_err(|e| io_err(&format!("write metadata home at byte {run_at}"), e))?;
+            run.clear();
+        }
+        if run.is_empty() {
+            run_at = k;
+        }
+        run.extend_from_slice(bytes);
+    }
+    if !run.is_empty() {
+        dev.write_at(&run, run_at, WriteFlags::default())
+            .map_err(|e| io_err(&format!("write metadata home at byte {run_at}"), e))?;
     }
     dev.flush().map_err(|e| io_err("flush after checkpoint", e))
 }

@@ -2170,3 +2170,37 @@ fn reads_are_answered_in_place_only_when_nothing_can_block() {
         Some(Ok(Response::Attr(_)))
     ));
 }
+
+#[test]
+fn checkpoint_writes_adjacent_pieces_together() {
+    let disk = Arc::new(CrashDisk::new(64 << 20));
+    let dev: Arc<dyn BlockDevice> = disk.clone();
+    mkfs(dev.clone(), &opts(64 << 10), &mut |_, _| {}).unwrap();
+    let s = Store::open(dev.clone(), Epoch(1)).unwrap();
+    let mut a = Client::new(1);
+    let mut made = BTreeMap::new();
+    for i in 0..100 {
+        let f = create(&mut a, &s, InodeId::ROOT, &format!("c{i}"), FileKind::File).unwrap();
+        made.insert(format!("c{i}").into_bytes(), (f.ino, FileKind::File));
+    }
+    let pieces = s.inner.lock().meta.overlay.len() as u64;
+    let writes = disk.writes_seen();
+    s.checkpoint().unwrap();
+    let home_writes = disk.writes_seen() - writes;
+    assert!(
+        home_writes * 4 < pieces,
+        "{home_writes} writes for {pieces} pieces"
+    );
+    drop(s);
+    disk.power_cut();
+    let s = Store::open(dev, Epoch(2)).unwrap();
+    let mut seen = names(&mut a, &s, InodeId::ROOT);
+    seen.remove(b"lost+found".as_slice());
+    assert_eq!(seen, made);
+    for (ino, _) in made.values() {
+        assert!(matches!(
+            a.run(&s, Request::GetAttr { ino: *ino }),
+            Ok(Response::Attr(x)) if x.ino == *ino
+        ));
+    }
+}
