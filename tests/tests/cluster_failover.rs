@@ -4,7 +4,8 @@
 //! Coordinator failover across real node processes: the coordinator is killed with
 //! SIGKILL while one node streams fsynced records and another creates files; a survivor
 //! takes the lease over with a higher epoch, every acknowledged record and file is there
-//! exactly once, and the namespace keeps working. Then the new coordinator is paused
+//! exactly once, and the namespace keeps working. While no coordinator exists, I/O to
+//! extents already mapped goes on between two survivors. Then the new coordinator is paused
 //! (SIGSTOP) past its lease timeout: the last node takes over, and the paused one, once
 //! resumed, fences itself and follows instead of writing metadata again. fsck -n is clean
 //! at the end.
@@ -256,12 +257,55 @@ fn cluster_failover() {
     wait_count("records before the kill", &records, 20);
     wait_count("creates before the kill", &created, 20);
 
+    // A file both survivors hold open, its extents written and mapped on both.
+    let mapped_len = 1usize << 20;
+    let mut buf = vec![0u8; mapped_len];
+    pattern(77, &mut buf);
+    fs::write(c.mp(3).join("mapped.bin"), &buf).unwrap();
+    File::open(c.mp(3).join("mapped.bin"))
+        .unwrap()
+        .sync_all()
+        .unwrap();
+    let open_rw = |id: u32| {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(c.mp(id).join("mapped.bin"))
+            .unwrap()
+    };
+    let (on3, on2) = (open_rw(3), open_rw(2));
+    let mut got = vec![0u8; mapped_len];
+    on2.read_exact_at(&mut got, 0).unwrap();
+    assert!(got == buf);
+
     let killed = Instant::now();
     c.kill(1);
     let before = (
         records.load(Ordering::SeqCst),
         created.load(Ordering::SeqCst),
     );
+
+    // While no coordinator exists, I/O to mapped extents goes on: node 3 writes, node 2
+    // reads it back, both straight on the LUN.
+    let io_start = Instant::now();
+    pattern(78, &mut buf[..64 << 10]);
+    on3.write_all_at(&buf[..64 << 10], 4096).unwrap();
+    on2.read_exact_at(&mut got[..64 << 10], 4096).unwrap();
+    let io_took = io_start.elapsed();
+    assert!(
+        got[..64 << 10] == buf[..64 << 10],
+        "node 2 does not read node 3's write"
+    );
+    assert_eq!(
+        coordinator(&c).node,
+        first.node,
+        "the direct I/O was meant to run before any takeover"
+    );
+    assert!(
+        io_took < Duration::from_secs(2),
+        "direct I/O took {io_took:?} without a coordinator"
+    );
+    drop((on3, on2));
     let (second, took) = wait_takeover(&c, &first, killed);
     eprintln!(
         "{} took over at {} {:?} after the kill",
