@@ -719,6 +719,14 @@ impl DataPath {
             Vec::new()
         };
         let _m = file.meta.lock();
+        // Another writer may have allocated or claimed the range while this one waited.
+        {
+            let st = file.state.lock();
+            let now = st.map.pieces(start, end);
+            if !now.iter().any(|p| needs_claim(&st, p)) {
+                return Ok(Some(now));
+            }
+        }
         let resp = self.meta.call(
             uid,
             gid,

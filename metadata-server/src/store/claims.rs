@@ -24,6 +24,10 @@ use crate::types::{InodeId, NodeId};
 use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
+/// How far past the start of an Allocate's range it claims clusters that are allocated and
+/// unwritten already.
+pub(crate) const CLAIM_AHEAD_BYTES: u64 = 64 << 20;
+
 /// The claims of every inode.
 #[derive(Debug, Default, Clone)]
 pub(crate) struct Claims {

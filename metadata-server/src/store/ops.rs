@@ -4,6 +4,7 @@
 
 use block_client::WriteFlags;
 
+use super::claims::CLAIM_AHEAD_BYTES;
 use super::extmap;
 use super::meta::{
     encode_xattrs, io_err, store_blob, symlink_inline, xattrs_inline, CInode, DirBlk, Meta,
@@ -1142,8 +1143,12 @@ impl Meta {
         let b = end.div_ceil(cs);
         let extra = end.saturating_add(hint).min(MAX_FILE_BYTES).div_ceil(cs);
         let upto = self.allocate_range(ino, a, b, extra)?;
-        // The hint window is claimed too where it was preallocated before.
-        self.claimed_map(node, ino, off, upto.max(extra) * cs - off)
+        // Already allocated unwritten clusters ahead (a preallocation, a fallocated file)
+        // are claimed too, up to `CLAIM_AHEAD_BYTES`: a writer moving through them then
+        // needs one Allocate per window, not one per cluster.
+        let ahead = a.saturating_add((CLAIM_AHEAD_BYTES / cs).max(1));
+        let claim_end = upto.max(extra).max(ahead).min(MAX_FILE_BYTES.div_ceil(cs));
+        self.claimed_map(node, ino, off, claim_end * cs - off)
     }
 
     /// The answer to `node`'s Allocate of [off, off+len): written extents as they are,

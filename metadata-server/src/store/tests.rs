@@ -477,8 +477,8 @@ fn unwritten_clusters_are_claimed_by_one_node_until_it_commits() {
     assert_eq!(alloc(&mut a, 0, 2), vec![(0, 2, true)]);
     assert_eq!(
         alloc(&mut a, 0, 1),
-        vec![(0, 1, true)],
-        "the holder asks again"
+        vec![(0, 2, true)],
+        "the holder asks again, and gets the unwritten clusters ahead as well"
     );
     // Node 2 gets the cluster no one holds, not the two node 1 holds.
     assert_eq!(alloc(&mut b, 0, 3), vec![(2, 1, true)]);
@@ -500,7 +500,7 @@ fn unwritten_clusters_are_claimed_by_one_node_until_it_commits() {
             len_bytes: 4096,
         }],
     );
-    assert_eq!(alloc(&mut b, 0, 2), vec![(0, 1, false), (1, 1, true)]);
+    assert_eq!(alloc(&mut b, 0, 2), vec![(0, 1, false), (1, 2, true)]);
     assert_eq!(alloc(&mut a, 1, 2), vec![], "node 2 holds clusters 1 and 2");
     // A release of its last open ends node 2's claims as well.
     b.run(
