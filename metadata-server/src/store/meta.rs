@@ -1144,10 +1144,10 @@ pub(crate) fn xattrs_inline(len: usize) -> bool {
     len <= INLINE_XATTR_BYTES
 }
 
-/// Writes the overlay home (sorted by offset) and flushes.
 /// Largest single write of a checkpoint, in bytes.
 const HOME_RUN_BYTES: usize = 1 << 20;
 
+/// Writes the overlay home (sorted by offset, adjacent pieces in one write) and flushes.
 pub(crate) fn write_home(
     dev: &dyn BlockDevice,
     overlay: &HashMap<u64, Vec<u8>>,
