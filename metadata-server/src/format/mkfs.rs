@@ -334,11 +334,14 @@ fn zero(dev: &dyn BlockDevice, what: &'static str, r: Region) -> Result<(), Mkfs
         })
 }
 
-/// Formats `dev` as an empty csvfs volume: zeroes the lease area and the duplicate-request
-/// cache, writes the bitmaps, the root directory (inode 1) with lost+found (inode 2), formats
-/// the journal, then writes the superblock and its backup. The data region, the inode
-/// table and the metadata-block area are not written (only bitmap-marked structures are
-/// ever read). Checks for existing filesystems are the caller's job (`mkfs.csvfs`).
+/// Formats `dev` as an empty csvfs volume: zeroes the lease area, the duplicate-request
+/// cache and the inode table, writes the bitmaps, the root directory (inode 1) with
+/// lost+found (inode 2), formats the journal, then writes the superblock and its backup.
+/// The inode table is zeroed because a create reads a free slot to learn its last
+/// generation: a never-used slot must read as zeros (generation 1), so that anything else
+/// there is damage. The data region and the metadata-block area are not written (only
+/// bitmap-marked blocks are ever read). Checks for existing filesystems are the caller's
+/// job (`mkfs.csvfs`).
 ///
 /// `progress` is called with (bytes done, bytes total) as metadata is written.
 pub fn mkfs(
@@ -382,6 +385,7 @@ pub fn mkfs(
     // 2. Lease area and duplicate-request cache: zeros (never written records).
     zero(d, "lease area", g.lease)?;
     zero(d, "duplicate-request cache", g.drc)?;
+    zero(d, "inode table", g.inode_table)?;
 
     // 3. Bitmaps, with the items of a fresh volume marked used.
     let mut root_block = BlockNo(0);
@@ -519,6 +523,17 @@ mod tests {
         let r = Superblock::read(dev.as_ref()).unwrap();
         assert_eq!(r.copy, crate::format::SuperblockCopy::Backup);
         assert_eq!(r.superblock.label, "hello");
+        // Leftovers from an earlier use of the device do not survive in the inode table.
+        let used: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(64 << 20));
+        used.write_at(&vec![0xa5; 64 << 20], 0, WriteFlags::default())
+            .unwrap();
+        let rep = mkfs(used.clone(), &o, &mut |_, _| {}).unwrap();
+        let g = rep.superblock.geometry;
+        let mut table = vec![0u8; usize::try_from(g.inode_table.len_bytes()).unwrap()];
+        used.read_at(&mut table, g.inode_table.start_bytes())
+            .unwrap();
+        let live = usize::try_from(3 * INODE_BYTES).unwrap();
+        assert!(table[live..].iter().all(|b| *b == 0));
         // Not a volume at all.
         let blank: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(1 << 20));
         assert!(matches!(
