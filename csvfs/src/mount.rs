@@ -77,7 +77,7 @@ const WATCH_MS: u64 = 250;
 /// a dead one at once) and to commit once (every second), which ends its old claims.
 const CLAIM_GRACE: Duration = Duration::from_secs(8);
 /// Heartbeat interval of every node.
-const HEARTBEAT_MS: u64 = 1000;
+pub(crate) const HEARTBEAT_MS: u64 = 1000;
 /// Interval of the background commit of pending writes.
 const COMMIT_INTERVAL: Duration = Duration::from_secs(1);
 

@@ -2,7 +2,7 @@
 #![allow(clippy::print_stdout)]
 
 use crate::state::{FreeSource, VolumeState};
-use metadata_server::lease::NodeState;
+use metadata_server::lease::{NodeState, SlotInfo};
 use metadata_server::types::Timestamp;
 
 /// Bytes as a short human figure ("7.5 GiB").
@@ -21,15 +21,41 @@ pub fn human_bytes(bytes: u64) -> String {
     }
 }
 
+/// A node whose last heartbeat is older than this many heartbeat periods is shown as
+/// Unavailable: it was stopped, crashed, or lost its path to the LUN.
+const STALE_HEARTBEATS: i64 = 5;
+
+fn age_ms(now: Timestamp, then: Timestamp) -> i64 {
+    (now.secs - then.secs) * 1000 + (i64::from(now.nanos) - i64::from(then.nanos)) / 1_000_000
+}
+
 fn age(now: Timestamp, then: Timestamp) -> String {
-    let ms =
-        (now.secs - then.secs) * 1000 + (i64::from(now.nanos) - i64::from(then.nanos)) / 1_000_000;
+    let ms = age_ms(now, then);
     if ms < 0 {
         "in the future (clock skew)".to_string()
     } else if ms < 60_000 {
         format!("{:.1} s ago", ms as f64 / 1000.0)
     } else {
         format!("{} min ago", ms / 60_000)
+    }
+}
+
+/// StateInfo and the two redirection reasons shown for `slot` at wall time `now`. A slot
+/// whose heartbeat is stale is Unavailable, with the reasons it last gave.
+fn shown_state(slot: &SlotInfo, now: Timestamp) -> (&str, &str, &str) {
+    let (state, fs_reason, block_reason) = match &slot.state {
+        NodeState::Direct => ("Direct", "NotFileSystemRedirected", "NotBlockRedirected"),
+        NodeState::Redirected { reason } => (
+            "BlockRedirected",
+            "NotFileSystemRedirected",
+            reason.as_str(),
+        ),
+    };
+    let stale_ms = STALE_HEARTBEATS * i64::try_from(crate::mount::HEARTBEAT_MS).unwrap_or(1000);
+    if age_ms(now, slot.time) > stale_ms {
+        ("Unavailable", fs_reason, block_reason)
+    } else {
+        (state, fs_reason, block_reason)
     }
 }
 
@@ -46,14 +72,7 @@ pub fn render_state(s: &VolumeState) -> String {
     let coordinator = s.lease.as_ref().and_then(|l| l.node);
     let mut out = String::new();
     for slot in &s.slots {
-        let (state, fs_reason, block_reason) = match &slot.state {
-            NodeState::Direct => ("Direct", "NotFileSystemRedirected", "NotBlockRedirected"),
-            NodeState::Redirected { reason } => (
-                "BlockRedirected",
-                "NotFileSystemRedirected",
-                reason.as_str(),
-            ),
-        };
+        let (state, fs_reason, block_reason) = shown_state(slot, s.now);
         let role = if Some(slot.node) == coordinator {
             " (coordinator)"
         } else {
@@ -122,4 +141,51 @@ pub fn render_state(s: &VolumeState) -> String {
 /// Prints `csvfs state` output to stdout.
 pub fn print_state(s: &VolumeState) {
     print!("{}", render_state(s));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use metadata_server::types::{Epoch, NodeId};
+
+    #[test]
+    fn a_node_without_recent_heartbeats_is_unavailable() {
+        let now = Timestamp {
+            secs: 1_000,
+            nanos: 0,
+        };
+        let slot = |secs_ago: i64, state: NodeState| SlotInfo {
+            node: NodeId(2),
+            state,
+            counter: 9,
+            epoch: Epoch(3),
+            time: Timestamp {
+                secs: now.secs - secs_ago,
+                nanos: 0,
+            },
+        };
+        assert_eq!(
+            shown_state(&slot(1, NodeState::Direct), now),
+            ("Direct", "NotFileSystemRedirected", "NotBlockRedirected")
+        );
+        assert_eq!(
+            shown_state(&slot(6, NodeState::Direct), now).0,
+            "Unavailable"
+        );
+        let lost = NodeState::Redirected {
+            reason: "LUN path lost".into(),
+        };
+        assert_eq!(
+            shown_state(&slot(2, lost.clone()), now),
+            (
+                "BlockRedirected",
+                "NotFileSystemRedirected",
+                "LUN path lost"
+            )
+        );
+        assert_eq!(
+            shown_state(&slot(60, lost), now),
+            ("Unavailable", "NotFileSystemRedirected", "LUN path lost")
+        );
+    }
 }

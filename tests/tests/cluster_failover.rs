@@ -39,6 +39,23 @@ fn coordinator(c: &TestCluster) -> CoordinatorInfo {
     find_coordinator(&open_device(&c.uri()).unwrap()).unwrap()
 }
 
+/// The StateInfo `csvfs state` printed for node `id`.
+fn state_info(text: &str, id: u32) -> Option<&str> {
+    let mut lines = text.lines();
+    let node = format!("node {id}");
+    lines.find(|l| {
+        l.strip_prefix("Node")
+            .and_then(|r| r.split(':').nth(1))
+            .is_some_and(|n| n.trim().trim_end_matches(" (coordinator)") == node)
+    })?;
+    lines
+        .next()?
+        .strip_prefix("StateInfo")?
+        .split(':')
+        .nth(1)
+        .map(str::trim)
+}
+
 /// Waits until the lease names a coordinator other than `old` with a higher epoch, and
 /// `csvfs state` shows it. Returns it and how long it took.
 fn wait_takeover(
@@ -341,7 +358,9 @@ fn cluster_failover() {
     fs::remove_file(c.mp(2).join("renamed.txt")).unwrap();
     assert!(!c.mp(3).join("renamed.txt").exists());
 
-    // `csvfs state` takes free space from the live coordinator through a local mount.
+    // `csvfs state` takes free space from the live coordinator through a local mount. Node
+    // 1's last heartbeat is more than five heartbeat periods old once 6.5 s have passed.
+    thread::sleep(Duration::from_millis(6500).saturating_sub(killed.elapsed()));
     let out = Command::new(csvfs_exe())
         .args(["state", "--lun", &c.uri()])
         .output()
@@ -351,6 +370,10 @@ fn cluster_failover() {
         text.contains("from the coordinator (statfs through"),
         "free space not from the coordinator:\n{text}"
     );
+    // The killed node stopped heartbeating: Unavailable; the survivors are Direct.
+    for (id, want) in [(1, "Unavailable"), (2, "Direct"), (3, "Direct")] {
+        assert_eq!(state_info(&text, id), Some(want), "node {id} in:\n{text}");
+    }
 
     // Fencing: pause the new coordinator past its lease timeout; the other survivor takes
     // over, and the paused one, resumed, must stop acting as coordinator.
