@@ -15,6 +15,7 @@
 
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::net::TcpStream;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -22,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::kvm::PAGE_SIZE;
+use crate::kvm::{GuestRam, PAGE_SIZE};
 use crate::vm::{MachineState, OwnerRecord, Vm, VmConfig, VmDir, VmError};
 
 /// Stream magic.
@@ -158,42 +159,45 @@ pub struct Report {
     pub bandwidth_mbps: f64,
 }
 
-/// Most pages in one PAGES frame the source sends.
-const RUN_PAGES: usize = 64;
+/// Most pages in one PAGES frame the source sends (1 MiB; a receiver accepts up to
+/// `MAX_RUN_PAGES`).
+const RUN_PAGES: usize = 256;
 /// Tag, pfn and count of a PAGES frame.
 const RUN_HEAD: usize = 13;
 
-struct Out<W: Write> {
+struct Out<W: Write + AsFd> {
+    /// Small frames (markers, JSON); flushed before each PAGES frame.
     w: BufWriter<W>,
+    ram: Arc<GuestRam>,
     bytes: u64,
     pages: u64,
     zeros: u64,
-    /// A PAGES frame being built: its 13-byte head, then `run_len` consecutive non-zero
-    /// pages from `run_start`, so head and data leave in one write.
-    run: Vec<u8>,
+    /// The pending PAGES frame: `run_len` consecutive non-zero pages from `run_start`.
+    /// Its head and data leave in one `writev` straight from guest RAM.
     run_start: usize,
     run_len: usize,
     limit_bytes_per_s: u64,
     t0: Instant,
 }
 
-impl<W: Write> Out<W> {
-    fn new(w: W) -> Self {
+impl<W: Write + AsFd> Out<W> {
+    fn new(w: W, ram: Arc<GuestRam>) -> Self {
         Self {
-            // A run (256 KiB) is as large as the buffer, so it goes to the socket directly.
-            w: BufWriter::with_capacity(RUN_PAGES * PAGE_SIZE, w),
+            w: BufWriter::with_capacity(64 << 10, w),
+            ram,
             bytes: 0,
             pages: 0,
             zeros: 0,
-            run: vec![0; RUN_HEAD + RUN_PAGES * PAGE_SIZE],
             run_start: 0,
             run_len: 0,
             limit_bytes_per_s: 0,
             t0: Instant::now(),
         }
     }
-    fn raw(&mut self, b: &[u8]) -> Result<(), MigrateError> {
-        self.bytes += b.len() as u64;
+    /// Counts `len` bytes about to be sent and, under a bandwidth cap, waits until they
+    /// are due.
+    fn pace(&mut self, len: usize) {
+        self.bytes += len as u64;
         if self.limit_bytes_per_s > 0 {
             let allowed = self.limit_bytes_per_s as f64 * self.t0.elapsed().as_secs_f64();
             let ahead = self.bytes as f64 - allowed;
@@ -203,6 +207,9 @@ impl<W: Write> Out<W> {
                 ));
             }
         }
+    }
+    fn raw(&mut self, b: &[u8]) -> Result<(), MigrateError> {
+        self.pace(b.len());
         self.w.write_all(b).map_err(io_err("send"))
     }
     /// Writes the pending run of pages as one PAGES frame.
@@ -212,14 +219,17 @@ impl<W: Write> Out<W> {
         }
         let n = self.run_len;
         self.run_len = 0;
-        self.run[0] = T_PAGES;
-        self.run[1..9].copy_from_slice(&(self.run_start as u64).to_le_bytes());
-        self.run[9..RUN_HEAD]
-            .copy_from_slice(&u32::try_from(n).expect("run fits u32").to_le_bytes());
-        let run = std::mem::take(&mut self.run);
-        let r = self.raw(&run[..RUN_HEAD + n * PAGE_SIZE]);
-        self.run = run;
-        r
+        let mut head = [0u8; RUN_HEAD];
+        head[0] = T_PAGES;
+        head[1..9].copy_from_slice(&(self.run_start as u64).to_le_bytes());
+        head[9..].copy_from_slice(&u32::try_from(n).expect("run fits u32").to_le_bytes());
+        self.pace(RUN_HEAD + n * PAGE_SIZE);
+        // Frames queued before this one leave first.
+        self.w.flush().map_err(io_err("send"))?;
+        let gpa = self.run_start as u64 * PAGE_SIZE as u64;
+        self.ram
+            .send_with_head(self.w.get_ref().as_fd(), &head, gpa, n * PAGE_SIZE)?;
+        Ok(())
     }
     fn put(&mut self, b: &[u8]) -> Result<(), MigrateError> {
         self.end_run()?;
@@ -238,16 +248,14 @@ impl<W: Write> Out<W> {
         self.w.flush().map_err(io_err("flush"))
     }
     /// Sends page `page`: skipped when zero and `skip_zero`, a zero marker when zero,
-    /// else its data (consecutive pages go out together in one PAGES frame).
-    fn page(&mut self, vm: &Vm, page: usize, skip_zero: bool) -> Result<(), MigrateError> {
+    /// else its data (consecutive pages go out together in one PAGES frame). The zero
+    /// check reads the page in place and stops at its first non-zero bytes.
+    fn page(&mut self, page: usize, skip_zero: bool) -> Result<(), MigrateError> {
         if self.run_len == RUN_PAGES || (self.run_len > 0 && page != self.run_start + self.run_len)
         {
             self.end_run()?;
         }
-        let at = RUN_HEAD + self.run_len * PAGE_SIZE;
-        let slot = &mut self.run[at..at + PAGE_SIZE];
-        vm.ram.read_page(page, slot)?;
-        if crate::kvm::all_zero(slot) {
+        if self.ram.page_is_zero(page) {
             self.end_run()?;
             if !skip_zero {
                 self.zeros += 1;
@@ -358,7 +366,7 @@ pub fn migrate(
         .set_read_timeout(Some(Duration::from_secs(30)))
         .map_err(io_err("connect"))?;
     let mut reader = BufReader::new(stream.try_clone().map_err(io_err("connect"))?);
-    let mut out = Out::new(stream);
+    let mut out = Out::new(stream, Arc::clone(&vm.ram));
     out.limit_bytes_per_s = opts.max_bandwidth_mbps.saturating_mul(1_000_000);
     let hello = Hello {
         vm_name: vm.dir.name.clone(),
@@ -396,7 +404,7 @@ pub fn migrate(
 
 type Fail = (MigrateError, bool, bool);
 
-fn precopy_and_switch<W: Write>(
+fn precopy_and_switch<W: Write + AsFd>(
     vm: &Vm,
     node: &str,
     opts: &MigrateOptions,
@@ -421,7 +429,7 @@ fn precopy_and_switch<W: Write>(
         if untouched.as_ref().is_some_and(|u| u[p]) {
             continue;
         }
-        out.page(vm, p, true).map_err(f)?;
+        out.page(p, true).map_err(f)?;
     }
     // ROUND 0 marks the end of the full pass (the destination stops prefaulting).
     out.put(&[T_ROUND]).map_err(f)?;
@@ -486,7 +494,7 @@ fn precopy_and_switch<W: Write>(
         out.put(&[T_ROUND]).map_err(f)?;
         out.put(&rounds.to_le_bytes()).map_err(f)?;
         for p in ones(&dirty, pages) {
-            out.page(vm, p, false).map_err(f)?;
+            out.page(p, false).map_err(f)?;
         }
         out.flush().map_err(f)?;
         let sent = out.bytes - before;
@@ -518,7 +526,7 @@ fn precopy_and_switch<W: Write>(
     out.put(&(rounds + 1).to_le_bytes()).map_err(fp)?;
     let final_pages: u64 = dirty.iter().map(|w| u64::from(w.count_ones())).sum();
     for p in ones(&dirty, pages) {
-        out.page(vm, p, false).map_err(fp)?;
+        out.page(p, false).map_err(fp)?;
     }
     tracing::debug!(us = paused_at.elapsed().as_micros(), "final pages queued");
     let state = vm.save_state().map_err(|e| fp(e.into()))?;
@@ -607,7 +615,7 @@ pub fn save(vm: &Vm, node: &str) -> Result<(), MigrateError> {
     let tmp = vm.dir.dir.join("state.hvm.tmp");
     let r = (|| {
         let file = std::fs::File::create(&tmp).map_err(io_err("create state file"))?;
-        let mut out = Out::new(file);
+        let mut out = Out::new(file, Arc::clone(&vm.ram));
         out.hello(&Hello {
             vm_name: vm.dir.name.clone(),
             config: vm.cfg.clone(),
@@ -615,7 +623,7 @@ pub fn save(vm: &Vm, node: &str) -> Result<(), MigrateError> {
             debug_dump_dir: None,
         })?;
         for p in 0..vm.ram.pages() {
-            out.page(vm, p, true)?;
+            out.page(p, true)?;
         }
         let state = vm.save_state()?;
         out.json(T_STATE, &state)?;

@@ -4,6 +4,7 @@
 //! module uses the safe types defined here.
 
 use std::io::{self, Read};
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use kvm_bindings::{
@@ -51,6 +52,17 @@ pub enum KvmError {
     /// Reading incoming pages into guest memory failed.
     #[error("read {len_bytes} bytes into guest ram at {gpa:#x}")]
     Load {
+        /// Start address.
+        gpa: u64,
+        /// Length.
+        len_bytes: usize,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Writing a frame head and guest pages to the migration stream failed.
+    #[error("send {len_bytes} bytes of guest ram at {gpa:#x}")]
+    Send {
         /// Start address.
         gpa: u64,
         /// Length.
@@ -263,13 +275,86 @@ impl GuestRam {
         };
     }
 
-    /// True when page `page` holds only zero bytes.
+    /// True when page `page` holds only zero bytes. Reads the page in 256-byte pieces and
+    /// stops at the first non-zero one, so a page with data in its first bytes costs one
+    /// small copy, not a copy of the whole page.
     pub fn page_is_zero(&self, page: usize) -> bool {
-        let mut buf = [0u8; PAGE_SIZE];
-        if self.read_page(page, &mut buf).is_err() {
+        const PIECE: usize = 256;
+        let Ok(start) = self.check(page as u64 * PAGE_SIZE as u64, PAGE_SIZE) else {
             return false;
+        };
+        let mut buf = [0u8; PIECE];
+        (0..PAGE_SIZE).step_by(PIECE).all(|off| {
+            // SAFETY: `start + off + PIECE <= start + PAGE_SIZE`, inside the live mapping
+            // (checked above); `buf` is a separate stack array, so the ranges do not overlap.
+            unsafe {
+                std::ptr::copy_nonoverlapping(self.ptr.add(start + off), buf.as_mut_ptr(), PIECE);
+            };
+            all_zero(&buf)
+        })
+    }
+
+    /// Writes `head` and then guest memory `gpa..gpa + len_bytes` to `fd` with `writev`
+    /// (looping over short writes), so the kernel copies the pages straight from guest RAM
+    /// into the socket or file: no copy of them in user space. The guest may still write
+    /// those pages meanwhile; the migration's dirty log covers that, as for any read.
+    pub fn send_with_head(
+        &self,
+        fd: BorrowedFd<'_>,
+        head: &[u8],
+        gpa: u64,
+        len_bytes: usize,
+    ) -> Result<(), KvmError> {
+        let start = self.check(gpa, len_bytes)?;
+        let err = |source| KvmError::Send {
+            gpa,
+            len_bytes,
+            source,
+        };
+        let total = head.len() + len_bytes;
+        let mut done = 0usize;
+        while done < total {
+            let (h, r) = if done < head.len() {
+                (&head[done..], 0)
+            } else {
+                (&head[head.len()..], done - head.len())
+            };
+            let iov = [
+                libc::iovec {
+                    iov_base: h.as_ptr().cast_mut().cast(),
+                    iov_len: h.len(),
+                },
+                libc::iovec {
+                    // SAFETY: `r <= len_bytes` and `start + len_bytes` lies inside the live
+                    // mapping (checked above), so the pointer stays inside it.
+                    iov_base: unsafe { self.ptr.add(start + r) }.cast(),
+                    iov_len: len_bytes - r,
+                },
+            ];
+            let skip = usize::from(h.is_empty());
+            let iov = &iov[skip..];
+            // SAFETY: each iovec describes readable memory that outlives the call: `head`
+            // is borrowed for the whole call, and the guest RAM range is inside the live
+            // mapping owned by `self`; writev only reads them. `fd` is borrowed, so open.
+            let n = unsafe {
+                libc::writev(
+                    fd.as_raw_fd(),
+                    iov.as_ptr(),
+                    libc::c_int::try_from(iov.len()).expect("two iovecs"),
+                )
+            };
+            match usize::try_from(n) {
+                Ok(0) => return Err(err(io::ErrorKind::WriteZero.into())),
+                Ok(n) => done += n,
+                Err(_) => {
+                    let e = io::Error::last_os_error();
+                    if e.kind() != io::ErrorKind::Interrupted {
+                        return Err(err(e));
+                    }
+                }
+            }
         }
-        all_zero(&buf)
+        Ok(())
     }
 
     /// Sets page `page` to zeros if it is not already zero.
@@ -771,4 +856,61 @@ pub fn pid_alive(pid: u32) -> bool {
     // SAFETY: signal 0 performs only the existence and permission check; no signal is sent.
     let r = unsafe { libc::kill(pid, 0) };
     r == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Seek, SeekFrom};
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn page_is_zero_sees_a_byte_anywhere_in_the_page() {
+        let ram = GuestRam::new(4 * PAGE_SIZE, false).unwrap();
+        assert!(ram.page_is_zero(1));
+        for at in [0, 255, 256, 2048, PAGE_SIZE - 1] {
+            ram.write((PAGE_SIZE + at) as u64, &[1]).unwrap();
+            assert!(!ram.page_is_zero(1), "byte at {at}");
+            ram.write((PAGE_SIZE + at) as u64, &[0]).unwrap();
+            assert!(ram.page_is_zero(1), "byte at {at} cleared");
+        }
+        assert!(
+            !ram.page_is_zero(4),
+            "a page beyond ram is not reported zero"
+        );
+    }
+
+    #[test]
+    fn send_with_head_writes_head_then_guest_bytes() {
+        let ram = GuestRam::new(8 * PAGE_SIZE, false).unwrap();
+        let data: Vec<u8> = (0..3 * PAGE_SIZE)
+            .map(|i| u8::try_from(i % 251).unwrap())
+            .collect();
+        ram.write(2 * PAGE_SIZE as u64, &data).unwrap();
+        let mut f = tempfile_in_tmp();
+        ram.send_with_head(f.as_fd(), b"HEAD", 2 * PAGE_SIZE as u64, 3 * PAGE_SIZE)
+            .unwrap();
+        f.seek(SeekFrom::Start(0)).unwrap();
+        let mut got = Vec::new();
+        f.read_to_end(&mut got).unwrap();
+        assert_eq!(&got[..4], b"HEAD");
+        assert!(got[4..] == data[..], "guest bytes differ");
+        assert!(matches!(
+            ram.send_with_head(f.as_fd(), b"", 7 * PAGE_SIZE as u64, 2 * PAGE_SIZE),
+            Err(KvmError::OutOfRange { .. })
+        ));
+    }
+
+    fn tempfile_in_tmp() -> std::fs::File {
+        let path = std::env::temp_dir().join(format!("hv-runner-send-{}", std::process::id()));
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        std::fs::remove_file(&path).unwrap();
+        f
+    }
 }
