@@ -162,6 +162,13 @@ pub trait BlockDevice: Send + Sync + fmt::Debug {
         Err(done)
     }
 
+    /// Hands back the buffer of a read that [`submit`](Self::submit) delivered, once the
+    /// caller is done with it, so that the next read reuses it instead of allocating and
+    /// zeroing a fresh one. The default drops it.
+    fn recycle_buffer(&self, buf: Vec<u8>) {
+        drop(buf);
+    }
+
     /// Checks that a request lies inside the device.
     fn check_range(
         &self,
@@ -215,5 +222,8 @@ impl<T: BlockDevice + ?Sized> BlockDevice for std::sync::Arc<T> {
     }
     fn submit(&self, io: AsyncIo<'_>, done: Completion) -> Result<(), Completion> {
         (**self).submit(io, done)
+    }
+    fn recycle_buffer(&self, buf: Vec<u8>) {
+        (**self).recycle_buffer(buf);
     }
 }

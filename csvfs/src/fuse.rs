@@ -582,7 +582,10 @@ impl Filesystem for CsvFs {
         let (pool, inner) = (self.pool.clone(), self.inner.clone());
         let f = file.clone();
         let done = Box::new(move |got: Option<Vec<u8>>| match got {
-            Some(buf) => reply.data(&buf),
+            Some(buf) => {
+                reply.data(&buf);
+                inner.data.lun().recycle_buffer(buf);
+            }
             None => spawn_on(&pool, inner, "read", ino.0, move |i| {
                 match i.data.read(uid, gid, &f, offset, size) {
                     Ok(buf) => reply.data(&buf),

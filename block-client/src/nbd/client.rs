@@ -6,8 +6,9 @@
 //!        └──── waiter (one-shot channel) ◄── reader thread: match reply cookie ◄┘
 //! ```
 //!
-//! Each connection has one writer lock and one reader thread; any number of requests are
-//! in flight, matched by cookie. A request started with `submit` has no
+//! Each connection has one writer lock, one reader thread and one watchdog thread (which
+//! kills the connection when a request waited past the request timeout); any number of
+//! requests are in flight, matched by cookie. A request started with `submit` has no
 //! waiting thread: the reader thread runs its completion. When the server advertises NBD_FLAG_CAN_MULTI_CONN the
 //! client opens several connections and spreads requests over them round-robin.
 //!
@@ -31,7 +32,7 @@
 use std::collections::HashMap;
 use std::io::{self, BufReader, Read};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Weak};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -44,6 +45,11 @@ use crate::{AsyncIo, BlockDevice, BlockError, Completion, WriteFlags};
 
 /// Requests whose payload is at most this size are batched with others into one send.
 const COMBINE_MAX_BYTES: usize = 64 << 10;
+/// Buffer of a connection's reply reader. A large read's data is read straight into the
+/// read buffer except the part already buffered with its header, which is copied, so the
+/// buffer is kept small enough that this copy stays a small part of a 1 MiB read, and
+/// large enough that one receive takes many small replies.
+const REPLY_BUFFER_BYTES: usize = 64 << 10;
 
 /// Tuning of an [`NbdClient`].
 #[derive(Debug, Clone)]
@@ -150,6 +156,9 @@ impl Notify {
 #[derive(Debug)]
 struct Waiter {
     tx: Notify,
+    /// When the request was sent; the watchdog kills a connection whose oldest request has
+    /// waited past the request timeout.
+    started: Instant,
     offset: u64,
     /// Read buffer (reads only; empty otherwise).
     buf: Vec<u8>,
@@ -240,6 +249,7 @@ impl Conn {
                 cookie,
                 Waiter {
                     tx: notify,
+                    started: Instant::now(),
                     offset: req.offset,
                     buf,
                     covered: 0,
@@ -675,14 +685,44 @@ fn connect(uri: &NbdUri, options: &NbdClientOptions) -> io::Result<(Arc<Conn>, E
     thread::Builder::new()
         .name("nbd-reply-reader".into())
         .spawn(move || {
-            let mut rd = BufReader::with_capacity(256 << 10, s);
+            let mut rd = BufReader::with_capacity(REPLY_BUFFER_BYTES, s);
             let why = match reader_conn.reader_loop(&mut rd) {
                 Ok(()) => "reader stopped".to_string(),
                 Err(e) => format!("receive reply: {e}"),
             };
             reader_conn.kill(&why);
         })?;
+    let watched = Arc::downgrade(&conn);
+    let timeout = Duration::from_millis(options.request_timeout_ms.max(1));
+    thread::Builder::new()
+        .name("nbd-watchdog".into())
+        .spawn(move || watchdog(&watched, timeout))?;
     Ok((conn, info))
+}
+
+/// Kills the connection once a request on it has waited `timeout` for its reply, which
+/// wakes every request in flight with "lost". Blocking callers time out by themselves;
+/// requests started with `submit` have no waiting caller, so without this a server that
+/// stops answering would leave them in flight for good. Ends with the connection.
+fn watchdog(conn: &Weak<Conn>, timeout: Duration) {
+    let tick = (timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+    loop {
+        thread::sleep(tick);
+        let Some(c) = conn.upgrade() else {
+            return;
+        };
+        let oldest = {
+            let st = c.state.lock();
+            if st.dead.is_some() {
+                return;
+            }
+            st.pending.values().map(|w| w.started).min()
+        };
+        if oldest.is_some_and(|t| t.elapsed() >= timeout) {
+            c.kill(&format!("no reply within {} ms", timeout.as_millis()));
+            return;
+        }
+    }
 }
 
 impl NbdClient {
@@ -1100,6 +1140,10 @@ impl BlockDevice for NbdClient {
                 self.start_async(req, buf, done)
             }
         }
+    }
+
+    fn recycle_buffer(&self, buf: Vec<u8>) {
+        self.recycle(buf);
     }
 
     fn read_at(&self, buf: &mut [u8], offset_bytes: u64) -> Result<(), BlockError> {

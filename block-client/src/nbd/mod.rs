@@ -287,6 +287,37 @@ mod tests {
     }
 
     #[test]
+    fn async_request_without_reply_times_out() {
+        let path = sock("async-timeout");
+        let flaky = Arc::new(FlakyDisk::new(MemDevice::new(1 << 20)));
+        let h = flaky.handle();
+        let server = serve_device(flaky, &ListenAddr::Unix(path), ServeOptions::default()).unwrap();
+        let options = NbdClientOptions {
+            request_timeout_ms: 300,
+            ..NbdClientOptions::default()
+        };
+        let c = NbdClient::open(&server.uri(), options).unwrap();
+        h.hang(OpClass::Read);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let read = crate::AsyncIo::Read {
+            offset_bytes: 0,
+            len_bytes: 4096,
+        };
+        let started = std::time::Instant::now();
+        assert!(c
+            .submit(read, Box::new(move |r| tx.send(r).unwrap()))
+            .is_ok());
+        let r = rx.recv_timeout(std::time::Duration::from_secs(10));
+        assert!(matches!(r, Ok(Err(BlockError::PathLost { .. }))), "{r:?}");
+        assert!(started.elapsed() >= std::time::Duration::from_millis(300));
+        // The blocking path reconnects and is served once the device answers again.
+        h.heal();
+        let mut back = [1u8; 4096];
+        c.read_at(&mut back, 0).unwrap();
+        assert!(back.iter().all(|&b| b == 0));
+    }
+
+    #[test]
     fn many_threads_share_one_client() {
         let path = sock("threads");
         let server = serve_device(
