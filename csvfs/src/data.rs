@@ -561,15 +561,17 @@ impl DataPath {
     }
 
     /// The LUN byte offset and length of an asynchronous request on `[offset_bytes,
-    /// offset_bytes + len_bytes)` (cut at end of file with `to_eof`), counted in flight;
-    /// `None` when it needs the blocking path: `io` busy, layout stale, past end of file,
-    /// or not all of it in one written extent.
+    /// offset_bytes + len_bytes)`, counted in flight; `None` when it needs the blocking
+    /// path: `io` busy, layout stale, past end of file, or not all of it in one written
+    /// extent. A read (`write` false) is cut at end of file; a write may also lie in one
+    /// unwritten extent whose claim this node holds (the next commit, which waits for it,
+    /// zeroes the cluster remainders and marks the clusters written).
     fn async_target(
         &self,
         file: &OpenFile,
         offset_bytes: u64,
         len_bytes: u64,
-        to_eof: bool,
+        write: bool,
     ) -> Option<(u64, u32)> {
         let _io = file.io.try_read()?;
         let st = file.state.lock();
@@ -577,19 +579,23 @@ impl DataPath {
             return None;
         }
         let mut end = offset_bytes.checked_add(len_bytes)?;
-        if to_eof {
+        if !write {
             end = end.min(st.attr.size_bytes.max(st.pending_size_bytes));
         }
         if end <= offset_bytes {
             return None;
         }
         let pieces = st.map.pieces(offset_bytes, end);
-        let [Piece {
-            backing: Backing::Written { lun_offset_bytes },
-            ..
-        }] = pieces[..]
-        else {
-            return None;
+        let lun_offset_bytes = match pieces[..] {
+            [Piece {
+                backing: Backing::Written { lun_offset_bytes },
+                ..
+            }] => lun_offset_bytes,
+            [Piece {
+                backing: Backing::Unwritten { lun_offset_bytes },
+                ..
+            }] if write && st.claimed.contains(offset_bytes, end) => lun_offset_bytes,
+            _ => return None,
         };
         let len = u32::try_from(end - offset_bytes).ok()?;
         *file.in_flight.lock() += 1;
@@ -608,7 +614,7 @@ impl DataPath {
         done: ReadDone,
     ) {
         let Some((lun_offset_bytes, len)) =
-            self.async_target(file, offset_bytes, u64::from(size_bytes), true)
+            self.async_target(file, offset_bytes, u64::from(size_bytes), false)
         else {
             return done(None);
         };
@@ -630,8 +636,9 @@ impl DataPath {
         }
     }
 
-    /// Starts a write (without O_SYNC) that needs neither the coordinator nor a claim: the
-    /// layout is fresh and the range lies in one written extent. Once the LUN acknowledged
+    /// Starts a write (without O_SYNC) that needs neither the coordinator nor a new claim:
+    /// the layout is fresh and the range lies in one written extent, or in one unwritten
+    /// extent whose claim this node holds. Once the LUN acknowledged
     /// it and it is recorded as pending, `done` gets whether to commit now; any other write
     /// gets `done(None)`, and so does a write the LUN fails (the blocking path redoes it).
     pub fn write_async(
@@ -642,7 +649,7 @@ impl DataPath {
         done: WriteDone,
     ) {
         let len = u64::try_from(data.len()).unwrap_or(u64::MAX);
-        let Some((lun_offset_bytes, _)) = self.async_target(file, offset_bytes, len, false) else {
+        let Some((lun_offset_bytes, _)) = self.async_target(file, offset_bytes, len, true) else {
             return done(None);
         };
         let (f, cl, end) = (file.clone(), self.cluster_bytes, offset_bytes + len);
@@ -780,7 +787,9 @@ impl DataPath {
     /// Commits this node's pending writes of `file`: zeroes the unwritten remainder of
     /// partially written clusters, flushes the LUN, and sends `Commit`.
     pub fn commit(&self, uid: u32, gid: u32, file: &OpenFile) -> Result<(), NodeError> {
-        let _io = file.io.write();
+        // Waits for asynchronous writes too: one into a claimed unwritten cluster must land
+        // before the commit zeroes that cluster's remainder or hands its claim back.
+        let _io = file.exclusive();
         self.commit_locked(uid, gid, file)
     }
 
@@ -1474,6 +1483,66 @@ pub(crate) mod tests {
         // The edges were zeroed in place and stay data; the middle cluster is a hole.
         assert_eq!(dp.seek(0, 0, &f, 0, SeekTarget::Hole).unwrap(), CL);
         assert_eq!(dp.seek(0, 0, &f, CL, SeekTarget::Data).unwrap(), CL + CL);
+    }
+
+    /// Starts `write_async` and waits for its outcome.
+    fn write_async_outcome(dp: &DataPath, f: &Arc<OpenFile>, at: u64, data: &[u8]) -> Option<bool> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        dp.write_async(f, at, data, Box::new(move |r| tx.send(r).unwrap()));
+        rx.recv_timeout(Duration::from_secs(10)).unwrap()
+    }
+
+    #[test]
+    fn async_writes_go_into_claimed_unwritten_clusters_only() {
+        use block_client::nbd::{serve_device, ListenAddr, NbdClient, NbdClientOptions};
+        let mem = Arc::new(MemDevice::new(CL * 64));
+        mem.write_at(
+            &vec![0xEE; to_usize(CL * 64).unwrap()],
+            0,
+            WriteFlags::default(),
+        )
+        .unwrap();
+        let sock = std::env::temp_dir().join(format!("csvfs-data-{}.sock", std::process::id()));
+        let server =
+            serve_device(mem.clone(), &ListenAddr::Unix(sock), Default::default()).unwrap();
+        let lun = Arc::new(NbdClient::open(&server.uri(), NbdClientOptions::default()).unwrap());
+        let store = Arc::new(MemStore::new(CL, 64, mem));
+        store.add_file(InodeId(10));
+        let dp = DataPath::new(lun, Arc::new(StoreMeta::new(store.clone())), CL, 2 * CL);
+        let (f, _) = dp.open(0, 0, InodeId(10), true).unwrap();
+        // Two sequential blocking writes: the second claims clusters 2 and 3 ahead.
+        let chunk = |b: u8| vec![b; to_usize(CL).unwrap()];
+        dp.write(0, 0, &f, 0, &chunk(1), false).unwrap();
+        dp.write(0, 0, &f, CL, &chunk(2), false).unwrap();
+        assert_eq!(store.allocated_clusters(InodeId(10)), 4);
+        // Into a claimed unwritten cluster: the fast path takes it.
+        assert_eq!(write_async_outcome(&dp, &f, 2 * CL, &chunk(3)), Some(false));
+        let read_all = |f: &OpenFile| dp.read(0, 0, f, 0, u32::try_from(4 * CL).unwrap()).unwrap();
+        let buf = read_all(&f);
+        assert_eq!(buf.len(), to_usize(3 * CL).unwrap());
+        assert!(buf[to_usize(2 * CL).unwrap()..].iter().all(|&b| b == 3));
+        // The commit marks it written and hands the claims back: cluster 3 is unwritten
+        // and no longer claimed, so a write into it takes the blocking path.
+        dp.commit(0, 0, &f).unwrap();
+        let written = store.inner.lock().files[&InodeId(10)]
+            .1
+            .pieces(2 * CL, 3 * CL)
+            .iter()
+            .all(|p| matches!(p.backing, Backing::Written { .. }));
+        assert!(written);
+        assert_eq!(write_async_outcome(&dp, &f, 3 * CL, &chunk(4)), None);
+        dp.release(0, 0, &f).unwrap();
+        let (g, attr) = dp.open(0, 0, InodeId(10), false).unwrap();
+        assert_eq!(attr.size_bytes, 3 * CL);
+        let buf = read_all(&g);
+        for (i, want) in [1u8, 2, 3].into_iter().enumerate() {
+            let c = to_usize(CL).unwrap();
+            assert!(
+                buf[i * c..(i + 1) * c].iter().all(|&b| b == want),
+                "cluster {i}"
+            );
+        }
+        dp.release(0, 0, &g).unwrap();
     }
 
     #[test]
