@@ -29,9 +29,10 @@ use crate::vm::{MachineState, OwnerRecord, Vm, VmConfig, VmDir, VmError};
 /// Stream magic.
 pub const MAGIC: [u8; 8] = *b"HVMIGRT\0";
 /// Protocol version spoken by this runner.
-pub const VERSION: u32 = 3;
-/// Oldest protocol version accepted (version 2's device raised no interrupt, version 1
-/// also had a different page frame, vCPU state and RESUMED reply).
+pub const VERSION: u32 = 4;
+/// Oldest protocol version accepted (version 3 lacked SYNC, which such a source never
+/// sends; version 2's device raised no interrupt, version 1 also had a different page
+/// frame, vCPU state and RESUMED reply).
 pub const MIN_VERSION: u32 = 3;
 
 const T_PAGES: u8 = 8;
@@ -41,9 +42,11 @@ const T_COMMIT: u8 = 4;
 const T_CANCEL: u8 = 5;
 const T_ZERO: u8 = 6;
 const T_END: u8 = 7;
+const T_SYNC: u8 = 9;
 const R_HELLO_OK: u8 = 0x10;
 const R_READY: u8 = 0x11;
 const R_RESUMED: u8 = 0x12;
+const R_SYNCED: u8 = 0x13;
 const R_ERROR: u8 = 0x1f;
 const MAX_JSON: u32 = 64 << 20;
 /// Most pages a receiver accepts in one PAGES frame.
@@ -326,6 +329,27 @@ fn read_reply(r: &mut impl Read, step: &'static str, want: u8) -> Result<(), Mig
     )))
 }
 
+/// Ends a pass or round: sends SYNC `round` and waits for the destination's SYNCED
+/// `round`, so everything sent before is loaded into its RAM, not just queued in socket
+/// buffers.
+fn sync<W: Write + AsFd>(
+    out: &mut Out<W>,
+    r: &mut impl Read,
+    round: u32,
+) -> Result<(), MigrateError> {
+    out.put(&[T_SYNC])?;
+    out.put(&round.to_le_bytes())?;
+    out.flush()?;
+    read_reply(r, "synced", R_SYNCED)?;
+    let got = read_u32(r, "synced")?;
+    if got != round {
+        return Err(MigrateError::Protocol(format!(
+            "synced round {got}, expected {round}"
+        )));
+    }
+    Ok(())
+}
+
 fn ones(bitmap: &[u64], pages: usize) -> impl Iterator<Item = usize> + '_ {
     bitmap
         .iter()
@@ -434,7 +458,9 @@ fn precopy_and_switch<W: Write + AsFd>(
     // ROUND 0 marks the end of the full pass (the destination stops prefaulting).
     out.put(&[T_ROUND]).map_err(f)?;
     out.put(&0u32.to_le_bytes()).map_err(f)?;
-    out.flush().map_err(f)?;
+    // The pass ends when the destination has loaded it: what still sits in socket buffers
+    // would otherwise be drained during the downtime, and the bandwidth overestimated.
+    sync(out, reader, 0).map_err(f)?;
     let pass_s = t.elapsed().as_secs_f64();
     let mut bw = if out.bytes > (256 << 10) && pass_s > 0.0 {
         out.bytes as f64 / pass_s
@@ -496,7 +522,7 @@ fn precopy_and_switch<W: Write + AsFd>(
         for p in ones(&dirty, pages) {
             out.page(p, false).map_err(f)?;
         }
-        out.flush().map_err(f)?;
+        sync(out, reader, rounds).map_err(f)?;
         let sent = out.bytes - before;
         let el = t.elapsed().as_secs_f64();
         if sent > (256 << 10) && el > 0.0 {
@@ -757,6 +783,16 @@ pub fn receive(
                 stop_prefault.store(true, Ordering::Relaxed);
                 let r = read_u32(input, "round")?;
                 tracing::debug!(round = r, "round");
+            }
+            T_SYNC => {
+                // Everything before this frame is loaded: say so.
+                let r = read_u32(input, "sync")?;
+                if let Some(w) = replies.as_mut() {
+                    let mut m = [R_SYNCED, 0, 0, 0, 0];
+                    m[1..].copy_from_slice(&r.to_le_bytes());
+                    w.write_all(&m).map_err(io_err("synced"))?;
+                    w.flush().map_err(io_err("synced"))?;
+                }
             }
             T_STATE => {
                 stop_prefault.store(true, Ordering::Relaxed);
