@@ -21,6 +21,11 @@
 //!                  Invalidation::All, since the new coordinator knows no caches
 //! ```
 //!
+//! A calling thread writes its request frame to the socket itself (a non-blocking write
+//! under the connection's lock); only what the socket does not take at once is left for
+//! the connection's flusher task, which also sends the pings. Replies are read by one
+//! task on the client's runtime, which hands each to its waiting caller.
+//!
 //! Request ids start at the wall clock in nanoseconds when the client starts and count up
 //! by one, so a restarted node never reuses an id it sent before (unless the clock went
 //! back by more than the ids it used).
@@ -31,7 +36,7 @@ use crate::proto::{
     Transcript, MAX_FRAME_BYTES, MAX_HANDSHAKE_FRAME_BYTES, MIN_PROTOCOL_VERSION, NONCE_BYTES,
     PROTOCOL_VERSION,
 };
-use crate::server::io::{read_frame, write_bytes, WireError};
+use crate::server::io::{read_frame, write_bytes, FrameLink, WireError, READ_BUFFER_BYTES};
 use crate::types::{Epoch, FileKind, FsError, NodeId, RequestId, VolumeId};
 use block_client::BlockDevice;
 use parking_lot::Mutex;
@@ -41,10 +46,9 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use tokio::io::{AsyncWriteExt, BufWriter};
+use tokio::io::BufReader;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
 use tracing::Instrument;
 
 /// Where the coordinator is.
@@ -193,7 +197,7 @@ struct Pending {
 
 struct State {
     pending: BTreeMap<RequestId, Pending>,
-    conn: Option<mpsc::UnboundedSender<Frame>>,
+    conn: Option<Arc<FrameLink>>,
     disconnected_since: Option<Instant>,
     epoch: Epoch,
     volume: Option<VolumeId>,
@@ -206,8 +210,11 @@ struct State {
     version: u32,
 }
 
-/// Where to acknowledge an invalidation: its sequence number and the session's queue.
-type Ack = (u64, mpsc::UnboundedSender<Frame>);
+/// The reading half of an established session.
+type Reader = BufReader<OwnedReadHalf>;
+
+/// Where to acknowledge an invalidation: its sequence number and the session's link.
+type Ack = (u64, Arc<FrameLink>);
 
 struct Inner {
     cfg: ClientConfig,
@@ -283,8 +290,8 @@ impl MetadataClient {
                 let _enter = span.enter();
                 while let Ok((inv, ack)) = handler_rx.recv() {
                     handler.invalidate(&inv);
-                    if let Some((seq, conn)) = ack {
-                        let _ = conn.send(Frame::InvalidateAck { seq });
+                    if let Some((seq, link)) = ack {
+                        let _ = link.send_frame(&Frame::InvalidateAck { seq }, MAX_FRAME_BYTES);
                     }
                 }
             })
@@ -353,8 +360,8 @@ impl MetadataClient {
                 )))
             }
         };
-        let ready = install(&inner, &session);
-        runtime.spawn(run(inner.clone(), session, ready).instrument(span.clone()));
+        let (rd, link) = install(&inner, session);
+        runtime.spawn(run(inner.clone(), rd, link).instrument(span.clone()));
         runtime.spawn(reaper(inner.clone()).instrument(span));
         Ok(Arc::new(MetadataClient {
             inner,
@@ -379,7 +386,17 @@ impl MetadataClient {
             gid,
         };
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        {
+        // Encoded before the lock is taken; a request too large for a frame fails here.
+        let frame = Frame::Request {
+            id,
+            caller,
+            req: req.clone(),
+        };
+        let Ok(bytes) = encode_frame(&frame, MAX_FRAME_BYTES) else {
+            tracing::warn!(op = request_kind(&req), "request does not fit in a frame");
+            return Err(FsError::TooBig);
+        };
+        let link = {
             let mut st = inner.state.lock();
             // Checked again under the lock: `close` drains `pending` under it.
             if inner.closed.load(Ordering::Acquire) {
@@ -388,13 +405,6 @@ impl MetadataClient {
             if req.since_version() > st.version {
                 drop(st);
                 return self.call_split(uid, gid, req);
-            }
-            if let Some(conn) = &st.conn {
-                let _ = conn.send(Frame::Request {
-                    id,
-                    caller,
-                    req: req.clone(),
-                });
             }
             st.pending.insert(
                 id,
@@ -405,6 +415,12 @@ impl MetadataClient {
                     done: tx,
                 },
             );
+            st.conn.clone()
+        };
+        // Sent from this thread, outside the state lock. If the session breaks first, the
+        // request stays pending and the next session sends it again with the same id.
+        if let Some(link) = link {
+            let _ = link.send_bytes(&bytes);
         }
         match rx.recv() {
             Ok(r) => r,
@@ -659,9 +675,9 @@ async fn send(wr: &mut OwnedWriteHalf, f: &Frame, addr: SocketAddr) -> Result<()
 }
 
 /// Makes `s` the current session: records what it learned and re-sends every pending
-/// request with its id. Returns the receiving end of the session's outgoing queue.
-fn install(inner: &Inner, s: &Session) -> mpsc::UnboundedReceiver<Frame> {
-    let (tx, rx) = mpsc::unbounded_channel();
+/// request with its id. Returns the session's reading half and its link.
+fn install(inner: &Inner, s: Session) -> (Reader, Arc<FrameLink>) {
+    let link = Arc::new(FrameLink::new(s.wr));
     let mut st = inner.state.lock();
     if st.instance != 0 && st.instance != s.instance {
         tracing::info!(addr = %s.addr, epoch = %s.epoch, "connected to a new coordinator instance");
@@ -698,23 +714,29 @@ fn install(inner: &Inner, s: &Session) -> mpsc::UnboundedReceiver<Frame> {
     }
     let resent = st.pending.len();
     for (id, p) in &st.pending {
-        let _ = tx.send(Frame::Request {
+        let f = Frame::Request {
             id: *id,
             caller: p.caller,
             req: p.req.clone(),
-        });
+        };
+        // A request that fits no frame was failed when it was first sent; a broken link
+        // ends this session, and the next one sends everything pending again.
+        if let Ok(bytes) = encode_frame(&f, MAX_FRAME_BYTES) {
+            let _ = link.send_bytes(&bytes);
+        }
     }
-    st.conn = Some(tx);
+    st.conn = Some(link.clone());
     tracing::info!(addr = %s.addr, epoch = %s.epoch, version = s.version, resent, "connected to coordinator");
-    rx
+    // Buffered from here on (the handshake read exactly its frames): one read syscall
+    // takes every reply that has arrived, not two per frame.
+    (BufReader::with_capacity(READ_BUFFER_BYTES, s.rd), link)
 }
 
 /// Serves sessions forever: the current one, then reconnects.
-async fn run(inner: Arc<Inner>, first: Session, first_rx: mpsc::UnboundedReceiver<Frame>) {
-    let mut session = first;
-    let mut rx = first_rx;
+async fn run(inner: Arc<Inner>, first_rd: Reader, first_link: Arc<FrameLink>) {
+    let (mut rd, mut link) = (first_rd, first_link);
     loop {
-        let reason = serve(&inner, session, rx).await;
+        let reason = serve(&inner, rd, &link).await;
         {
             let mut st = inner.state.lock();
             st.conn = None;
@@ -726,7 +748,7 @@ async fn run(inner: Arc<Inner>, first: Session, first_rx: mpsc::UnboundedReceive
         }
         tracing::warn!("lost the coordinator connection: {reason}; reconnecting");
         let mut backoff = Duration::from_millis(50);
-        session = loop {
+        let session = loop {
             if inner.closed.load(Ordering::Acquire) {
                 return;
             }
@@ -745,62 +767,18 @@ async fn run(inner: Arc<Inner>, first: Session, first_rx: mpsc::UnboundedReceive
                 }
             }
         };
-        rx = install(&inner, &session);
+        (rd, link) = install(&inner, session);
     }
 }
 
 /// One established session until it breaks; returns why.
-async fn serve(inner: &Arc<Inner>, s: Session, mut rx: mpsc::UnboundedReceiver<Frame>) -> String {
+async fn serve(inner: &Arc<Inner>, mut rd: Reader, link: &Arc<FrameLink>) -> String {
     let timeout_ms = inner.cfg.request_timeout_ms;
     let ping = Duration::from_millis((timeout_ms / 4).clamp(100, 1000));
     let dead_after = Duration::from_millis(timeout_ms.clamp(1000, 5000)).max(ping * 3);
-    let conn_tx = match inner.state.lock().conn.clone() {
-        Some(c) => c,
-        None => return "client closed".into(),
-    };
-    let Session { mut rd, wr, .. } = s;
-    let winner = inner.clone();
+    let flusher = link.clone();
     let mut writer = tokio::spawn(
-        async move {
-            let mut w = BufWriter::with_capacity(64 * 1024, wr);
-            let mut tick = tokio::time::interval(ping);
-            let mut n: u64 = 0;
-            loop {
-                let first = tokio::select! {
-                    f = rx.recv() => f,
-                    _ = tick.tick() => { n += 1; Some(Frame::Ping { nonce: n }) }
-                };
-                let Some(mut f) = first else { break };
-                loop {
-                    match encode_frame(&f, MAX_FRAME_BYTES) {
-                        Ok(b) => {
-                            if let Err(e) = w.write_all(&b).await {
-                                return format!("write: {e}");
-                            }
-                        }
-                        Err(e) => {
-                            // Too large to send: fail that call instead of the session.
-                            tracing::warn!(error = %chain(&e), "request does not fit in a frame");
-                            if let Frame::Request { id, .. } = f {
-                                let p = winner.state.lock().pending.remove(&id);
-                                if let Some(p) = p {
-                                    let _ = p.done.try_send(Err(FsError::TooBig));
-                                }
-                            }
-                        }
-                    }
-                    match rx.try_recv() {
-                        Ok(next) => f = next,
-                        Err(_) => break,
-                    }
-                }
-                if let Err(e) = w.flush().await {
-                    return format!("write: {e}");
-                }
-            }
-            "client closed".to_string()
-        }
-        .in_current_span(),
+        async move { flusher.flush(Some((ping, MAX_FRAME_BYTES))).await }.in_current_span(),
     );
     let reason = loop {
         let read = tokio::select! {
@@ -828,20 +806,22 @@ async fn serve(inner: &Arc<Inner>, s: Session, mut rx: mpsc::UnboundedReceiver<F
             Frame::Invalidate { seq, inv } => {
                 if inner
                     .handler_tx
-                    .send((inv, Some((seq, conn_tx.clone()))))
+                    .send((inv, Some((seq, link.clone()))))
                     .is_err()
                 {
                     break "invalidation handler stopped".into();
                 }
             }
             Frame::Ping { nonce } => {
-                let _ = conn_tx.send(Frame::Pong { nonce });
+                let _ = link.send_frame(&Frame::Pong { nonce }, MAX_FRAME_BYTES);
             }
             Frame::Pong { .. } => {}
             other => break format!("protocol violation: unexpected {} frame", other.kind()),
         }
     };
     writer.abort();
+    // Later sends on this session fail at once; what is pending goes out on the next.
+    link.close();
     reason
 }
 

@@ -22,12 +22,29 @@ use parking_lot::Mutex;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::sync::{oneshot, Notify};
 
 /// Invalidations remembered per connection for the race check above.
 const RECENT_INVALIDATIONS: usize = 4096;
 /// Missed invalidations kept per disconnected node before falling back to `All`.
 const MAX_MISSED: usize = 100_000;
+
+/// Where the frames of a node's session go. `queue` fixes their order (it is called under
+/// the coherence lock); `push` writes what was queued and is called after that lock is
+/// released, so no socket write happens under it.
+pub(crate) trait FrameSink: Send + Sync {
+    /// Queues `f` behind every frame queued before; false when the session is gone.
+    fn queue(&self, f: Frame) -> bool;
+    /// Writes what was queued (as far as the connection takes it now).
+    fn push(&self) {}
+}
+
+#[cfg(test)]
+impl FrameSink for tokio::sync::mpsc::UnboundedSender<Frame> {
+    fn queue(&self, f: Frame) -> bool {
+        self.send(f).is_ok()
+    }
+}
 
 /// Something a node may cache.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -55,7 +72,7 @@ struct Link {
     /// Closes the session when a newer one of the same node replaces it.
     kick: Arc<Notify>,
     version: u32,
-    tx: mpsc::UnboundedSender<Frame>,
+    tx: Arc<dyn FrameSink>,
     next_seq: u64,
     acks: HashMap<u64, oneshot::Sender<()>>,
     recent: VecDeque<(u64, Invalidation)>,
@@ -111,7 +128,7 @@ impl Coherence {
         conn: u64,
         version: u32,
         resumed: bool,
-        tx: mpsc::UnboundedSender<Frame>,
+        tx: Arc<dyn FrameSink>,
         kick: Arc<Notify>,
     ) -> Option<Vec<Frame>> {
         let mut st = self.state.lock();
@@ -221,8 +238,8 @@ impl Coherence {
             Frame::Reply { result, .. } => cached_keys(req, result),
             _ => Vec::new(),
         };
-        let mut st = self.state.lock();
-        let st = &mut *st;
+        let mut guard = self.state.lock();
+        let st = &mut *guard;
         let Some(link) = st
             .nodes
             .get_mut(&node)
@@ -231,10 +248,13 @@ impl Coherence {
         else {
             return false;
         };
-        if link.tx.send(reply).is_err() {
+        if !link.tx.queue(reply) {
             return false;
         }
+        let sink = link.tx.clone();
         if link.version < INVALIDATION_VERSION {
+            drop(guard);
+            sink.push();
             return true;
         }
         let again: Vec<Invalidation> = link
@@ -248,7 +268,7 @@ impl Coherence {
         for inv in again {
             let seq = link.next_seq;
             link.next_seq += 1;
-            let _ = link.tx.send(Frame::Invalidate { seq, inv });
+            let _ = link.tx.queue(Frame::Invalidate { seq, inv });
         }
         for key in keys {
             match key {
@@ -262,6 +282,8 @@ impl Coherence {
                 }
             }
         }
+        drop(guard);
+        sink.push();
         true
     }
 
@@ -283,6 +305,7 @@ impl Coherence {
         resp: &Response,
     ) -> Vec<AckWait> {
         let mut waits: Vec<AckWait> = Vec::new();
+        let mut sinks: Vec<Arc<dyn FrameSink>> = Vec::new();
         {
             let mut st = self.state.lock();
             let invs = stale(&st, req, resp);
@@ -321,14 +344,10 @@ impl Coherence {
                         let seq = link.next_seq;
                         link.next_seq += 1;
                         let (tx, rx) = oneshot::channel();
-                        if link
-                            .tx
-                            .send(Frame::Invalidate {
-                                seq,
-                                inv: inv.clone(),
-                            })
-                            .is_ok()
-                        {
+                        if link.tx.queue(Frame::Invalidate {
+                            seq,
+                            inv: inv.clone(),
+                        }) {
                             link.acks.insert(seq, tx);
                             link.recent.push_back((seq, inv.clone()));
                             if link.recent.len() > RECENT_INVALIDATIONS {
@@ -339,6 +358,7 @@ impl Coherence {
                             miss(&mut ns.missed, &mut ns.missed_all, inv);
                         }
                     }
+                    sinks.push(link.tx.clone());
                 } else if ns.link.is_none() {
                     for inv in invs {
                         miss(&mut ns.missed, &mut ns.missed_all, inv);
@@ -346,6 +366,9 @@ impl Coherence {
                 }
                 // A version-1 node is never tracked, so it never gets here.
             }
+        }
+        for sink in sinks {
+            sink.push();
         }
         waits
     }
@@ -584,6 +607,7 @@ fn stale(st: &State, req: &Request, resp: &Response) -> Vec<Invalidation> {
 mod tests {
     use super::*;
     use crate::types::{FileKind, Timestamp};
+    use tokio::sync::mpsc;
 
     fn attr(ino: u64) -> Attr {
         Attr {
@@ -610,11 +634,11 @@ mod tests {
         let (tx_a, mut rx_a) = mpsc::unbounded_channel();
         let (tx_b, mut rx_b) = mpsc::unbounded_channel();
         assert_eq!(
-            c.attach(NodeId(1), 1, 2, false, tx_a, Arc::default()),
+            c.attach(NodeId(1), 1, 2, false, Arc::new(tx_a), Arc::default()),
             Some(vec![])
         );
         assert_eq!(
-            c.attach(NodeId(2), 2, 2, false, tx_b, Arc::default()),
+            c.attach(NodeId(2), 2, 2, false, Arc::new(tx_b), Arc::default()),
             Some(vec![])
         );
         let getattr = Request::GetAttr { ino: InodeId(5) };
@@ -675,7 +699,7 @@ mod tests {
         let c = Coherence::new(Duration::from_millis(50));
         let (tx_b, _rx_b) = mpsc::unbounded_channel();
         assert!(c
-            .attach(NodeId(2), 7, 2, false, tx_b, Arc::default())
+            .attach(NodeId(2), 7, 2, false, Arc::new(tx_b), Arc::default())
             .is_some());
         let lookup = Request::Lookup {
             parent: InodeId::ROOT,
@@ -704,7 +728,7 @@ mod tests {
             .await;
         let (tx_b, _rx_b) = mpsc::unbounded_channel();
         let frames = c
-            .attach(NodeId(2), 8, 2, true, tx_b, Arc::default())
+            .attach(NodeId(2), 8, 2, true, Arc::new(tx_b), Arc::default())
             .unwrap();
         assert!(frames.iter().any(|f| matches!(
             f,
@@ -719,10 +743,10 @@ mod tests {
         let (tx_new, _rx_new) = mpsc::unbounded_channel();
         let (tx_old, _rx_old) = mpsc::unbounded_channel();
         assert!(c
-            .attach(NodeId(3), 10, 2, false, tx_new, Arc::default())
+            .attach(NodeId(3), 10, 2, false, Arc::new(tx_new), Arc::default())
             .is_some());
         assert!(c
-            .attach(NodeId(3), 9, 2, false, tx_old, Arc::default())
+            .attach(NodeId(3), 9, 2, false, Arc::new(tx_old), Arc::default())
             .is_none());
         assert!(!c.detach(NodeId(3), 9));
         assert!(c.detach(NodeId(3), 10));

@@ -1,6 +1,9 @@
 //! One node connection on the server: handshake, then the request loop.
 
-use super::io::{error_chain as chain, read_frame, write_bytes, WireError};
+use super::coherence::FrameSink;
+use super::io::{
+    error_chain as chain, read_frame, write_bytes, FrameLink, WireError, READ_BUFFER_BYTES,
+};
 use super::Shared;
 use crate::proto::{
     encode_frame, request_kind, Caller, ClientHello, Frame, Request, Response, ServerHello,
@@ -10,10 +13,10 @@ use crate::types::{FsError, NodeId, RequestId};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
 
 /// The result of a successful handshake.
@@ -187,7 +190,7 @@ async fn handshake(
 
 /// The request loop of an authenticated session.
 async fn established(
-    mut rd: OwnedReadHalf,
+    rd: OwnedReadHalf,
     wr: OwnedWriteHalf,
     conn: u64,
     est: Established,
@@ -195,20 +198,30 @@ async fn established(
 ) {
     let node = est.node;
     let max = shared.config.max_frame_bytes;
+    // Buffered from here on (the handshake read exactly its frames): one read syscall
+    // takes every request frame that has arrived, not two per frame.
+    let mut rd = BufReader::with_capacity(READ_BUFFER_BYTES, rd);
     if !est.resumed {
         // A fresh mount: whatever a previous incarnation of this node held open is gone.
         // Done before its first request is read, so its new opens are never dropped.
         release_previous_mount(node, &shared).await;
     }
-    let (tx, rx) = mpsc::unbounded_channel::<Frame>();
-    // Register before the writer starts so missed invalidations go out first.
+    let link = Arc::new(FrameLink::new(wr));
+    // However this session ends (also when the runtime drops it at shutdown), nothing is
+    // sent on it afterwards, not even a reply that a store thread finishes later.
+    let _closing = CloseOnDrop(link.clone());
+    let out = Arc::new(SessionOut {
+        link: link.clone(),
+        max,
+    });
+    // Register before anything is sent so missed invalidations go out first.
     let kick = Arc::new(Notify::new());
     let first = shared.coherence.attach(
         node,
         conn,
         est.version,
         est.resumed,
-        tx.clone(),
+        out.clone(),
         kick.clone(),
     );
     let Some(first) = first else {
@@ -216,11 +229,19 @@ async fn established(
         return;
     };
     for f in first {
-        let _ = tx.send(f);
+        let _ = out.queue(f);
     }
+    out.push();
     *shared.generations.lock().entry(node).or_insert(0) += 1;
     tracing::info!(resumed = est.resumed, "node connected");
-    let writer = tokio::spawn(writer(wr, rx, max).in_current_span());
+    let flusher = link.clone();
+    let writer = tokio::spawn(
+        async move {
+            let why = flusher.flush(None).await;
+            tracing::debug!("writing to the node stopped: {why}");
+        }
+        .in_current_span(),
+    );
     let running = Arc::new(Semaphore::new(
         usize::try_from(shared.config.max_in_flight_per_conn.max(1)).unwrap_or(256),
     ));
@@ -276,7 +297,9 @@ async fn established(
             }
             Frame::InvalidateAck { seq } => shared.coherence.ack(node, conn, seq),
             Frame::Ping { nonce } => {
-                let _ = tx.send(Frame::Pong { nonce });
+                if out.queue(Frame::Pong { nonce }) {
+                    out.push();
+                }
             }
             Frame::Pong { .. } => {}
             other => {
@@ -292,8 +315,16 @@ async fn established(
     } else {
         tracing::info!("node connection closed: {reason}");
     }
-    drop(tx);
     writer.abort();
+}
+
+/// Closes a link when dropped.
+struct CloseOnDrop(Arc<FrameLink>);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        self.0.close();
+    }
 }
 
 /// Runs a read-only request in place when the store can answer it without blocking;
@@ -414,38 +445,40 @@ impl ReplyTo {
     }
 }
 
-async fn writer(wr: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<Frame>, max: u32) {
-    let mut w = BufWriter::with_capacity(64 * 1024, wr);
-    while let Some(frame) = rx.recv().await {
-        let mut next = Some(frame);
-        while let Some(f) = next.take() {
-            match encode_frame(&f, max) {
-                Ok(bytes) => {
-                    if let Err(e) = w.write_all(&bytes).await {
-                        tracing::debug!(error = %e, "write to node failed");
-                        return;
-                    }
-                }
-                Err(e) => {
-                    // A reply too large for a frame: tell the node instead of dropping it.
-                    tracing::warn!(error = %e, "frame does not fit; sending an error instead");
-                    if let Frame::Reply { id, .. } = f {
-                        next = Some(Frame::Reply {
-                            id,
-                            result: Err(FsError::TooBig),
-                        });
-                        continue;
-                    }
+/// Frames to one node: encoded and queued on its connection's link (a reply too large for
+/// a frame becomes a `TooBig` answer instead), written by whichever thread pushes.
+struct SessionOut {
+    link: Arc<FrameLink>,
+    max: u32,
+}
+
+impl FrameSink for SessionOut {
+    fn queue(&self, f: Frame) -> bool {
+        let bytes = match encode_frame(&f, self.max) {
+            Ok(b) => b,
+            Err(e) => {
+                let Frame::Reply { id, .. } = f else {
+                    tracing::warn!(error = %e, "frame does not fit; not sent");
+                    return true;
+                };
+                // A reply too large for a frame: tell the node instead of dropping it.
+                tracing::warn!(error = %e, "frame does not fit; sending an error instead");
+                let small = Frame::Reply {
+                    id,
+                    result: Err(FsError::TooBig),
+                };
+                match encode_frame(&small, self.max) {
+                    Ok(b) => b,
+                    Err(_) => return true,
                 }
             }
-            next = rx.try_recv().ok();
-        }
-        if let Err(e) = w.flush().await {
-            tracing::debug!(error = %e, "write to node failed");
-            return;
-        }
+        };
+        self.link.queue(&bytes).is_ok()
     }
-    let _ = w.shutdown().await;
+
+    fn push(&self) {
+        self.link.push();
+    }
 }
 
 /// Tells the store that the previous mount of `node` is gone (its opens are released).
