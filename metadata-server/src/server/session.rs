@@ -293,7 +293,17 @@ async fn established(
                     caller,
                     req,
                 };
-                tokio::spawn(handle(job, running.clone(), slot).instrument(span));
+                // With a running permit free (none waits while one is), the request goes
+                // to a blocking thread from here, without a task in between.
+                match running.clone().try_acquire_owned() {
+                    Ok(permit) => {
+                        drop(slot);
+                        span.in_scope(|| run_blocking(job, permit));
+                    }
+                    Err(_) => {
+                        tokio::spawn(handle(job, running.clone(), slot).instrument(span));
+                    }
+                }
             }
             Frame::InvalidateAck { seq } => shared.coherence.ack(node, conn, seq),
             Frame::Ping { nonce } => {
@@ -357,9 +367,23 @@ struct Job {
     req: Request,
 }
 
-/// Runs one request: the store call on a blocking thread, then the invalidations it
-/// requires, then the reply.
+/// Runs one request once a running permit is free (see `run_blocking`).
 async fn handle(job: Job, running: Arc<Semaphore>, slot: OwnedSemaphorePermit) {
+    let Ok(permit) = running.acquire_owned().await else {
+        return;
+    };
+    drop(slot);
+    run_blocking(job, permit);
+}
+
+/// Runs one request: the store call on a blocking thread, then the invalidations it
+/// requires, then the reply. Called on the runtime; returns at once.
+///
+/// The store call and the invalidations it requires run on the blocking thread; when no
+/// other node has to acknowledge anything (the usual case), the reply goes out from there
+/// too. Only waiting for other nodes' acks becomes a task, so it never holds a blocking
+/// thread.
+fn run_blocking(job: Job, permit: OwnedSemaphorePermit) {
     let Job {
         shared,
         node,
@@ -368,44 +392,20 @@ async fn handle(job: Job, running: Arc<Semaphore>, slot: OwnedSemaphorePermit) {
         caller,
         req,
     } = job;
-    let Ok(permit) = running.acquire_owned().await else {
-        return;
-    };
-    drop(slot);
     let start = shared.coherence.mark(node, conn);
-    let on_thread = shared.clone();
     let span = tracing::Span::current();
-    // The store call and the invalidations it requires run on the blocking thread; when no
-    // other node has to acknowledge anything (the usual case), the reply goes out from
-    // there too, without waking this task first. Waiting for acks stays in this task, so it
-    // never holds a blocking thread.
-    let joined = tokio::task::spawn_blocking(move || {
-        let shared = on_thread;
+    let runtime = tokio::runtime::Handle::current();
+    drop(tokio::task::spawn_blocking(move || {
         let _span = span.enter();
-        let result = shared.store.execute(&caller, &req);
+        let to = ReplyTo { node, conn, start };
+        let executed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            shared.store.execute(&caller, &req)
+        }));
         // Release the permit first: waiting for other nodes' acks must not hold up this
         // node's other requests.
         drop(permit);
-        let waits = match &result {
-            Ok(resp) => shared.coherence.send_invalidations(node, &req, resp),
-            Err(_) => Vec::new(),
-        };
-        if waits.is_empty() {
-            ReplyTo { node, conn, start }.send(&shared, &req, id, result);
-            None
-        } else {
-            Some((req, result, waits))
-        }
-    })
-    .await;
-    match joined {
-        Ok(None) => {}
-        Ok(Some((req, result, waits))) => {
-            shared.coherence.await_acks(waits).await;
-            ReplyTo { node, conn, start }.send(&shared, &req, id, result);
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "store call panicked");
+        let Ok(result) = executed else {
+            tracing::error!("store call panicked");
             let reply = Frame::Reply {
                 id,
                 result: Err(FsError::Io("coordinator store call failed".into())),
@@ -413,8 +413,25 @@ async fn handle(job: Job, running: Arc<Semaphore>, slot: OwnedSemaphorePermit) {
             let _ = shared
                 .coherence
                 .reply(node, conn, start, &Request::StatFs, reply);
+            return;
+        };
+        let waits = match &result {
+            Ok(resp) => shared.coherence.send_invalidations(node, &req, resp),
+            Err(_) => Vec::new(),
+        };
+        if waits.is_empty() {
+            to.send(&shared, &req, id, result);
+            return;
         }
-    }
+        let span = span.clone();
+        runtime.spawn(
+            async move {
+                shared.coherence.await_acks(waits).await;
+                to.send(&shared, &req, id, result);
+            }
+            .instrument(span),
+        );
+    }));
 }
 
 /// Where a reply goes: the node's connection and the coherence mark taken before its
