@@ -1,12 +1,16 @@
 //! The FUSE side of a node: turns kernel requests into metadata requests and data-path
 //! calls, and coordinator invalidations into kernel cache invalidations.
 //!
-//! The FUSE event loops never block on the network or the LUN: every request is handed
-//! to a worker pool (tokio's blocking pool) together with its reply object, and the
-//! worker replies. The exception is the data fast path: a read or write that lies in one
-//! written extent of a file whose layout is fresh is sent to the LUN by the event loop
-//! itself and answered by the LUN's completion thread (no worker, no waiting thread);
-//! anything else, and any such request the LUN fails, goes to a worker. Regular files are always opened with direct I/O so no node serves a
+//! The mount runs `FUSE_THREADS` event loops. A request that waits for the coordinator
+//! (metadata, and the data slow path's setup) runs on the event loop that read it, which
+//! replies itself: no hand-off to another thread and back. At most `INLINE_MAX` event loops
+//! wait like that at once; past that a request is handed to a worker pool (tokio's blocking
+//! pool) with its reply object, so some event loops always keep reading requests (the data
+//! fast path needs no coordinator and keeps running while none is reachable). The data fast
+//! path: a read or write that lies in one written extent of a file whose layout is fresh is
+//! sent to the LUN by the event loop itself and answered by the LUN's completion thread (no
+//! worker, no waiting thread); anything else, and any such request the LUN fails, goes to a
+//! worker. Regular files are always opened with direct I/O so no node serves a
 //! file from its page cache, and parallel direct writes and asynchronous direct I/O are
 //! enabled so many requests of one file are in flight at once.
 
@@ -29,7 +33,7 @@ use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -39,6 +43,10 @@ use tracing::{debug_span, warn};
 pub const MAX_WRITE_BYTES: u32 = 1 << 20;
 /// Directory entries asked for per readdir round trip.
 const READDIR_BATCH: u32 = 512;
+/// FUSE event loops (threads reading the kernel's requests) of a mount.
+pub const FUSE_THREADS: usize = 16;
+/// Event loops that may wait for the coordinator at once; the others keep reading.
+const INLINE_MAX: usize = 12;
 /// How long a worker waits for the kernel to apply one invalidation.
 const INVALIDATION_WAIT: Duration = Duration::from_millis(100);
 
@@ -60,6 +68,8 @@ struct Inner {
     blksize_bytes: u32,
     /// The node's span (volume, node, epoch); request spans are its children.
     span: tracing::Span,
+    /// Event loops running a request themselves now (at most `INLINE_MAX`).
+    inline: AtomicUsize,
 }
 
 /// The FUSE file system of one node.
@@ -242,17 +252,29 @@ impl CsvFs {
                 ttl,
                 blksize_bytes,
                 span,
+                inline: AtomicUsize::new(0),
             }),
             pool,
         }
     }
 
-    /// Runs `f` on a worker; the event loop returns at once.
+    /// Runs `f` on this event loop, in a request span, unless `INLINE_MAX` event loops
+    /// are running requests already: then on a worker, and the event loop returns at once.
     fn spawn<F>(&self, op: &'static str, ino: u64, f: F)
     where
         F: FnOnce(&Inner) + Send + 'static,
     {
-        spawn_on(&self.pool, self.inner.clone(), op, ino, f);
+        let inline = &self.inner.inline;
+        if inline.fetch_add(1, Ordering::AcqRel) < INLINE_MAX {
+            let span = debug_span!(parent: &self.inner.span, "fuse", op, inode = ino);
+            let g = span.enter();
+            f(&self.inner);
+            drop(g);
+            inline.fetch_sub(1, Ordering::AcqRel);
+        } else {
+            inline.fetch_sub(1, Ordering::AcqRel);
+            spawn_on(&self.pool, self.inner.clone(), op, ino, f);
+        }
     }
 }
 

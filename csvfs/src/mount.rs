@@ -522,7 +522,7 @@ pub fn run(cfg: &MountConfig) -> Result<(), MountError> {
     let mut fuse_cfg = fuser::Config::default();
     fuse_cfg.mount_options = options;
     fuse_cfg.acl = fuser::SessionACL::All;
-    fuse_cfg.n_threads = Some(4);
+    fuse_cfg.n_threads = Some(crate::fuse::FUSE_THREADS);
     fuse_cfg.clone_fd = true;
     let mut session =
         fuser::Session::new(fs, &cfg.mountpoint, &fuse_cfg).map_err(|source| MountError::Fuse {
