@@ -385,10 +385,18 @@ impl BlockDevice for FileDevice {
         if len_bytes == 0 {
             return Ok(());
         }
-        for (flag, mode) in [
-            (&self.zero_range_ok, FallocMode::ZeroRange),
-            (&self.punch_hole_ok, FallocMode::PunchHole),
-        ] {
+        // A regular file gets a hole: it reads as zeros and gives the space back, as
+        // NBD's WRITE_ZEROES without NO_HOLE allows (ZERO_RANGE would allocate the whole
+        // range, which turns mkfs of a sparse 1 TiB LUN file into gigabytes). A block
+        // device keeps ZERO_RANGE first.
+        let zero_range = (&self.zero_range_ok, FallocMode::ZeroRange);
+        let punch_hole = (&self.punch_hole_ok, FallocMode::PunchHole);
+        let order = if self.is_block_device {
+            [zero_range, punch_hole]
+        } else {
+            [punch_hole, zero_range]
+        };
+        for (flag, mode) in order {
             if !flag.load(Ordering::Relaxed) {
                 continue;
             }
