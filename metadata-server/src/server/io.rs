@@ -102,26 +102,15 @@ impl FrameLink {
     pub(crate) fn send_bytes(&self, bytes: &[u8]) -> io::Result<()> {
         self.check()?;
         let mut backlog = self.backlog.lock();
-        if !backlog.is_empty() {
-            backlog.extend_from_slice(bytes);
+        let sent = if backlog.is_empty() {
+            self.write_some(bytes).map_err(|e| self.fail(e))?
+        } else {
+            0
+        };
+        if let Some(rest) = bytes.get(sent..).filter(|r| !r.is_empty()) {
+            backlog.extend_from_slice(rest);
             drop(backlog);
             self.kick.notify_one();
-            return Ok(());
-        }
-        let mut sent = 0;
-        while sent < bytes.len() {
-            match self.wr.try_write(bytes.get(sent..).unwrap_or_default()) {
-                Ok(0) => return Err(self.fail(io::ErrorKind::WriteZero.into())),
-                Ok(n) => sent += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    backlog.extend_from_slice(bytes.get(sent..).unwrap_or_default());
-                    drop(backlog);
-                    self.kick.notify_one();
-                    return Ok(());
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(self.fail(e)),
-            }
         }
         Ok(())
     }
@@ -163,18 +152,24 @@ impl FrameLink {
 
     /// Writes the backlog until it is empty (true) or the socket is full (false).
     fn write_backlog(&self, backlog: &mut Vec<u8>) -> io::Result<bool> {
-        while !backlog.is_empty() {
-            match self.wr.try_write(backlog) {
+        let n = self.write_some(backlog)?;
+        backlog.drain(..n);
+        Ok(backlog.is_empty())
+    }
+
+    /// Writes `buf` until all of it is taken or the socket is full; returns the bytes taken.
+    fn write_some(&self, buf: &[u8]) -> io::Result<usize> {
+        let mut sent = 0;
+        while let Some(rest) = buf.get(sent..).filter(|r| !r.is_empty()) {
+            match self.wr.try_write(rest) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => {
-                    backlog.drain(..n);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Ok(n) => sent += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
         }
-        Ok(true)
+        Ok(sent)
     }
 
     fn check(&self) -> io::Result<()> {
