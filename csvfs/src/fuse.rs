@@ -266,10 +266,7 @@ impl CsvFs {
     {
         let inline = &self.inner.inline;
         if inline.fetch_add(1, Ordering::AcqRel) < INLINE_MAX {
-            let span = debug_span!(parent: &self.inner.span, "fuse", op, inode = ino);
-            let g = span.enter();
-            f(&self.inner);
-            drop(g);
+            run_in_span(&self.inner, op, ino, f);
             inline.fetch_sub(1, Ordering::AcqRel);
         } else {
             inline.fetch_sub(1, Ordering::AcqRel);
@@ -283,11 +280,17 @@ fn spawn_on<F>(pool: &tokio::runtime::Handle, inner: Arc<Inner>, op: &'static st
 where
     F: FnOnce(&Inner) + Send + 'static,
 {
-    drop(pool.spawn_blocking(move || {
-        let span = debug_span!(parent: &inner.span, "fuse", op, inode = ino);
-        let _g = span.enter();
-        f(&inner);
-    }));
+    drop(pool.spawn_blocking(move || run_in_span(&inner, op, ino, f)));
+}
+
+/// Runs `f` in the request span of `op` on inode `ino`, a child of the node's span.
+fn run_in_span<F>(inner: &Inner, op: &'static str, ino: u64, f: F)
+where
+    F: FnOnce(&Inner),
+{
+    let span = debug_span!(parent: &inner.span, "fuse", op, inode = ino);
+    let _g = span.enter();
+    f(inner);
 }
 
 impl Filesystem for CsvFs {
