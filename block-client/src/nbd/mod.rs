@@ -30,6 +30,18 @@ mod tests {
         std::env::temp_dir().join(format!("bc-nbd-{}-{name}.sock", std::process::id()))
     }
 
+    /// A server with default options on a fresh `bytes`-byte device whose failures the
+    /// returned handle controls.
+    fn flaky_server(name: &str, bytes: u64) -> (ServerHandle, crate::testing::FlakyHandle) {
+        let flaky = Arc::new(FlakyDisk::new(MemDevice::new(bytes)));
+        let h = flaky.handle();
+        let listen = ListenAddr::Unix(sock(name));
+        (
+            serve_device(flaky, &listen, ServeOptions::default()).unwrap(),
+            h,
+        )
+    }
+
     #[test]
     fn client_and_server_round_trip_over_unix_socket() {
         for structured in [false, true] {
@@ -229,10 +241,7 @@ mod tests {
 
     #[test]
     fn async_requests_complete_on_the_reply_thread() {
-        let path = sock("async");
-        let flaky = Arc::new(FlakyDisk::new(MemDevice::new(4 << 20)));
-        let h = flaky.handle();
-        let server = serve_device(flaky, &ListenAddr::Unix(path), ServeOptions::default()).unwrap();
+        let (server, h) = flaky_server("async", 4 << 20);
         let c = NbdClient::open(&server.uri(), NbdClientOptions::default()).unwrap();
         let read = |offset_bytes, len_bytes| crate::AsyncIo::Read {
             offset_bytes,
@@ -288,10 +297,7 @@ mod tests {
 
     #[test]
     fn async_request_without_reply_times_out() {
-        let path = sock("async-timeout");
-        let flaky = Arc::new(FlakyDisk::new(MemDevice::new(1 << 20)));
-        let h = flaky.handle();
-        let server = serve_device(flaky, &ListenAddr::Unix(path), ServeOptions::default()).unwrap();
+        let (server, h) = flaky_server("async-timeout", 1 << 20);
         let options = NbdClientOptions {
             request_timeout_ms: 300,
             ..NbdClientOptions::default()
