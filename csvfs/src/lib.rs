@@ -8,6 +8,7 @@
 //! Spec: ../shared/DESIGN.md (csvfs).
 #![forbid(unsafe_code)]
 
+pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod data;

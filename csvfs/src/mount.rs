@@ -40,6 +40,7 @@
 //! which every surviving node reconnects and commits, ending the claims it held, before
 //! another node can be given one of those clusters.
 
+use crate::cache::{DirCache, Lesson};
 use crate::config::MountConfig;
 use crate::data::DataPath;
 use crate::fuse::{CsvFs, Invalidator};
@@ -175,25 +176,53 @@ pub enum MountError {
     },
 }
 
-/// The metadata client as the node's [`Metadata`] service.
-struct ClientMeta(Arc<MetadataClient>);
+/// The metadata client as the node's [`Metadata`] service, with the node's directory
+/// cache in front: a directory's attributes and a name known not to exist are answered
+/// here while the coordinator keeps the cache current (see [`DirCache`]).
+struct ClientMeta {
+    client: Arc<MetadataClient>,
+    cache: Arc<DirCache>,
+}
 
 impl Metadata for ClientMeta {
     fn call(&self, uid: u32, gid: u32, req: Request) -> Result<Response, FsError> {
-        self.0.call(uid, gid, req)
+        if self.client.is_connected() {
+            match &req {
+                Request::GetAttr { ino } => {
+                    if let Some(a) = self.cache.attr(*ino) {
+                        return Ok(Response::Attr(a));
+                    }
+                }
+                Request::Lookup { parent, name } if self.cache.absent(*parent, name) => {
+                    return Err(FsError::NotFound);
+                }
+                _ => {}
+            }
+        }
+        let lesson = Lesson::of(&req);
+        let (result, stamp) = self.client.call_stamped(uid, gid, req);
+        self.cache.learn(lesson, &result, stamp);
+        result.map(Response::into_answer)
     }
 }
 
-/// Coordinator invalidations to the data path and the kernel.
-struct Handler(Arc<Invalidator>);
+/// Coordinator invalidations to the directory cache, the data path and the kernel.
+struct Handler {
+    kernel: Arc<Invalidator>,
+    cache: Arc<DirCache>,
+}
 
 impl InvalidationHandler for Handler {
     fn invalidate(&self, inv: &Invalidation) {
         match inv {
-            Invalidation::Inode { ino } => self.0.inode(*ino),
-            Invalidation::Entry { parent, name } => self.0.entry(*parent, name),
-            Invalidation::All => self.0.all(),
+            Invalidation::Inode { ino } => self.kernel.inode(*ino),
+            Invalidation::Entry { parent, name } => self.kernel.entry(*parent, name),
+            Invalidation::All => self.kernel.all(),
         }
+    }
+
+    fn observe(&self, stamp: u64, inv: &Invalidation) {
+        self.cache.observe(stamp, inv);
     }
 }
 
@@ -462,6 +491,7 @@ pub fn run(cfg: &MountConfig) -> Result<(), MountError> {
         what: "the invalidation thread",
         source,
     })?;
+    let cache = Arc::new(DirCache::new());
     let client = MetadataClient::connect(
         ClientConfig {
             node: cfg.node,
@@ -470,10 +500,16 @@ pub fn run(cfg: &MountConfig) -> Result<(), MountError> {
             locator: CoordinatorLocator::Lease(lun.clone()),
             request_timeout_ms: cfg.request_timeout_ms,
         },
-        Arc::new(Handler(invalidator.clone())),
+        Arc::new(Handler {
+            kernel: invalidator.clone(),
+            cache: cache.clone(),
+        }),
     )
     .map_err(MountError::Connect)?;
-    let meta: Arc<dyn Metadata> = Arc::new(ClientMeta(client.clone()));
+    let meta: Arc<dyn Metadata> = Arc::new(ClientMeta {
+        client: client.clone(),
+        cache,
+    });
     // One round trip before mounting, so a refusing coordinator fails the mount, not the
     // first `ls`.
     meta.call(0, 0, Request::StatFs)

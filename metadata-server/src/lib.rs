@@ -13,7 +13,7 @@ pub mod store;
 pub mod types;
 
 use proto::{Caller, Request, Response};
-use types::{FsError, NodeId};
+use types::{Attr, FsError, NodeId};
 
 /// The coordinator's metadata engine as the server sees it: executes one request on behalf
 /// of a caller, durably (journaled) before it returns. A request whose `(node, request)` was
@@ -32,6 +32,15 @@ pub trait MetadataStore: Send + Sync {
         _req: &Request,
     ) -> Option<Result<Response, FsError>> {
         None
+    }
+
+    /// After the namespace change `req` succeeded: the current attributes of the
+    /// directories it changed, and for a rename of the directory it moved (what a
+    /// [`Response::WithAttrs`] carries). Empty for any other request. Read after the change,
+    /// so they may include later changes too; every change after this one is still
+    /// invalidated as usual. The default knows none.
+    fn changed_attrs(&self, _req: &Request) -> Vec<Attr> {
+        Vec::new()
     }
 
     /// A node is gone for good (crashed or cut off past its lease): drop its opens, so that

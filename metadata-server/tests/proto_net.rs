@@ -174,6 +174,13 @@ impl MetadataStore for MemStore {
         r
     }
 
+    fn changed_attrs(&self, req: &Request) -> Vec<Attr> {
+        match req {
+            Request::Create { parent, .. } => vec![attr(*parent, FileKind::Dir)],
+            _ => Vec::new(),
+        }
+    }
+
     fn node_gone(&self, node: NodeId) -> Result<(), FsError> {
         self.st.lock().unwrap().gone.push(node);
         Ok(())
@@ -437,14 +444,14 @@ fn current_and_previous_versions_are_accepted_others_refused() {
         raw_handshake(addr, hello(2, 1, 1), SECRET).1,
         Ok(1)
     ));
-    // A newer node that still speaks 3 gets 3.
+    // A newer node that still speaks 4 gets 4.
     assert!(matches!(
         raw_handshake(addr, hello(3, 2, 5), SECRET).1,
-        Ok(3)
+        Ok(4)
     ));
     // Too new only, or too old.
     assert!(matches!(
-        raw_handshake(addr, hello(4, 4, 4), SECRET).1,
+        raw_handshake(addr, hello(4, 5, 5), SECRET).1,
         Err(Frame::HelloRefused { .. })
     ));
     assert!(matches!(
@@ -1145,4 +1152,61 @@ fn many_nodes_mutating_shared_names_never_wait_out_an_ack() {
         .map(|(_, r)| r.seen.lock().unwrap().len())
         .sum();
     assert!(seen > 0, "nobody was ever invalidated");
+}
+
+/// Sends `req` on a raw session and returns the reply's result.
+fn raw_call(s: &mut TcpStream, node: u32, id: u64, req: Request) -> Result<Response, FsError> {
+    let caller = Caller {
+        node: NodeId(node),
+        request: RequestId(id),
+        uid: 0,
+        gid: 0,
+    };
+    raw_send(
+        s,
+        &Frame::Request {
+            id: RequestId(id),
+            caller,
+            req,
+        },
+    );
+    match raw_recv(s) {
+        Some(Frame::Reply { id: got, result }) if got == RequestId(id) => result,
+        other => panic!("expected the reply to {id}, got {other:?}"),
+    }
+}
+
+#[test]
+fn namespace_changes_carry_directory_attributes_from_version_4_only() {
+    let store = Arc::new(MemStore::default());
+    let srv = start(&store);
+    let addr = srv.local_addr();
+    let (mut v4, v) = raw_handshake(addr, hello(1, 1, 4), SECRET);
+    assert!(matches!(v, Ok(4)));
+    match raw_call(&mut v4, 1, 10, create(b"four")) {
+        Ok(Response::WithAttrs { answer, attrs }) => {
+            assert!(matches!(*answer, Response::Attr(_)));
+            assert_eq!(attrs, vec![attr(InodeId::ROOT, FileKind::Dir)]);
+        }
+        other => panic!("version 4 create answered {other:?}"),
+    }
+    // Reads carry nothing extra.
+    assert!(matches!(
+        raw_call(&mut v4, 1, 11, lookup(b"four")),
+        Ok(Response::Attr(_))
+    ));
+    let (mut v3, v) = raw_handshake(addr, hello(2, 1, 3), SECRET);
+    assert!(matches!(v, Ok(3)));
+    assert!(matches!(
+        raw_call(&mut v3, 2, 20, create(b"three")),
+        Ok(Response::Attr(_))
+    ));
+    // The client stub hands plain answers to callers that do not cache.
+    let (client, _) = connect(3, addr);
+    assert!(matches!(
+        client.call(0, 0, create(b"stub")),
+        Ok(Response::Attr(_))
+    ));
+    let (stamped, _) = client.call_stamped(0, 0, create(b"stamped"));
+    assert!(matches!(stamped, Ok(Response::WithAttrs { .. })));
 }

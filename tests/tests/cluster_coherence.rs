@@ -40,7 +40,11 @@ fn cluster_coherence() {
     let c = TestCluster::start(ClusterSpec::new("coherence", 3));
     eprintln!("cluster up in {:?}", t.elapsed());
     type Step = (&'static str, fn(&TestCluster));
-    let steps: [Step; 4] = [
+    let steps: [Step; 5] = [
+        (
+            "names made elsewhere appear in a directory made here",
+            names_made_elsewhere_appear_in_a_directory_made_here,
+        ),
         (
             "file written on A identical on B and C",
             file_written_on_a_is_identical_on_b_and_c,
@@ -64,6 +68,55 @@ fn cluster_coherence() {
         eprintln!("{name}: ok in {:?}", t.elapsed());
     }
     c.finish();
+}
+
+/// Node 1 knows every name of a directory it made and answers lookups of missing names
+/// and the directory's attributes itself; what other nodes do there must reach it at once.
+fn names_made_elsewhere_appear_in_a_directory_made_here(c: &TestCluster) {
+    let here = c.mp(1).join("made-here");
+    fs::create_dir(&here).unwrap();
+    let there = c.mp(2).join("made-here");
+    for i in 0..200 {
+        // Node 1 learns that the name is missing, node 2 makes it, node 1 must see it.
+        let name = format!("from-2-{i}");
+        assert!(
+            !here.join(&name).exists(),
+            "{name} exists before it is made"
+        );
+        fs::write(there.join(&name), name.as_bytes()).unwrap();
+        assert_eq!(fs::read_to_string(here.join(&name)).unwrap(), name);
+        // The other way round, with node 2 checking at once too.
+        let mine = format!("from-1-{i}");
+        File::create(here.join(&mine)).unwrap();
+        assert!(there.join(&mine).exists(), "{mine} missing on node 2");
+        if i % 50 == 0 {
+            // The directory's attributes follow changes from both nodes.
+            let count = fs::read_dir(&here).unwrap().count();
+            assert_eq!(count, 2 * (i + 1), "entries listed on node 1");
+            let m1 = fs::metadata(&here).unwrap().modified().unwrap();
+            let m2 = fs::metadata(&there).unwrap().modified().unwrap();
+            assert_eq!(m1, m2, "directory mtime differs between nodes");
+        }
+    }
+    // Removals and renames on node 2 are seen too.
+    fs::remove_file(there.join("from-1-0")).unwrap();
+    assert!(
+        !here.join("from-1-0").exists(),
+        "removed name still seen on node 1"
+    );
+    fs::rename(there.join("from-1-1"), there.join("renamed")).unwrap();
+    assert!(
+        here.join("renamed").exists(),
+        "renamed name missing on node 1"
+    );
+    assert!(
+        !here.join("from-1-1").exists(),
+        "old name still seen on node 1"
+    );
+    // A subdirectory made on node 2 in it, then a file in that made on node 1.
+    fs::create_dir(there.join("sub")).unwrap();
+    fs::write(here.join("sub/f"), b"x").unwrap();
+    assert_eq!(fs::read(there.join("sub/f")).unwrap(), b"x");
 }
 
 fn file_written_on_a_is_identical_on_b_and_c(c: &TestCluster) {

@@ -103,6 +103,12 @@ impl fmt::Debug for ClientConfig {
 pub trait InvalidationHandler: Send + Sync {
     /// Drop the cached state `inv` names.
     fn invalidate(&self, inv: &Invalidation);
+
+    /// Sees `inv` first, on the connection's reader, in the order frames arrive and before
+    /// any later reply is handed to its caller; `stamp` counts the invalidations seen so
+    /// far, this one included (see [`MetadataClient::call_stamped`]). Must not block. The
+    /// default does nothing.
+    fn observe(&self, _stamp: u64, _inv: &Invalidation) {}
 }
 
 /// Why `connect` failed.
@@ -192,7 +198,8 @@ struct Pending {
     caller: Caller,
     req: Request,
     registered: Instant,
-    done: std::sync::mpsc::SyncSender<Result<Response, FsError>>,
+    /// Gets the answer and the invalidation stamp when it was read.
+    done: std::sync::mpsc::SyncSender<(Result<Response, FsError>, u64)>,
 }
 
 struct State {
@@ -224,6 +231,20 @@ struct Inner {
     /// Invalidations for the handler thread, with the sequence number and connection to
     /// acknowledge them on (`None`: raised locally, nothing to acknowledge).
     handler_tx: std::sync::mpsc::Sender<(Invalidation, Option<Ack>)>,
+    /// Sees every invalidation on the reader (`InvalidationHandler::observe`).
+    observer: Arc<dyn InvalidationHandler>,
+    /// Invalidations seen so far (received, or raised locally).
+    seen: AtomicU64,
+    /// A session is established now.
+    up: AtomicBool,
+}
+
+impl Inner {
+    /// Counts `inv` and shows it to the observer, before anything read after it.
+    fn observe(&self, inv: &Invalidation) {
+        let stamp = self.seen.fetch_add(1, Ordering::AcqRel) + 1;
+        self.observer.observe(stamp, inv);
+    }
 }
 
 /// A connection to the coordinator's metadata server. Share it (`Arc`) between threads.
@@ -283,6 +304,7 @@ impl MetadataClient {
             .map_err(ConnectError::Runtime)?;
         let (handler_tx, handler_rx) = std::sync::mpsc::channel::<(Invalidation, Option<Ack>)>();
         let node = cfg.node;
+        let observer = handler.clone();
         std::thread::Builder::new()
             .name("csvfs-mdc-inval".into())
             .spawn(move || {
@@ -316,6 +338,9 @@ impl MetadataClient {
             next_id: AtomicU64::new(start_ns.max(1)),
             closed: AtomicBool::new(false),
             handler_tx,
+            observer,
+            seen: AtomicU64::new(0),
+            up: AtomicBool::new(false),
             cfg,
         });
         let span = tracing::info_span!("metadata_client", node = %inner.cfg.node);
@@ -373,10 +398,30 @@ impl MetadataClient {
     /// Callable from many threads at once. A lost connection is re-established and the
     /// request re-sent with the same id; if the coordinator stays unreachable for
     /// `request_timeout_ms`, fails with `FsError::Io("coordinator unreachable ...")`.
+    /// The attributes a `Response::WithAttrs` carries along are dropped (see
+    /// [`call_stamped`](Self::call_stamped)).
     pub fn call(&self, uid: u32, gid: u32, req: Request) -> Result<Response, FsError> {
+        self.call_stamped(uid, gid, req)
+            .0
+            .map(Response::into_answer)
+    }
+
+    /// [`call`](Self::call) for a node that caches: returns the answer as sent (a namespace
+    /// change may come as `Response::WithAttrs`) and the invalidation stamp when it was
+    /// read, that is how many invalidations the reader had seen (and shown to
+    /// [`InvalidationHandler::observe`]) before it. Whatever the answer names may be
+    /// cached unless an invalidation with a higher stamp names it too.
+    pub fn call_stamped(
+        &self,
+        uid: u32,
+        gid: u32,
+        req: Request,
+    ) -> (Result<Response, FsError>, u64) {
         let inner = &self.inner;
+        // Errors are not cached: their stamp does not matter.
+        let failed = |e: FsError| (Err(e), inner.seen.load(Ordering::Acquire));
         if inner.closed.load(Ordering::Acquire) {
-            return Err(FsError::Io("metadata client is closed".into()));
+            return failed(FsError::Io("metadata client is closed".into()));
         }
         let id = RequestId(inner.next_id.fetch_add(1, Ordering::Relaxed));
         let caller = Caller {
@@ -394,17 +439,19 @@ impl MetadataClient {
         };
         let Ok(bytes) = encode_frame(&frame, MAX_FRAME_BYTES) else {
             tracing::warn!(op = request_kind(&req), "request does not fit in a frame");
-            return Err(FsError::TooBig);
+            return failed(FsError::TooBig);
         };
         let link = {
             let mut st = inner.state.lock();
             // Checked again under the lock: `close` drains `pending` under it.
             if inner.closed.load(Ordering::Acquire) {
-                return Err(FsError::Io("metadata client is closed".into()));
+                return failed(FsError::Io("metadata client is closed".into()));
             }
             if req.since_version() > st.version {
                 drop(st);
-                return self.call_split(uid, gid, req);
+                // A stamp from before the first of its requests: no later one is missed.
+                let stamp = inner.seen.load(Ordering::Acquire);
+                return (self.call_split(uid, gid, req), stamp);
             }
             st.pending.insert(
                 id,
@@ -424,7 +471,7 @@ impl MetadataClient {
         }
         match rx.recv() {
             Ok(r) => r,
-            Err(_) => Err(FsError::Io("metadata client is closed".into())),
+            Err(_) => failed(FsError::Io("metadata client is closed".into())),
         }
     }
 
@@ -464,6 +511,12 @@ impl MetadataClient {
         }
     }
 
+    /// True while a session with the coordinator is established: what this node cached
+    /// is then kept current by the coordinator's invalidations.
+    pub fn is_connected(&self) -> bool {
+        self.inner.up.load(Ordering::Acquire)
+    }
+
     /// This node.
     pub fn node(&self) -> NodeId {
         self.inner.cfg.node
@@ -490,11 +543,6 @@ impl MetadataClient {
         self.inner.state.lock().sessions
     }
 
-    /// True while a session with the coordinator is up.
-    pub fn is_connected(&self) -> bool {
-        self.inner.state.lock().conn.is_some()
-    }
-
     /// Closes the connection; pending and later calls fail. Also done on drop.
     pub fn close(&self) {
         self.inner.closed.store(true, Ordering::Release);
@@ -506,7 +554,7 @@ impl MetadataClient {
         for (_, p) in pending {
             let _ = p
                 .done
-                .try_send(Err(FsError::Io("metadata client is closed".into())));
+                .try_send((Err(FsError::Io("metadata client is closed".into())), 0));
         }
         if let Some(rt) = self.runtime.lock().take() {
             rt.shutdown_background();
@@ -686,6 +734,7 @@ fn install(inner: &Inner, s: Session) -> (Reader, Arc<FrameLink>) {
         // A new coordinator after a failover knows nothing of what this node caches: drop
         // all of it (the handler runs it next, before any later invalidation).
         tracing::info!(old = %st.epoch, new = %s.epoch, "coordinator epoch changed; dropping every cache");
+        inner.observe(&Invalidation::All);
         let _ = inner.handler_tx.send((Invalidation::All, None));
     }
     st.epoch = st.epoch.max(s.epoch);
@@ -705,11 +754,14 @@ fn install(inner: &Inner, s: Session) -> (Reader, Arc<FrameLink>) {
         .collect();
     for id in too_new {
         if let Some(p) = st.pending.remove(&id) {
-            let _ = p.done.send(Err(FsError::Io(format!(
-                "the coordinator's protocol version {} is too old for {}",
-                s.version,
-                request_kind(&p.req)
-            ))));
+            let _ = p.done.send((
+                Err(FsError::Io(format!(
+                    "the coordinator's protocol version {} is too old for {}",
+                    s.version,
+                    request_kind(&p.req)
+                ))),
+                0,
+            ));
         }
     }
     let resent = st.pending.len();
@@ -726,6 +778,7 @@ fn install(inner: &Inner, s: Session) -> (Reader, Arc<FrameLink>) {
         }
     }
     st.conn = Some(link.clone());
+    inner.up.store(true, Ordering::Release);
     tracing::info!(addr = %s.addr, epoch = %s.epoch, version = s.version, resent, "connected to coordinator");
     // Buffered from here on (the handshake read exactly its frames): one read syscall
     // takes every reply that has arrived, not two per frame.
@@ -739,6 +792,7 @@ async fn run(inner: Arc<Inner>, first_rd: Reader, first_link: Arc<FrameLink>) {
         let reason = serve(&inner, rd, &link).await;
         {
             let mut st = inner.state.lock();
+            inner.up.store(false, Ordering::Release);
             st.conn = None;
             st.disconnected_since = Some(Instant::now());
             st.last_error = reason.clone();
@@ -800,10 +854,13 @@ async fn serve(inner: &Arc<Inner>, mut rd: Reader, link: &Arc<FrameLink>) -> Str
             Frame::Reply { id, result } => {
                 let p = inner.state.lock().pending.remove(&id);
                 if let Some(p) = p {
-                    let _ = p.done.try_send(result);
+                    let _ = p
+                        .done
+                        .try_send((result, inner.seen.load(Ordering::Acquire)));
                 }
             }
             Frame::Invalidate { seq, inv } => {
+                inner.observe(&inv);
                 if inner
                     .handler_tx
                     .send((inv, Some((seq, link.clone()))))
@@ -862,10 +919,13 @@ async fn reaper(inner: Arc<Inner>) {
             );
         }
         for p in expired {
-            let _ = p.done.try_send(Err(FsError::Io(format!(
-                "coordinator unreachable for {} ms: {last}",
-                timeout.as_millis()
-            ))));
+            let _ = p.done.try_send((
+                Err(FsError::Io(format!(
+                    "coordinator unreachable for {} ms: {last}",
+                    timeout.as_millis()
+                ))),
+                0,
+            ));
         }
     }
 }

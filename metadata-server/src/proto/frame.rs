@@ -13,7 +13,7 @@ use bincode::Options;
 use serde::{Deserialize, Serialize};
 
 /// The protocol version this build speaks first.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// The oldest protocol version this build still accepts (at least the previous one).
 pub const MIN_PROTOCOL_VERSION: u32 = 1;

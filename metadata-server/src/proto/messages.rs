@@ -292,4 +292,32 @@ pub enum Response {
         /// Extents, sorted by file offset, not overlapping.
         extents: Vec<Extent>,
     },
+    /// The answer to a namespace change, with the new attributes of the directories it
+    /// changed (and, for a rename, of the directory it moved), so the node can keep a cached
+    /// copy of them current. Sent only on sessions of version 4 or later; an older session
+    /// receives `answer` alone. Since protocol version 4.
+    WithAttrs {
+        /// The answer itself.
+        answer: Box<Response>,
+        /// Current attributes of the other inodes the change touched.
+        attrs: Vec<Attr>,
+    },
+}
+
+impl Response {
+    /// The answer without the attributes a [`Response::WithAttrs`] carries along.
+    pub fn into_answer(self) -> Response {
+        match self {
+            Response::WithAttrs { answer, .. } => answer.into_answer(),
+            other => other,
+        }
+    }
+
+    /// The answer itself, by reference (see [`Response::into_answer`]).
+    pub fn answer(&self) -> &Response {
+        match self {
+            Response::WithAttrs { answer, .. } => answer.answer(),
+            other => other,
+        }
+    }
 }

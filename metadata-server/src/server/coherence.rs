@@ -455,6 +455,12 @@ fn entry(parent: InodeId, name: &[u8]) -> Invalidation {
 /// What a node may cache after receiving this answer.
 pub(crate) fn cached_keys(req: &Request, result: &Result<Response, FsError>) -> Vec<Key> {
     let mut keys = Vec::new();
+    // The attributes a `WithAttrs` carries along may be cached too.
+    if let Ok(Response::WithAttrs { attrs, .. }) = result {
+        keys.extend(attrs.iter().map(|a| Key::Inode(a.ino)));
+    }
+    let answer = result.as_ref().map(Response::answer);
+    let result = &answer;
     let attr_ino = |r: &Response| -> Option<InodeId> {
         match r {
             Response::Attr(a) => Some(a.ino),

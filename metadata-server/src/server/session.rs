@@ -197,6 +197,7 @@ async fn established(
     shared: Arc<Shared>,
 ) {
     let node = est.node;
+    let version = est.version;
     let max = shared.config.max_frame_bytes;
     // Buffered from here on (the handshake read exactly its frames): one read syscall
     // takes every request frame that has arrived, not two per frame.
@@ -278,7 +279,13 @@ async fn established(
                 // A read-only request the store can answer from memory without waiting
                 // is answered here: no task and no blocking-thread hand-off.
                 if let Some((start, result)) = try_read_now(&shared, node, conn, &caller, &req) {
-                    ReplyTo { node, conn, start }.send(&shared, &req, id, result);
+                    ReplyTo {
+                        node,
+                        conn,
+                        version,
+                        start,
+                    }
+                    .send(&shared, &req, id, result);
                     continue;
                 }
                 let Ok(slot) = queued.clone().acquire_owned().await else {
@@ -289,6 +296,7 @@ async fn established(
                     shared: shared.clone(),
                     node,
                     conn,
+                    version,
                     id,
                     caller,
                     req,
@@ -354,6 +362,9 @@ fn try_read_now(
     Some((start, result))
 }
 
+/// Version from which replies to namespace changes carry `Response::WithAttrs`.
+const WITH_ATTRS_VERSION: u32 = 4;
+
 /// Requests of one connection read and waiting to run, at most.
 const MAX_QUEUED_PER_CONN: usize = 4096;
 
@@ -362,6 +373,8 @@ struct Job {
     shared: Arc<Shared>,
     node: NodeId,
     conn: u64,
+    /// The session's protocol version.
+    version: u32,
     id: RequestId,
     caller: Caller,
     req: Request,
@@ -388,6 +401,7 @@ fn run_blocking(job: Job, permit: OwnedSemaphorePermit) {
         shared,
         node,
         conn,
+        version,
         id,
         caller,
         req,
@@ -397,7 +411,12 @@ fn run_blocking(job: Job, permit: OwnedSemaphorePermit) {
     let runtime = tokio::runtime::Handle::current();
     drop(tokio::task::spawn_blocking(move || {
         let _span = span.enter();
-        let to = ReplyTo { node, conn, start };
+        let to = ReplyTo {
+            node,
+            conn,
+            version,
+            start,
+        };
         let executed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             shared.store.execute(&caller, &req)
         }));
@@ -440,6 +459,8 @@ fn run_blocking(job: Job, permit: OwnedSemaphorePermit) {
 struct ReplyTo {
     node: NodeId,
     conn: u64,
+    /// The session's protocol version.
+    version: u32,
     start: u64,
 }
 
@@ -452,6 +473,22 @@ impl ReplyTo {
         id: RequestId,
         result: Result<Response, FsError>,
     ) {
+        // From version 4 a namespace change carries the new attributes of the directories
+        // it changed, so the node's cached copies of them stay current.
+        let result = match result {
+            Ok(answer) if self.version >= WITH_ATTRS_VERSION => {
+                let attrs = shared.store.changed_attrs(req);
+                if attrs.is_empty() {
+                    Ok(answer)
+                } else {
+                    Ok(Response::WithAttrs {
+                        answer: Box::new(answer),
+                        attrs,
+                    })
+                }
+            }
+            r => r,
+        };
         let reply = Frame::Reply { id, result };
         if !shared
             .coherence

@@ -48,7 +48,7 @@ use crate::format::{
 };
 use crate::lease::LeaseGuard;
 use crate::proto::{Caller, Request, Response};
-use crate::types::{Epoch, FileKind, FsError, Lsn, NodeId, VolumeId};
+use crate::types::{Attr, Epoch, FileKind, FsError, InodeId, Lsn, NodeId, VolumeId};
 use crate::MetadataStore;
 use meta::Meta;
 pub use meta::StoreStats;
@@ -703,6 +703,49 @@ impl MetadataStore for Store {
         drop(g);
         self.wait(lsn)?;
         Ok(resp)
+    }
+
+    fn changed_attrs(&self, req: &Request) -> Vec<Attr> {
+        let (dirs, moved): (Vec<InodeId>, Vec<(InodeId, &[u8])>) = match req {
+            Request::Create { parent, .. }
+            | Request::CreateOpen { parent, .. }
+            | Request::Symlink { parent, .. }
+            | Request::Unlink { parent, .. }
+            | Request::Rmdir { parent, .. } => (vec![*parent], Vec::new()),
+            Request::Link { new_parent, .. } => (vec![*new_parent], Vec::new()),
+            Request::Rename {
+                parent,
+                name,
+                new_parent,
+                new_name,
+                flags,
+            } => {
+                let mut moved = vec![(*new_parent, new_name.as_slice())];
+                if flags.exchange {
+                    moved.push((*parent, name.as_slice()));
+                }
+                (vec![*parent, *new_parent], moved)
+            }
+            _ => return Vec::new(),
+        };
+        let mut g = self.inner.lock();
+        if self.check_usable(&mut g).is_err() {
+            return Vec::new();
+        }
+        let mut out: Vec<Attr> = Vec::new();
+        for ino in dirs {
+            if out.iter().all(|a| a.ino != ino) {
+                out.extend(g.meta.attr(ino).ok());
+            }
+        }
+        for (parent, name) in moved {
+            if let Ok(a) = g.meta.lookup(parent, name) {
+                if a.kind == FileKind::Dir && out.iter().all(|o| o.ino != a.ino) {
+                    out.push(a);
+                }
+            }
+        }
+        out
     }
 
     fn try_execute_read(
