@@ -160,7 +160,7 @@ impl State {
         }
     }
 
-    /// A directory's entry, made if needed (`None` when the cache is full and was reset).
+    /// A directory's entry, made if needed (a full cache starts over first).
     fn dir(&mut self, ino: InodeId) -> &mut Dir {
         if !self.dirs.contains_key(&ino) && self.dirs.len() >= MAX_DIRS {
             self.dirs.clear();
@@ -178,6 +178,24 @@ impl State {
         if a.ino == InodeId::ROOT || self.dirs.contains_key(&a.ino) {
             self.dir(a.ino).attr = Some(a.clone());
         }
+    }
+
+    /// Caches `a` as the subdirectory `name` of `parent` when it is a directory and no
+    /// invalidation since `stamp` names either; returns its entry.
+    fn install_child(
+        &mut self,
+        stamp: u64,
+        parent: InodeId,
+        name: Vec<u8>,
+        a: &Attr,
+    ) -> Option<&mut Dir> {
+        if a.kind != FileKind::Dir || !self.current(stamp, a.ino) || !self.current(stamp, parent) {
+            return None;
+        }
+        self.children.insert((parent, name), a.ino);
+        let d = self.dir(a.ino);
+        d.attr = Some(a.clone());
+        Some(d)
     }
 
     fn add_name(&mut self, parent: InodeId, name: &[u8]) {
@@ -283,13 +301,7 @@ impl DirCache {
             Lesson::Lookup(parent, name) => {
                 if let Some(a) = answer_attr {
                     st.add_name(parent, &name);
-                    if a.kind == FileKind::Dir
-                        && st.current(stamp, a.ino)
-                        && st.current(stamp, parent)
-                    {
-                        st.children.insert((parent, name), a.ino);
-                        st.dir(a.ino).attr = Some(a.clone());
-                    }
+                    st.install_child(stamp, parent, name, a);
                 }
             }
             Lesson::Made(parent, name) => {
@@ -297,17 +309,10 @@ impl DirCache {
                 if let Some(d) = st.dirs.get_mut(&parent) {
                     d.attr = None;
                 }
-                if let Some(a) = answer_attr {
-                    if a.kind == FileKind::Dir
-                        && st.current(stamp, a.ino)
-                        && st.current(stamp, parent)
-                    {
-                        // A directory this node just made: it is empty.
-                        st.children.insert((parent, name), a.ino);
-                        let d = st.dir(a.ino);
-                        d.attr = Some(a.clone());
-                        d.names = Some(HashSet::new());
-                    }
+                if let Some(d) = answer_attr.and_then(|a| st.install_child(stamp, parent, name, a))
+                {
+                    // A directory this node just made: it is empty.
+                    d.names = Some(HashSet::new());
                 }
             }
             Lesson::Removed(parent, name) => {
