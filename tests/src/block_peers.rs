@@ -56,10 +56,37 @@ impl Drop for BlockScratch {
     }
 }
 
-/// A TCP port that was free a moment ago (bound to 127.0.0.1:0, then released).
+/// A TCP port that was free a moment ago, below the kernel's ephemeral range.
+///
+/// A port from that range (what binding port 0 returns) can be taken between this call
+/// and the server's bind by the local end of any outgoing connection, and a probe
+/// connecting to it then may even connect to itself; ports below the range are handed out
+/// only on request. The start is spread by process id and time so parallel tests rarely try
+/// the same ports.
 pub fn free_tcp_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    l.local_addr().expect("local addr").port()
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| {
+            s.split_whitespace()
+                .next()
+                .and_then(|p| p.parse::<u16>().ok())
+        })
+        .unwrap_or(32768)
+        .clamp(12_000, 49_152);
+    let span = u32::from(low - 10_000);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let seed = nanos ^ std::process::id().wrapping_mul(2_654_435_761);
+    for i in 0..span {
+        let port = 10_000 + (seed.wrapping_add(i.wrapping_mul(7_919)) % span);
+        let port = u16::try_from(port).expect("below the ephemeral range");
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free TCP port between 10000 and {low}");
 }
 
 /// Where a peer listens.
