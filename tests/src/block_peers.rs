@@ -107,10 +107,20 @@ impl PeerAddr {
         }
     }
 
+    /// True once an NBD server there sends its greeting: a connection the kernel accepted
+    /// on the listening socket is not enough, the server may still be setting up.
     fn accepts(&self) -> bool {
+        fn greets(mut s: impl std::io::Read) -> bool {
+            let mut magic = [0u8; 8];
+            s.read_exact(&mut magic).is_ok() && &magic == b"NBDMAGIC"
+        }
+        let wait = Some(Duration::from_secs(2));
         match self {
-            PeerAddr::Unix(p) => UnixStream::connect(p).is_ok(),
-            PeerAddr::Tcp(port) => TcpStream::connect(("127.0.0.1", *port)).is_ok(),
+            PeerAddr::Unix(p) => {
+                UnixStream::connect(p).is_ok_and(|s| s.set_read_timeout(wait).is_ok() && greets(s))
+            }
+            PeerAddr::Tcp(port) => TcpStream::connect(("127.0.0.1", *port))
+                .is_ok_and(|s| s.set_read_timeout(wait).is_ok() && greets(s)),
         }
     }
 }

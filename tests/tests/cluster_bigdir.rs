@@ -62,16 +62,34 @@ fn create_range(dir: &Path, from: u32, to: u32) -> f64 {
 }
 
 /// Stats `n` existing entries spread over [0, upto); returns lookups per second.
-fn lookup_rate(dir: &Path, upto: u32, n: u32) -> f64 {
+/// `salt` shifts the names, so repeated runs do not find them in the kernel's cache.
+fn lookup_rate(dir: &Path, upto: u32, n: u32, salt: u32) -> f64 {
     let t = Instant::now();
     let step = upto / n;
     for k in 0..n {
         // Different names from the ones just created, so the kernel must ask.
-        let i = (k * step + 7919 * k) % upto;
+        let i = (k * step + 7919 * k + salt) % upto;
         fs::symlink_metadata(dir.join(format!("entry-{i:06}"))).unwrap();
         assert!(fs::metadata(dir.join(format!("missing-{i:06}"))).is_err());
     }
     f64::from(2 * n) / t.elapsed().as_secs_f64()
+}
+
+/// The best of three create rates over [from, to), split in three runs: a burst of other
+/// work on a shared machine slows one run, not all three.
+fn best_create_rate(dir: &Path, from: u32, to: u32) -> f64 {
+    let third = (to - from) / 3;
+    let a = create_range(dir, from, from + third);
+    let b = create_range(dir, from + third, from + 2 * third);
+    let c = create_range(dir, from + 2 * third, to);
+    a.max(b).max(c)
+}
+
+/// The best of three lookup rates (see [`best_create_rate`]).
+fn best_lookup_rate(dir: &Path, upto: u32, n: u32) -> f64 {
+    (0..3)
+        .map(|run| lookup_rate(dir, upto, n, 1 + run * 331))
+        .fold(0.0, f64::max)
 }
 
 #[test]
@@ -84,8 +102,8 @@ fn hundred_thousand_entries_stay_usable() {
     let c = TestCluster::start(spec);
     let dir = c.mp(1).join("big");
     fs::create_dir(&dir).unwrap();
-    let first_create = create_range(&dir, 0, BATCH);
-    let first_lookup = lookup_rate(&c.mp(2).join("big"), BATCH, 1000);
+    let first_create = best_create_rate(&dir, 0, BATCH);
+    let first_lookup = best_lookup_rate(&c.mp(2).join("big"), BATCH, 1000);
     let t = Instant::now();
     fill_range(&dir, BATCH, ENTRIES - BATCH);
     eprintln!(
@@ -93,8 +111,8 @@ fn hundred_thousand_entries_stay_usable() {
         ENTRIES - 2 * BATCH,
         t.elapsed()
     );
-    let last_create = create_range(&dir, ENTRIES - BATCH, ENTRIES);
-    let last_lookup = lookup_rate(&c.mp(2).join("big"), ENTRIES, 1000);
+    let last_create = best_create_rate(&dir, ENTRIES - BATCH, ENTRIES);
+    let last_lookup = best_lookup_rate(&c.mp(2).join("big"), ENTRIES, 1000);
     eprintln!(
         "creates/s first 2k {first_create:.0}, last 2k {last_create:.0}; \
          lookups/s at 10k {first_lookup:.0}, at 100k {last_lookup:.0}"
