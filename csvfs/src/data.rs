@@ -149,6 +149,11 @@ pub struct DataPath {
     cluster_bytes: u64,
     prealloc_bytes: u64,
     files: Mutex<HashMap<InodeId, Arc<OpenFile>>>,
+    /// `Open` requests sent and not yet answered, per inode: counted as open handles when
+    /// the node re-announces its opens to a new coordinator (an open resent across the
+    /// takeover is then counted twice, which only keeps an unlinked file a little longer;
+    /// never fewer than the handles this node really holds). Lock order: `files` first.
+    opening: Mutex<HashMap<InodeId, u32>>,
 }
 
 impl std::fmt::Debug for DataPath {
@@ -187,6 +192,7 @@ impl DataPath {
             cluster_bytes: cluster_bytes.max(4096),
             prealloc_bytes,
             files: Mutex::new(HashMap::new()),
+            opening: Mutex::new(HashMap::new()),
         }
     }
 
@@ -218,6 +224,7 @@ impl DataPath {
         ino: InodeId,
         write: bool,
     ) -> Result<(Arc<OpenFile>, Attr), NodeError> {
+        *self.opening.lock().entry(ino).or_insert(0) += 1;
         // The kernel looked the inode up; if it is gone by now (unlinked and freed
         // elsewhere), ESTALE makes the VFS walk the path again instead of failing.
         let resp = self
@@ -226,16 +233,59 @@ impl DataPath {
             .map_err(|e| match e {
                 FsError::NotFound => FsError::Stale,
                 e => e,
-            })?;
-        let Response::Mapped { attr, extents } = resp else {
-            return Err(unexpected("open", &resp).into());
+            });
+        let (attr, extents) = match resp {
+            Ok(Response::Mapped { attr, extents }) => (attr, extents),
+            other => {
+                let _files = self.files.lock();
+                Self::done_opening(&mut self.opening.lock(), ino);
+                return Err(match other {
+                    Ok(r) => unexpected("open", &r).into(),
+                    Err(e) => e.into(),
+                });
+            }
         };
-        Ok(self.opened(ino, attr, extents))
+        Ok(self.record_open(ino, attr, extents, true))
+    }
+
+    fn done_opening(opening: &mut HashMap<InodeId, u32>, ino: InodeId) {
+        if let Some(n) = opening.get_mut(&ino) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                opening.remove(&ino);
+            }
+        }
+    }
+
+    /// The open handles this node holds (or is opening), per inode: what it re-announces
+    /// to a new coordinator.
+    pub fn open_counts(&self) -> Vec<(InodeId, u32)> {
+        let files = self.files.lock();
+        let mut counts = self.opening.lock().clone();
+        for (ino, f) in files.iter() {
+            let n = f.state.lock().opens;
+            if n > 0 {
+                *counts.entry(*ino).or_insert(0) += n;
+            }
+        }
+        let mut v: Vec<(InodeId, u32)> = counts.into_iter().collect();
+        v.sort_unstable();
+        v
     }
 
     /// Records an open of `ino` that the coordinator already counted (the answer to
     /// `Open` or `CreateOpen`): the file's attributes and whole extent map.
     pub fn opened(&self, ino: InodeId, attr: Attr, extents: Vec<Extent>) -> (Arc<OpenFile>, Attr) {
+        self.record_open(ino, attr, extents, false)
+    }
+
+    fn record_open(
+        &self,
+        ino: InodeId,
+        attr: Attr,
+        extents: Vec<Extent>,
+        was_opening: bool,
+    ) -> (Arc<OpenFile>, Attr) {
         let mut files = self.files.lock();
         let file = files
             .entry(ino)
@@ -275,6 +325,11 @@ impl DataPath {
             st.fetched_gen = st.inval_gen;
             overlay(&st)
         };
+        if was_opening {
+            // Counted in `opens` now; until this line both count (never too few).
+            let _files = self.files.lock();
+            Self::done_opening(&mut self.opening.lock(), ino);
+        }
         (file, attr)
     }
 

@@ -1178,6 +1178,11 @@ impl Invalidator {
         let _ = self.notifier.set(notifier);
     }
 
+    /// The data path whose layouts this invalidates, once set.
+    pub fn data(&self) -> Option<Arc<DataPath>> {
+        self.data.get().cloned()
+    }
+
     /// Starts invalidating the layouts of `data`'s open files.
     pub fn set_data(&self, data: Arc<DataPath>) {
         let _ = self.data.set(data);

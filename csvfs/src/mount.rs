@@ -60,7 +60,7 @@ use metadata_server::types::{Epoch, FsError, NodeId, VolumeId};
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
@@ -210,6 +210,39 @@ impl Metadata for ClientMeta {
 struct Handler {
     kernel: Arc<Invalidator>,
     cache: Arc<DirCache>,
+    /// The client, once connected: a new coordinator is told which files are open here.
+    client: Arc<OnceLock<Weak<MetadataClient>>>,
+}
+
+impl Handler {
+    /// After a takeover (`Invalidation::All` on an epoch change): re-announces this node's
+    /// open files to the new coordinator, which keeps open counts in memory only. From its
+    /// own thread, so the invalidation thread never waits for the coordinator.
+    fn reannounce_opens(&self) {
+        let Some(client) = self.client.get().and_then(Weak::upgrade) else {
+            return;
+        };
+        let Some(data) = self.kernel.data() else {
+            return;
+        };
+        let spawned = std::thread::Builder::new()
+            .name("reopen".into())
+            .spawn(move || {
+                let epoch = client.epoch();
+                let opens = data.open_counts();
+                if opens.is_empty() {
+                    return;
+                }
+                let files = opens.len();
+                match client.call(0, 0, Request::Reopen { epoch, opens }) {
+                    Ok(_) => info!(%epoch, files, "re-announced open files to the coordinator"),
+                    Err(e) => warn!(%epoch, files, error = %e, "could not re-announce open files"),
+                }
+            });
+        if let Err(e) = spawned {
+            warn!(error = %e, "could not start re-announcing open files");
+        }
+    }
 }
 
 impl InvalidationHandler for Handler {
@@ -217,7 +250,10 @@ impl InvalidationHandler for Handler {
         match inv {
             Invalidation::Inode { ino } => self.kernel.inode(*ino),
             Invalidation::Entry { parent, name } => self.kernel.entry(*parent, name),
-            Invalidation::All => self.kernel.all(),
+            Invalidation::All => {
+                self.kernel.all();
+                self.reannounce_opens();
+            }
         }
     }
 
@@ -336,6 +372,15 @@ impl Candidate {
         store.set_lease_guard(keeper.guard());
         if takeover {
             store.hold_claims_for(CLAIM_GRACE);
+            // Until the nodes re-announce their opens (the server ends the grace).
+            store.hold_orphans();
+        } else {
+            // No other node is mounted, so none holds a file open: orphans go now rather
+            // than when the server's node grace ends.
+            store.reap_orphans().map_err(|e| MountError::OpenStore {
+                epoch,
+                source: StoreError::Load(e),
+            })?;
         }
         let mut config = ServerConfig::new(addr, self.secret.clone(), self.volume, epoch);
         config.nodes_with_opens = store.nodes_holding_opens();
@@ -492,6 +537,7 @@ pub fn run(cfg: &MountConfig) -> Result<(), MountError> {
         source,
     })?;
     let cache = Arc::new(DirCache::new());
+    let client_slot = Arc::new(OnceLock::new());
     let client = MetadataClient::connect(
         ClientConfig {
             node: cfg.node,
@@ -503,9 +549,11 @@ pub fn run(cfg: &MountConfig) -> Result<(), MountError> {
         Arc::new(Handler {
             kernel: invalidator.clone(),
             cache: cache.clone(),
+            client: client_slot.clone(),
         }),
     )
     .map_err(MountError::Connect)?;
+    let _ = client_slot.set(Arc::downgrade(&client));
     let meta: Arc<dyn Metadata> = Arc::new(ClientMeta {
         client: client.clone(),
         cache,

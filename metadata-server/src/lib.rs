@@ -22,6 +22,38 @@ pub trait MetadataStore: Send + Sync {
     /// Executes `req` for `caller`.
     fn execute(&self, caller: &Caller, req: &Request) -> Result<Response, FsError>;
 
+    /// Executes `req` for `caller` on a session of protocol `version` (requests whose
+    /// effect depends on the node's version, such as how open counts are kept). The
+    /// default ignores the version.
+    fn execute_as(
+        &self,
+        caller: &Caller,
+        req: &Request,
+        version: u32,
+    ) -> Result<Response, FsError> {
+        let _ = version;
+        self.execute(caller, req)
+    }
+
+    /// Answers a request at once when that cannot block (see
+    /// [`try_execute_read`](Self::try_execute_read)); a store may answer some mutations this
+    /// way too, those that change only memory (open counts of nodes of `version` 4 or
+    /// later). `None`: use [`execute_as`](Self::execute_as) on a thread that may block. The
+    /// default answers read-only requests through `try_execute_read`.
+    fn try_execute_now(
+        &self,
+        caller: &Caller,
+        req: &Request,
+        version: u32,
+    ) -> Option<Result<Response, FsError>> {
+        let _ = version;
+        if req.is_read_only() {
+            self.try_execute_read(caller, req)
+        } else {
+            None
+        }
+    }
+
     /// Answers a read-only request at once when that cannot block: no lock to wait for,
     /// no device read, no journal wait. `None` when it would block or `req` is a mutation
     /// or `Fsync`: the caller then uses [`execute`](Self::execute) on a thread that may
@@ -41,6 +73,13 @@ pub trait MetadataStore: Send + Sync {
     /// invalidated as usual. The default knows none.
     fn changed_attrs(&self, _req: &Request) -> Vec<Attr> {
         Vec::new()
+    }
+
+    /// Ends the grace after the store was opened during which unlinked inodes are kept
+    /// although no node is known to hold them open (nodes re-announce their opens after a
+    /// takeover): frees those nobody holds. Returns how many. The default frees nothing.
+    fn reap_orphans(&self) -> Result<u64, FsError> {
+        Ok(0)
     }
 
     /// A node is gone for good (crashed or cut off past its lease): drop its opens, so that

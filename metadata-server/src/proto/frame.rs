@@ -209,6 +209,7 @@ pub fn request_kind(req: &Request) -> &'static str {
         Request::Fallocate { .. } => "fallocate",
         Request::Fsync { .. } => "fsync",
         Request::CreateOpen { .. } => "createopen",
+        Request::Reopen { .. } => "reopen",
     }
 }
 

@@ -2,8 +2,8 @@
 //! behalf of a [`Caller`]; `(caller.node, caller.request)` makes a retried request run once.
 
 use crate::types::{
-    Attr, DirEntry, Extent, FallocMode, FileKind, InodeId, NodeId, RenameFlags, RequestId, SetAttr,
-    StatFs, XattrMode,
+    Attr, DirEntry, Epoch, Extent, FallocMode, FileKind, InodeId, NodeId, RenameFlags, RequestId,
+    SetAttr, StatFs, XattrMode,
 };
 use serde::{Deserialize, Serialize};
 
@@ -241,6 +241,17 @@ pub enum Request {
         /// Opened for writing.
         write: bool,
     },
+    /// After a coordinator takeover (epoch change): the open handles the caller's node
+    /// holds, per inode, so the new coordinator counts them again (from protocol version 4
+    /// open counts live in the coordinator's memory, not on disk). Ignored unless `epoch` is
+    /// the coordinator's own: a resend of an older re-announcement would count stale
+    /// figures. Answer: `Done`. Since protocol version 4.
+    Reopen {
+        /// The coordinator epoch the figures are for.
+        epoch: Epoch,
+        /// Inode and number of handles open on the node.
+        opens: Vec<(InodeId, u32)>,
+    },
 }
 
 impl Request {
@@ -265,6 +276,7 @@ impl Request {
     pub fn since_version(&self) -> u32 {
         match self {
             Request::CreateOpen { .. } => 3,
+            Request::Reopen { .. } => 4,
             _ => 1,
         }
     }

@@ -601,6 +601,7 @@ fn stale(st: &State, req: &Request, resp: &Response) -> Vec<Invalidation> {
         | Request::ListXattr { .. }
         | Request::Open { .. }
         | Request::Release { .. }
+        | Request::Reopen { .. }
         | Request::GetExtents { .. }
         | Request::Fsync { .. } => {}
     }

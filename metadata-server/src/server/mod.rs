@@ -245,6 +245,7 @@ impl Server {
             for node in &shared.config.nodes_with_opens {
                 session::schedule_node_gone(*node, &shared);
             }
+            session::schedule_orphan_reap(&shared);
         }
         runtime.spawn(accept_loop(listener, shared.clone()).instrument(span));
         Ok(ServerHandle {

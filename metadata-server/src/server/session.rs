@@ -276,9 +276,10 @@ async fn established(
                         true,
                     );
                 }
-                // A read-only request the store can answer from memory without waiting
-                // is answered here: no task and no blocking-thread hand-off.
-                if let Some((start, result)) = try_read_now(&shared, node, conn, &caller, &req) {
+                // A request the store can answer from memory without waiting (reads, and
+                // open counts) is answered here: no task and no blocking-thread hand-off.
+                if let Some((start, result)) = try_now(&shared, node, conn, version, &caller, &req)
+                {
                     ReplyTo {
                         node,
                         conn,
@@ -345,20 +346,22 @@ impl Drop for CloseOnDrop {
     }
 }
 
-/// Runs a read-only request in place when the store can answer it without blocking;
-/// returns the coherence mark taken before it ran and the answer.
-fn try_read_now(
+/// Runs a request in place when the store can answer it without blocking; returns the
+/// coherence mark taken before it ran and the answer. Only requests that make nothing stale
+/// elsewhere qualify: no invalidation is sent for them.
+fn try_now(
     shared: &Shared,
     node: NodeId,
     conn: u64,
+    version: u32,
     caller: &Caller,
     req: &Request,
 ) -> Option<(u64, Result<Response, FsError>)> {
-    if !req.is_read_only() {
+    if !req.is_read_only() && !matches!(req, Request::Open { .. } | Request::Release { .. }) {
         return None;
     }
     let start = shared.coherence.mark(node, conn);
-    let result = shared.store.try_execute_read(caller, req)?;
+    let result = shared.store.try_execute_now(caller, req, version)?;
     Some((start, result))
 }
 
@@ -418,7 +421,7 @@ fn run_blocking(job: Job, permit: OwnedSemaphorePermit) {
             start,
         };
         let executed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            shared.store.execute(&caller, &req)
+            shared.store.execute_as(&caller, &req, version)
         }));
         // Release the permit first: waiting for other nodes' acks must not hold up this
         // node's other requests.
@@ -546,6 +549,25 @@ async fn release_previous_mount(node: NodeId, shared: &Arc<Shared>) {
         ),
         Err(e) => tracing::error!(error = %e, "node_gone panicked"),
     }
+}
+
+/// After the node grace period, the store frees unlinked inodes that no node re-announced
+/// as open (see `MetadataStore::reap_orphans`).
+pub(super) fn schedule_orphan_reap(shared: &Arc<Shared>) {
+    let grace = Duration::from_millis(shared.config.node_grace_ms);
+    let shared = shared.clone();
+    tokio::spawn(
+        async move {
+            tokio::time::sleep(grace).await;
+            let store = shared.store.clone();
+            match tokio::task::spawn_blocking(move || store.reap_orphans()).await {
+                Ok(Ok(n)) => tracing::debug!(freed = n, "orphan grace ended"),
+                Ok(Err(e)) => tracing::error!(error = %e, "store could not free orphans"),
+                Err(e) => tracing::error!(error = %e, "reap_orphans panicked"),
+            }
+        }
+        .instrument(tracing::info_span!("orphan_reap")),
+    );
 }
 
 /// After the grace period, a node that did not come back is gone for good. Also used at

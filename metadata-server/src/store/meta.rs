@@ -19,7 +19,7 @@ use crate::format::{
     DRC_SLOT_BYTES, EXTENTS_PER_BLOCK, INLINE_EXTENTS, INLINE_SYMLINK_BYTES, INLINE_XATTR_BYTES,
     INODE_BYTES,
 };
-use crate::types::{BlockNo, ClusterNo, FsError, InodeId, NodeId};
+use crate::types::{BlockNo, ClusterNo, FsError, InodeId, NodeId, RequestId};
 
 /// Words of a bitmap block (32512 bits / 64).
 const WORDS_PER_BLOCK: usize = 508;
@@ -242,6 +242,52 @@ pub(crate) struct Meta {
     pub stats: StoreStats,
     /// Who may convert which unwritten cluster; memory only, kept across a rollback.
     pub claims: Claims,
+    /// Open handles of nodes on protocol version 4 or later, by inode and node index
+    /// (node id − 1). Memory only, kept across a rollback: after a takeover the nodes
+    /// re-announce theirs (`Reopen`). Counts of older nodes are on disk (`Inode::opens`).
+    pub opens: HashMap<InodeId, Vec<u32>>,
+    /// Recent requests that changed [`Meta::opens`], per node, so a resent one counts once.
+    pub open_ids: HashMap<NodeId, RecentIds>,
+    /// While set, a dead inode that nobody is known to hold stays held instead of being
+    /// freed: after a takeover the nodes have not re-announced their opens yet. Cleared by
+    /// [`Meta::reap_orphans`].
+    pub orphan_grace: bool,
+}
+
+/// The most recent request ids of one node, bounded.
+#[derive(Debug, Default)]
+pub(crate) struct RecentIds {
+    set: std::collections::HashSet<RequestId>,
+    order: std::collections::VecDeque<RequestId>,
+}
+
+/// Request ids remembered per node in [`Meta::open_ids`].
+const RECENT_OPEN_IDS: usize = 4096;
+
+impl RecentIds {
+    /// Records `id`; false if it was recorded already.
+    pub fn insert(&mut self, id: RequestId) -> bool {
+        if !self.set.insert(id) {
+            return false;
+        }
+        self.order.push_back(id);
+        if self.order.len() > RECENT_OPEN_IDS {
+            if let Some(old) = self.order.pop_front() {
+                self.set.remove(&old);
+            }
+        }
+        true
+    }
+
+    /// True if `id` is recorded.
+    pub fn contains(&self, id: RequestId) -> bool {
+        self.set.contains(&id)
+    }
+
+    /// Forgets `id` (its request failed, so a resend must run).
+    pub fn remove(&mut self, id: RequestId) {
+        self.set.remove(&id);
+    }
 }
 
 /// Inode slots read at once when a create finds its slot's generation unknown.
@@ -306,6 +352,9 @@ impl Meta {
             txn: Txn::default(),
             stats: StoreStats::default(),
             claims: Claims::default(),
+            opens: HashMap::new(),
+            open_ids: HashMap::new(),
+            orphan_grace: false,
         };
         // The superblock itself may be newer in the overlay.
         if let Some(b) = m.overlay.get(&0).cloned() {

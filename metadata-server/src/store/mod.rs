@@ -125,7 +125,13 @@ pub struct Store {
     geometry: Geometry,
     /// The coordinator lease this store runs under, once set.
     guard: std::sync::OnceLock<LeaseGuard>,
+    /// The epoch this store was opened with (a `Reopen` for another epoch is ignored).
+    epoch: Epoch,
 }
+
+/// From this protocol version nodes re-announce their opens after a takeover, so their
+/// open counts are kept in memory; older nodes' counts are journaled in the inode.
+pub const REOPEN_VERSION: u32 = 4;
 
 fn is_mutation(req: &Request) -> bool {
     !req.is_read_only()
@@ -136,8 +142,10 @@ fn journal_err(e: &JournalError) -> FsError {
 }
 
 impl Store {
-    /// Opens the volume on `dev` as its coordinator with epoch `epoch`: replays the journal,
-    /// loads the metadata and frees orphans left by a crash. A volume with unknown
+    /// Opens the volume on `dev` as its coordinator with epoch `epoch`: replays the journal
+    /// and loads the metadata. Orphans (unlinked inodes) left by a crash or a takeover stay
+    /// until [`Store::reap_orphans`] or until a release of them: nodes still mounted may hold
+    /// them open (see [`Store::hold_orphans`]). A volume with unknown
     /// read-only-compatible features opens read-only (mutations fail with `ReadOnly`); its
     /// journal is replayed in memory only.
     pub fn open(dev: Arc<dyn BlockDevice>, epoch: Epoch) -> Result<Store, StoreError> {
@@ -174,6 +182,7 @@ impl Store {
                 volume: first.superblock.volume,
                 geometry: g,
                 guard: std::sync::OnceLock::new(),
+                epoch,
             });
         }
         let (journal, records) = Journal::open(dev.clone(), jstart, jlen, epoch)?;
@@ -212,7 +221,9 @@ impl Store {
         let mut meta =
             Meta::load(dev.clone(), sb.clone(), HashMap::new()).map_err(StoreError::Load)?;
         meta.stats.replayed_records = replayed as u64;
-        let reaped = meta.reap_orphans().map_err(StoreError::Load)?;
+        // Orphans are freed by `reap_orphans`: nodes that stayed mounted may still hold them
+        // open (their counts were in the previous coordinator's memory).
+        let orphans = meta.held_prev.len();
         meta.sb.state = VolumeState::InUse;
         meta.txn.sb = true;
         let mut last_lsn = journal.durable_lsn();
@@ -223,7 +234,7 @@ impl Store {
             }
             last_lsn = lsn;
         }
-        tracing::info!(volume = %sb.volume, %epoch, replayed, orphans_freed = reaped, "metadata store opened");
+        tracing::info!(volume = %sb.volume, %epoch, replayed, held = orphans, "metadata store opened");
         Ok(Store {
             dev,
             journal: Some(journal),
@@ -237,6 +248,7 @@ impl Store {
             volume: sb.volume,
             geometry: g,
             guard: std::sync::OnceLock::new(),
+            epoch,
         })
     }
 
@@ -503,7 +515,14 @@ impl Store {
         })
     }
 
-    fn run_mutation(m: &mut Meta, caller: &Caller, req: &Request) -> Result<Response, FsError> {
+    /// Runs a mutation. `legacy`: the caller's session is older than [`REOPEN_VERSION`], so
+    /// its open counts are journaled.
+    fn run_mutation(
+        m: &mut Meta,
+        caller: &Caller,
+        req: &Request,
+        legacy: bool,
+    ) -> Result<Response, FsError> {
         Ok(match req {
             Request::SetAttr { ino, set } => Response::Attr(m.setattr(*ino, set)?),
             Request::Create {
@@ -555,7 +574,7 @@ impl Store {
                 m.removexattr(*ino, name)?;
                 Response::Done
             }
-            Request::Open { ino, write: _ } => m.open(caller.node, *ino)?,
+            Request::Open { ino, write: _ } => m.open(caller.node, *ino, legacy)?,
             Request::CreateOpen {
                 parent,
                 name,
@@ -564,10 +583,16 @@ impl Store {
                 write: _,
             } => {
                 let attr = m.create(caller, *parent, name, FileKind::File, *perm, 0, *exclusive)?;
-                m.open(caller.node, attr.ino)?
+                if !legacy {
+                    m.open_ids
+                        .entry(caller.node)
+                        .or_default()
+                        .insert(caller.request);
+                }
+                m.open(caller.node, attr.ino, legacy)?
             }
             Request::Release { ino } => {
-                m.release(caller.node, *ino)?;
+                m.release(caller.node, *ino, legacy)?;
                 Response::Done
             }
             Request::Allocate {
@@ -624,8 +649,116 @@ impl Store {
     }
 }
 
+impl Store {
+    /// `Open`, `Release` and `Reopen` of a node of protocol version [`REOPEN_VERSION`] or
+    /// later: counts in memory, deduplicated in memory (a resend to this coordinator counts
+    /// once; a new coordinator counted nothing). Journaled only when a release frees an
+    /// unlinked inode.
+    fn execute_opens(&self, caller: &Caller, req: &Request) -> Result<Response, FsError> {
+        let mut g = self.inner.lock();
+        self.check_usable(&mut g)?;
+        if self.read_only {
+            return Err(FsError::ReadOnly);
+        }
+        let node = caller.node;
+        let fresh = g
+            .meta
+            .open_ids
+            .entry(node)
+            .or_default()
+            .insert(caller.request);
+        let result = match req {
+            Request::Open { ino, .. } if fresh => g.meta.open(node, *ino, false),
+            Request::Open { ino, .. } => g.meta.mapped(*ino, 0, u64::MAX),
+            Request::Release { ino } if fresh => {
+                g.meta.release(node, *ino, false).map(|()| Response::Done)
+            }
+            Request::Reopen { epoch, opens } if fresh && *epoch == self.epoch => {
+                tracing::info!(%node, inodes = opens.len(), "node re-announced its opens");
+                g.meta.reopen(node, opens).map(|()| Response::Done)
+            }
+            Request::Reopen { epoch, .. } if fresh => {
+                tracing::debug!(%node, %epoch, "ignoring opens re-announced for another epoch");
+                Ok(Response::Done)
+            }
+            _ => Ok(Response::Done),
+        };
+        if result.is_err() {
+            // Nothing was counted: a resend must run again.
+            if let Some(ids) = g.meta.open_ids.get_mut(&node) {
+                ids.remove(caller.request);
+            }
+            if g.meta.txn.mutated {
+                self.rollback(&mut g);
+            } else {
+                g.meta.txn = Default::default();
+            }
+            return result;
+        }
+        if !g.meta.txn.mutated {
+            g.meta.txn = Default::default();
+            return result;
+        }
+        let lsn = self.commit_locked(&mut g)?;
+        drop(g);
+        self.wait(lsn)?;
+        result
+    }
+
+    /// Starts the orphan grace after a takeover: until [`Store::reap_orphans`], an unlinked
+    /// inode that no node is known to hold open stays (held) instead of being freed, because
+    /// the nodes that stayed mounted have not re-announced their opens yet.
+    pub fn hold_orphans(&self) {
+        self.inner.lock().meta.orphan_grace = true;
+    }
+
+    /// Ends the orphan grace (see [`Store::hold_orphans`]): frees every unlinked inode that
+    /// no node holds open (counted in memory since, or journaled by older nodes). The
+    /// coordinator calls it once the nodes had time to reconnect and re-announce their
+    /// opens. Returns how many inodes were freed.
+    pub fn reap_orphans(&self) -> Result<u64, FsError> {
+        let mut g = self.inner.lock();
+        self.check_usable(&mut g)?;
+        if self.read_only {
+            return Ok(0);
+        }
+        let n = match g.meta.reap_orphans() {
+            Ok(n) => n,
+            Err(e) => {
+                self.rollback(&mut g);
+                return Err(e);
+            }
+        };
+        let lsn = self.commit_locked(&mut g)?;
+        drop(g);
+        self.wait(lsn)?;
+        if n > 0 {
+            tracing::info!(freed = n, "freed unlinked inodes that no node holds open");
+        }
+        Ok(n)
+    }
+}
+
 impl MetadataStore for Store {
     fn execute(&self, caller: &Caller, req: &Request) -> Result<Response, FsError> {
+        self.execute_as(caller, req, crate::proto::PROTOCOL_VERSION)
+    }
+
+    fn execute_as(
+        &self,
+        caller: &Caller,
+        req: &Request,
+        version: u32,
+    ) -> Result<Response, FsError> {
+        let legacy = version < REOPEN_VERSION;
+        if !legacy
+            && matches!(
+                req,
+                Request::Open { .. } | Request::Release { .. } | Request::Reopen { .. }
+            )
+        {
+            return self.execute_opens(caller, req);
+        }
         let mut g = self.inner.lock();
         self.check_usable(&mut g)?;
         if !is_mutation(req) {
@@ -658,6 +791,19 @@ impl MetadataStore for Store {
                     }
                     DrcPayload::Executed => Self::replay_answer(&mut g.meta, caller, req),
                 };
+                if let (Request::CreateOpen { .. }, Ok(Response::Mapped { attr, .. }), false) =
+                    (req, &answer, legacy)
+                {
+                    // Ran before a takeover: this coordinator has not counted its open.
+                    if g.meta
+                        .open_ids
+                        .entry(caller.node)
+                        .or_default()
+                        .insert(caller.request)
+                    {
+                        g.meta.reopen(caller.node, &[(attr.ino, 1)])?;
+                    }
+                }
                 let lsn = g.last_lsn;
                 drop(g);
                 self.wait(lsn)?;
@@ -665,7 +811,7 @@ impl MetadataStore for Store {
                 return answer;
             }
         }
-        let result = Self::run_mutation(&mut g.meta, caller, req);
+        let result = Self::run_mutation(&mut g.meta, caller, req, legacy);
         let resp = match result {
             Ok(r) => r,
             Err(e) => {
@@ -748,6 +894,51 @@ impl MetadataStore for Store {
         out
     }
 
+    fn try_execute_now(
+        &self,
+        caller: &Caller,
+        req: &Request,
+        version: u32,
+    ) -> Option<Result<Response, FsError>> {
+        if req.is_read_only() {
+            return self.try_execute_read(caller, req);
+        }
+        if version < REOPEN_VERSION || self.read_only {
+            return None;
+        }
+        let (Request::Open { ino, .. } | Request::Release { ino }) = req else {
+            return None;
+        };
+        let mut g = self.inner.try_lock()?;
+        if let Err(e) = self.check_usable(&mut g) {
+            return Some(Err(e));
+        }
+        let node = caller.node;
+        if g.meta
+            .open_ids
+            .get(&node)
+            .is_some_and(|ids| ids.contains(caller.request))
+        {
+            // A resend of one that ran: the blocking path answers it without counting.
+            return None;
+        }
+        let result = match req {
+            Request::Open { .. } => g.meta.open_cached(node, *ino)?,
+            _ => g
+                .meta
+                .release_cached(node, *ino)
+                .map(|()| Ok(Response::Done))?,
+        };
+        if result.is_ok() {
+            g.meta
+                .open_ids
+                .entry(node)
+                .or_default()
+                .insert(caller.request);
+        }
+        Some(result)
+    }
+
     fn try_execute_read(
         &self,
         _caller: &Caller,
@@ -769,6 +960,10 @@ impl MetadataStore for Store {
             return None;
         }
         Some(r)
+    }
+
+    fn reap_orphans(&self) -> Result<u64, FsError> {
+        Store::reap_orphans(self)
     }
 
     fn node_gone(&self, node: NodeId) -> Result<(), FsError> {

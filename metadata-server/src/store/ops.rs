@@ -354,6 +354,7 @@ impl Meta {
             Vec::new()
         };
         let c = self.inodes.remove(&ino).ok_or(FsError::Stale)?;
+        self.opens.remove(&ino);
         for e in c.extents() {
             self.free_clusters(e.lun_cluster, u64::from(e.len_clusters));
         }
@@ -384,24 +385,39 @@ impl Meta {
         Ok(())
     }
 
-    fn opens_total(c: &CInode) -> u32 {
+    /// Open handles of older nodes, persisted in the inode.
+    fn persisted_opens(c: &CInode) -> u32 {
         c.inode.opens.iter().map(|v| u32::from(*v)).sum()
     }
 
-    /// After nlink or opens changed: free the inode, hold it, or release the hold.
+    /// Every open handle of the inode: persisted ones and those counted in memory.
+    fn opens_total(&self, ino: InodeId, c: &CInode) -> u32 {
+        let volatile: u32 = self
+            .opens
+            .get(&ino)
+            .map_or(0, |v| v.iter().fold(0u32, |a, n| a.saturating_add(*n)));
+        Self::persisted_opens(c).saturating_add(volatile)
+    }
+
+    /// After nlink or opens changed: free the inode, hold it, or release the hold. An
+    /// inode is held (on the on-disk list) while it is dead or has persisted opens; a dead
+    /// one is freed once nobody holds it, except during the orphan grace after a takeover.
     fn settle(&mut self, ino: InodeId) -> Result<(), FsError> {
         let c = self.inode(ino)?;
-        let opens = Self::opens_total(c);
+        let persisted = Self::persisted_opens(c);
         let nlink = c.inode.nlink;
         let held = c.inode.held;
         let is_dir = c.inode.kind == FileKind::Dir;
+        let c = self.inodes.get(&ino).ok_or(FsError::Stale)?;
+        let opens = self.opens_total(ino, c);
         let dead = nlink == 0 || (is_dir && nlink <= 1);
-        if dead && opens == 0 {
+        if dead && opens == 0 && !self.orphan_grace {
             return self.free_inode(ino);
         }
-        if (dead || opens > 0) && !held {
+        let want_held = dead || persisted > 0;
+        if want_held && !held {
             self.held_insert(ino)?;
-        } else if !dead && opens == 0 && held {
+        } else if !want_held && held {
             self.held_remove(ino)?;
         }
         Ok(())
@@ -976,20 +992,76 @@ impl Meta {
 
     // ----- opens -----
 
-    /// Open.
-    pub fn open(&mut self, node: NodeId, ino: InodeId) -> Result<Response, FsError> {
+    /// Open by `node`. With `persist` (a node of protocol version 3 or older, which does
+    /// not re-announce its opens) the count is journaled in the inode; otherwise it is
+    /// kept in memory only.
+    pub fn open(&mut self, node: NodeId, ino: InodeId, persist: bool) -> Result<Response, FsError> {
         let idx = self.node_index(node)?;
+        let nodes = self.opens_slots();
         let c = self.inode(ino)?;
-        let v = c.inode.opens[idx];
-        if v == u16::MAX {
-            return Err(FsError::Invalid(
-                "too many opens of one inode on one node".into(),
-            ));
+        if persist {
+            let v = c.inode.opens[idx];
+            if v == u16::MAX {
+                return Err(FsError::Invalid(
+                    "too many opens of one inode on one node".into(),
+                ));
+            }
+            c.inode.opens[idx] = v + 1;
+            self.touch(ino);
+            self.settle(ino)?;
+        } else {
+            let v = self.opens.entry(ino).or_insert_with(|| vec![0; nodes]);
+            v[idx] = v[idx].saturating_add(1);
         }
-        c.inode.opens[idx] = v + 1;
-        self.touch(ino);
-        self.settle(ino)?;
         self.mapped(ino, 0, u64::MAX)
+    }
+
+    /// `open` of a node of protocol version 4 or later, answered only from memory: `None`
+    /// when that needs a device read (nothing was counted then).
+    pub fn open_cached(&mut self, node: NodeId, ino: InodeId) -> Option<Result<Response, FsError>> {
+        let idx = match self.node_index(node) {
+            Ok(i) => i,
+            Err(e) => return Some(Err(e)),
+        };
+        self.cached_only = true;
+        self.missed = false;
+        let r = self.mapped(ino, 0, u64::MAX);
+        self.cached_only = false;
+        if std::mem::take(&mut self.missed) {
+            return None;
+        }
+        if r.is_ok() {
+            let nodes = self.opens_slots();
+            let v = self.opens.entry(ino).or_insert_with(|| vec![0; nodes]);
+            v[idx] = v[idx].saturating_add(1);
+        }
+        Some(r)
+    }
+
+    /// `release` of a node of protocol version 4 or later when it only lowers a count in
+    /// memory: the inode is cached, linked, not held and counted open by the node. `None`
+    /// otherwise (nothing changed then).
+    pub fn release_cached(&mut self, node: NodeId, ino: InodeId) -> Option<()> {
+        let idx = self.node_index(node).ok()?;
+        let c = self.inodes.get(&ino)?;
+        let dead = c.inode.nlink == 0 || (c.inode.kind == FileKind::Dir && c.inode.nlink <= 1);
+        if dead || c.inode.held || Self::persisted_opens(c) > 0 {
+            return None;
+        }
+        let n = self.opens.get(&ino).map_or(0, |v| v[idx]);
+        if n == 0 {
+            return None;
+        }
+        self.drop_volatile(ino, idx, 1);
+        if n == 1 {
+            self.claims.release(ino, node);
+        }
+        Some(())
+    }
+
+    /// Slots of a per-inode open-count vector: one per possible node.
+    fn opens_slots(&self) -> usize {
+        usize::try_from(self.g.max_nodes).unwrap_or(64)
     }
 
     fn node_index(&self, node: NodeId) -> Result<usize, FsError> {
@@ -1001,27 +1073,81 @@ impl Meta {
         usize::try_from(node.0 - 1).map_err(|_| FsError::Invalid("node".into()))
     }
 
-    /// Release.
-    pub fn release(&mut self, node: NodeId, ino: InodeId) -> Result<(), FsError> {
+    /// Release of one open by `node`: an in-memory count first (or, with `persist`, the
+    /// journaled one first), then the other kind. An inode that is gone already has nothing
+    /// to release.
+    pub fn release(&mut self, node: NodeId, ino: InodeId, persist: bool) -> Result<(), FsError> {
         let idx = self.node_index(node)?;
-        let c = self.inode(ino)?;
-        if c.inode.opens[idx] == 0 {
+        let c = match self.inode(ino) {
+            Ok(c) => c,
+            Err(FsError::Stale) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let on_disk = c.inode.opens[idx];
+        let in_memory = self.opens.get(&ino).map_or(0, |v| v[idx]);
+        let from_disk = on_disk > 0 && (persist || in_memory == 0);
+        if from_disk {
+            if let Ok(c) = self.inode(ino) {
+                c.inode.opens[idx] = on_disk - 1;
+            }
+            self.touch(ino);
+        } else if in_memory > 0 {
+            self.drop_volatile(ino, idx, 1);
+        } else {
             // Nothing to release (e.g. released by node_gone already).
             return Ok(());
         }
-        c.inode.opens[idx] -= 1;
-        if c.inode.opens[idx] == 0 {
+        let left = if from_disk { on_disk - 1 } else { on_disk };
+        if left == 0 && self.opens.get(&ino).map_or(0, |v| v[idx]) == 0 {
             // Its last open here: nothing of the node's is left uncommitted in the file.
             self.claims.release(ino, node);
         }
-        self.touch(ino);
         self.settle(ino)
+    }
+
+    /// Lowers the in-memory count of node index `idx` on `ino` by `n`.
+    fn drop_volatile(&mut self, ino: InodeId, idx: usize, n: u32) {
+        if let Some(v) = self.opens.get_mut(&ino) {
+            v[idx] = v[idx].saturating_sub(n);
+            if v.iter().all(|c| *c == 0) {
+                self.opens.remove(&ino);
+            }
+        }
+    }
+
+    /// A node's open handles after a takeover (`Reopen`): added to what this coordinator
+    /// counted for it already (requests resent across the takeover). Inodes that are gone
+    /// are skipped.
+    pub fn reopen(&mut self, node: NodeId, opens: &[(InodeId, u32)]) -> Result<(), FsError> {
+        let idx = self.node_index(node)?;
+        let nodes = self.opens_slots();
+        for (ino, n) in opens {
+            match self.inode(*ino) {
+                Ok(_) => {}
+                Err(FsError::Stale | FsError::NotFound | FsError::Invalid(_)) => continue,
+                Err(e) => return Err(e),
+            }
+            let v = self.opens.entry(*ino).or_insert_with(|| vec![0; nodes]);
+            v[idx] = v[idx].saturating_add(*n);
+        }
+        Ok(())
     }
 
     /// Drops every open of `node`.
     pub fn node_gone(&mut self, node: NodeId) -> Result<(), FsError> {
         let idx = self.node_index(node)?;
         self.claims.release_node(node);
+        self.open_ids.remove(&node);
+        let counted: Vec<InodeId> = self
+            .opens
+            .iter()
+            .filter(|(_, v)| v[idx] != 0)
+            .map(|(ino, _)| *ino)
+            .collect();
+        for ino in counted {
+            self.drop_volatile(ino, idx, u32::MAX);
+            self.settle(ino)?;
+        }
         let held: Vec<InodeId> = self.held_prev.keys().copied().collect();
         for ino in held {
             let c = self.inode(ino)?;
@@ -1034,14 +1160,17 @@ impl Meta {
         Ok(())
     }
 
-    /// Frees held inodes that nobody holds (after a crash or failover).
+    /// Ends the orphan grace: frees held inodes that nobody holds (after a crash or
+    /// failover, once the nodes had time to re-announce their opens). Returns how many.
     pub fn reap_orphans(&mut self) -> Result<u64, FsError> {
+        self.orphan_grace = false;
         let held: Vec<InodeId> = self.held_prev.keys().copied().collect();
         let mut n = 0;
         for ino in held {
             let c = self.inode(ino)?;
             let dead = c.inode.nlink == 0 || (c.inode.kind == FileKind::Dir && c.inode.nlink <= 1);
-            if dead && Self::opens_total(c) == 0 {
+            let c = self.inodes.get(&ino).ok_or(FsError::Stale)?;
+            if dead && self.opens_total(ino, c) == 0 {
                 n += 1;
             }
             self.settle(ino)?;

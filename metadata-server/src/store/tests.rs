@@ -16,6 +16,8 @@ use crate::types::{
 struct Client {
     node: NodeId,
     next: u64,
+    /// The protocol version of the node's session.
+    version: u32,
 }
 
 impl Client {
@@ -23,6 +25,14 @@ impl Client {
         Client {
             node: NodeId(node),
             next: 1,
+            version: crate::proto::PROTOCOL_VERSION,
+        }
+    }
+    /// A node of protocol version 3, whose open counts are journaled.
+    fn legacy(node: u32) -> Client {
+        Client {
+            version: 3,
+            ..Client::new(node)
         }
     }
     fn caller(&mut self) -> Caller {
@@ -36,7 +46,7 @@ impl Client {
     }
     fn run(&mut self, s: &Store, req: Request) -> Result<Response, FsError> {
         let c = self.caller();
-        s.execute(&c, &req)
+        s.execute_as(&c, &req, self.version)
     }
 }
 
@@ -714,14 +724,15 @@ fn retried_request_runs_once_also_after_crash() {
     assert!(matches!(s.execute(&other, &req), Err(FsError::Exists)));
 }
 
+/// Nodes before protocol version 4 do not re-announce their opens: their counts are on disk.
 #[test]
 fn unlinked_open_file_keeps_clusters_until_last_close() {
     let disk = Arc::new(CrashDisk::new(32 << 20));
     let dev: Arc<dyn BlockDevice> = disk.clone();
     mkfs(dev.clone(), &opts(64 << 10), &mut |_, _| {}).unwrap();
     let s = Store::open(dev.clone(), Epoch(1)).unwrap();
-    let mut a = Client::new(1);
-    let mut b = Client::new(2);
+    let mut a = Client::legacy(1);
+    let mut b = Client::legacy(2);
     let f = create(&mut a, &s, InodeId::ROOT, "f", FileKind::File).unwrap();
     let g = create(&mut a, &s, InodeId::ROOT, "g", FileKind::File).unwrap();
     for ino in [f.ino, g.ino] {
@@ -1877,13 +1888,14 @@ fn free_inodes(c: &mut Client, s: &Store) -> u64 {
     st.free_inodes
 }
 
+/// With a node of protocol version 3, whose open counts are journaled with the create.
 #[test]
 fn create_open_creates_and_opens_in_one_durable_transaction() {
     let disk = Arc::new(CrashDisk::new(32 << 20));
     let dev: Arc<dyn BlockDevice> = disk.clone();
     mkfs(dev.clone(), &opts(64 << 10), &mut |_, _| {}).unwrap();
     let s = Store::open(dev.clone(), Epoch(1)).unwrap();
-    let mut a = Client::new(1);
+    let mut a = Client::legacy(1);
     let free0 = free_inodes(&mut a, &s);
     let t0 = s.stats().transactions;
     let f = mapped_attr(a.run(&s, create_open("f", true)));
@@ -2203,4 +2215,244 @@ fn checkpoint_writes_adjacent_pieces_together() {
             Ok(Response::Attr(x)) if x.ino == *ino
         ));
     }
+}
+
+/// A fresh 32 MiB volume on a disk that can lose unflushed writes, with its store (epoch 1).
+fn crash_volume() -> (Arc<CrashDisk>, Arc<dyn BlockDevice>, Store) {
+    let disk = Arc::new(CrashDisk::new(32 << 20));
+    let dev: Arc<dyn BlockDevice> = disk.clone();
+    mkfs(dev.clone(), &opts(64 << 10), &mut |_, _| {}).unwrap();
+    let s = Store::open(dev.clone(), Epoch(1)).unwrap();
+    (disk, dev, s)
+}
+
+fn used_clusters(c: &mut Client, s: &Store) -> u64 {
+    let Response::StatFs(st) = c.run(s, Request::StatFs).unwrap() else {
+        panic!("statfs")
+    };
+    st.total_clusters - st.free_clusters
+}
+
+fn allocate_all(c: &mut Client, s: &Store, ino: InodeId, len_bytes: u64) {
+    c.run(
+        s,
+        Request::Allocate {
+            ino,
+            offset_bytes: 0,
+            len_bytes,
+            hint_bytes: 0,
+        },
+    )
+    .unwrap();
+}
+
+fn open_req(ino: InodeId) -> Request {
+    Request::Open { ino, write: true }
+}
+
+#[test]
+fn open_counts_of_current_nodes_are_kept_in_memory_and_still_hold_unlinked_files() {
+    let (_d, s) = fresh(32 << 20, &opts(64 << 10));
+    let (mut a, mut b) = (Client::new(1), Client::new(2));
+    let f = create(&mut a, &s, InodeId::ROOT, "f", FileKind::File).unwrap();
+    allocate_all(&mut a, &s, f.ino, 4 << 16);
+    let t0 = s.stats().transactions;
+    a.run(&s, open_req(f.ino)).unwrap();
+    b.run(&s, open_req(f.ino)).unwrap();
+    b.run(&s, open_req(f.ino)).unwrap();
+    b.run(&s, Request::Release { ino: f.ino }).unwrap();
+    assert_eq!(
+        s.stats().transactions,
+        t0,
+        "opens and releases journal nothing"
+    );
+    a.run(
+        &s,
+        Request::Unlink {
+            parent: InodeId::ROOT,
+            name: b"f".to_vec(),
+        },
+    )
+    .unwrap();
+    assert_eq!(used_clusters(&mut a, &s), 4, "open on nodes 1 and 2");
+    a.run(&s, Request::Release { ino: f.ino }).unwrap();
+    assert_eq!(used_clusters(&mut a, &s), 4, "node 2 still has it open");
+    // A resend of a release that ran (same request id) counts once.
+    let last = b.caller();
+    s.execute(&last, &Request::Release { ino: f.ino }).unwrap();
+    assert_eq!(used_clusters(&mut a, &s), 0, "the last close frees it");
+    s.execute(&last, &Request::Release { ino: f.ino }).unwrap();
+    assert!(matches!(
+        a.run(&s, Request::GetAttr { ino: f.ino }),
+        Err(FsError::Stale)
+    ));
+    // A resent open counts once too: one release then frees the file.
+    let g = create(&mut a, &s, InodeId::ROOT, "g", FileKind::File).unwrap();
+    allocate_all(&mut a, &s, g.ino, 2 << 16);
+    let open = a.caller();
+    s.execute(&open, &open_req(g.ino)).unwrap();
+    s.execute(&open, &open_req(g.ino)).unwrap();
+    a.run(
+        &s,
+        Request::Unlink {
+            parent: InodeId::ROOT,
+            name: b"g".to_vec(),
+        },
+    )
+    .unwrap();
+    assert_eq!(used_clusters(&mut a, &s), 2);
+    a.run(&s, Request::Release { ino: g.ino }).unwrap();
+    assert_eq!(used_clusters(&mut a, &s), 0);
+}
+
+#[test]
+fn after_a_takeover_unlinked_files_wait_for_the_nodes_to_reannounce_their_opens() {
+    let (disk, dev, s) = crash_volume();
+    let (mut a, mut b) = (Client::new(1), Client::new(2));
+    let mut files = Vec::new();
+    for name in ["kept", "dropped", "later"] {
+        let f = create(&mut a, &s, InodeId::ROOT, name, FileKind::File).unwrap();
+        allocate_all(&mut a, &s, f.ino, 2 << 16);
+        files.push(f.ino);
+    }
+    let [kept, dropped, later] = files[..] else {
+        panic!()
+    };
+    b.run(&s, open_req(kept)).unwrap();
+    b.run(&s, open_req(kept)).unwrap();
+    a.run(&s, open_req(dropped)).unwrap();
+    b.run(&s, open_req(later)).unwrap();
+    for name in ["kept", "dropped"] {
+        a.run(
+            &s,
+            Request::Unlink {
+                parent: InodeId::ROOT,
+                name: name.as_bytes().to_vec(),
+            },
+        )
+        .unwrap();
+    }
+    assert_eq!(used_clusters(&mut a, &s), 6);
+    // The coordinator dies; its counts die with it. The new one holds every orphan.
+    drop(s);
+    disk.power_cut();
+    let s = Store::open(dev.clone(), Epoch(2)).unwrap();
+    s.hold_orphans();
+    assert_eq!(used_clusters(&mut a, &s), 6);
+    // Unlinked during the grace with nothing counted yet: held too.
+    a.run(
+        &s,
+        Request::Unlink {
+            parent: InodeId::ROOT,
+            name: b"later".to_vec(),
+        },
+    )
+    .unwrap();
+    assert_eq!(used_clusters(&mut a, &s), 6);
+    // Node 2 re-announces; a resend meant for an older epoch counts nothing.
+    let stale = Request::Reopen {
+        epoch: Epoch(1),
+        opens: vec![(kept, 5)],
+    };
+    b.run(&s, stale).unwrap();
+    let reopen = Request::Reopen {
+        epoch: Epoch(2),
+        opens: vec![(kept, 2), (later, 1), (InodeId(999_999), 1)],
+    };
+    let caller = b.caller();
+    s.execute(&caller, &reopen).unwrap();
+    s.execute(&caller, &reopen).unwrap();
+    // Node 1 never re-announces `dropped` (it went away): the grace ends and frees it.
+    assert_eq!(s.reap_orphans().unwrap(), 1);
+    assert_eq!(used_clusters(&mut a, &s), 4);
+    b.run(&s, Request::Release { ino: kept }).unwrap();
+    b.run(&s, Request::Release { ino: later }).unwrap();
+    assert_eq!(
+        used_clusters(&mut a, &s),
+        2,
+        "kept: one of two handles left"
+    );
+    b.run(&s, Request::Release { ino: kept }).unwrap();
+    assert_eq!(used_clusters(&mut a, &s), 0);
+    drop(s);
+    disk.power_cut();
+    let s = Store::open(dev, Epoch(3)).unwrap();
+    assert_eq!(used_clusters(&mut a, &s), 0);
+}
+
+#[test]
+fn a_create_open_answered_from_the_duplicate_cache_after_a_takeover_is_counted_once() {
+    let (disk, dev, s) = crash_volume();
+    let mut a = Client::new(1);
+    let caller = a.caller();
+    let req = create_open("c", true);
+    let f = mapped_attr(s.execute(&caller, &req));
+    allocate_all(&mut a, &s, f.ino, 2 << 16);
+    drop(s);
+    disk.power_cut();
+    let s = Store::open(dev, Epoch(2)).unwrap();
+    s.hold_orphans();
+    // The answer was lost: the node resends the create twice (two reconnects).
+    assert_eq!(mapped_attr(s.execute(&caller, &req)).ino, f.ino);
+    assert_eq!(mapped_attr(s.execute(&caller, &req)).ino, f.ino);
+    a.run(
+        &s,
+        Request::Unlink {
+            parent: InodeId::ROOT,
+            name: b"c".to_vec(),
+        },
+    )
+    .unwrap();
+    s.reap_orphans().unwrap();
+    assert_eq!(
+        used_clusters(&mut a, &s),
+        2,
+        "the resent create counted its open"
+    );
+    a.run(&s, Request::Release { ino: f.ino }).unwrap();
+    assert_eq!(used_clusters(&mut a, &s), 0, "once");
+}
+
+#[test]
+fn open_counts_answered_without_blocking_count_like_the_blocking_path() {
+    let (_d, s) = fresh(32 << 20, &opts(64 << 10));
+    let (mut a, mut b) = (Client::new(1), Client::new(2));
+    let v = crate::proto::PROTOCOL_VERSION;
+    let f = create(&mut a, &s, InodeId::ROOT, "f", FileKind::File).unwrap();
+    allocate_all(&mut a, &s, f.ino, 2 << 16);
+    let open = b.caller();
+    assert!(matches!(
+        s.try_execute_now(&open, &open_req(f.ino), v),
+        Some(Ok(Response::Mapped { .. }))
+    ));
+    // A resend goes to the blocking path, which answers without counting again.
+    assert!(s.try_execute_now(&open, &open_req(f.ino), v).is_none());
+    s.execute(&open, &open_req(f.ino)).unwrap();
+    let second = b.caller();
+    assert!(s.try_execute_now(&second, &open_req(f.ino), v).is_some());
+    let release = b.caller();
+    assert_eq!(
+        s.try_execute_now(&release, &Request::Release { ino: f.ino }, v),
+        Some(Ok(Response::Done))
+    );
+    // Nodes before version 4 and requests that would free something are not answered here.
+    let old = b.caller();
+    assert!(s
+        .try_execute_now(&old, &Request::Release { ino: f.ino }, 3)
+        .is_none());
+    a.run(
+        &s,
+        Request::Unlink {
+            parent: InodeId::ROOT,
+            name: b"f".to_vec(),
+        },
+    )
+    .unwrap();
+    assert_eq!(used_clusters(&mut a, &s), 2, "one handle of node 2 left");
+    let last = b.caller();
+    assert!(s
+        .try_execute_now(&last, &Request::Release { ino: f.ino }, v)
+        .is_none());
+    s.execute(&last, &Request::Release { ino: f.ino }).unwrap();
+    assert_eq!(used_clusters(&mut a, &s), 0);
 }
