@@ -59,6 +59,11 @@ pub struct MountArgs {
     /// Timeout of one metadata request, in milliseconds. Default: 30000.
     #[arg(long)]
     pub request_timeout_ms: Option<u64>,
+    /// As coordinator: how long a node may stay disconnected before its opens are dropped,
+    /// and how long after a takeover unlinked files wait for the nodes to re-announce their
+    /// opens, in milliseconds. Default: 30000.
+    #[arg(long)]
+    pub node_grace_ms: Option<u64>,
     /// Where to mount. Required (argument or config).
     pub mountpoint: Option<PathBuf>,
 }

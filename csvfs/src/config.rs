@@ -27,6 +27,9 @@ pub struct MountConfigFile {
     pub workers: Option<usize>,
     /// Metadata request timeout in milliseconds. Default: 30000.
     pub request_timeout_ms: Option<u64>,
+    /// As coordinator, the grace for departed nodes and for re-announced opens, in
+    /// milliseconds. Default: 30000.
+    pub node_grace_ms: Option<u64>,
     /// Mountpoint. Default: none (required from argument or file).
     pub mountpoint: Option<PathBuf>,
 }
@@ -89,6 +92,8 @@ pub struct MountConfig {
     pub workers: usize,
     /// Metadata request timeout in milliseconds.
     pub request_timeout_ms: u64,
+    /// As coordinator, the grace for departed nodes and re-announced opens, in milliseconds.
+    pub node_grace_ms: u64,
     /// Mountpoint.
     pub mountpoint: PathBuf,
 }
@@ -160,6 +165,7 @@ impl MountConfig {
                 .request_timeout_ms
                 .or(file.request_timeout_ms)
                 .unwrap_or(30_000),
+            node_grace_ms: args.node_grace_ms.or(file.node_grace_ms).unwrap_or(30_000),
             mountpoint,
         };
         cfg.validate()?;
@@ -183,6 +189,12 @@ impl MountConfig {
         if self.request_timeout_ms == 0 {
             return Err(ConfigError::Invalid {
                 name: "request_timeout_ms",
+                why: "must be positive".into(),
+            });
+        }
+        if self.node_grace_ms == 0 {
+            return Err(ConfigError::Invalid {
+                name: "node_grace_ms",
                 why: "must be positive".into(),
             });
         }

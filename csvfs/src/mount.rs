@@ -59,7 +59,7 @@ use metadata_server::store::{Store, StoreError};
 use metadata_server::types::{Epoch, FsError, NodeId, VolumeId};
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 use tracing::{info, warn};
@@ -212,6 +212,9 @@ struct Handler {
     cache: Arc<DirCache>,
     /// The client, once connected: a new coordinator is told which files are open here.
     client: Arc<OnceLock<Weak<MetadataClient>>>,
+    /// The highest coordinator epoch this node re-announced its opens to (or first connected
+    /// to): once per new epoch, however many `Invalidation::All` arrive.
+    announced: Arc<AtomicU64>,
 }
 
 impl Handler {
@@ -225,10 +228,13 @@ impl Handler {
         let Some(data) = self.kernel.data() else {
             return;
         };
+        let epoch = client.epoch();
+        if self.announced.fetch_max(epoch.0, Ordering::SeqCst) >= epoch.0 {
+            return;
+        }
         let spawned = std::thread::Builder::new()
             .name("reopen".into())
             .spawn(move || {
-                let epoch = client.epoch();
                 let opens = data.open_counts();
                 if opens.is_empty() {
                     return;
@@ -347,6 +353,8 @@ struct Candidate {
     volume: VolumeId,
     secret: Vec<u8>,
     listen: SocketAddr,
+    /// The server's `node_grace_ms` when this node is coordinator.
+    node_grace_ms: u64,
     hosted: parking_lot::Mutex<Option<Hosted>>,
 }
 
@@ -384,6 +392,7 @@ impl Candidate {
         }
         let mut config = ServerConfig::new(addr, self.secret.clone(), self.volume, epoch);
         config.nodes_with_opens = store.nodes_holding_opens();
+        config.node_grace_ms = self.node_grace_ms;
         drop(reserved);
         let server = Server::start(store.clone(), config).map_err(MountError::StartServer)?;
         let replayed = store.stats().replayed_records;
@@ -508,6 +517,7 @@ pub fn run(cfg: &MountConfig) -> Result<(), MountError> {
         volume: sb.volume,
         secret: secret.clone(),
         listen: cfg.listen,
+        node_grace_ms: cfg.node_grace_ms,
         hosted: parking_lot::Mutex::new(None),
     });
     let (my_addr, reserved) = reserve_addr(cfg.listen)?;
@@ -538,6 +548,7 @@ pub fn run(cfg: &MountConfig) -> Result<(), MountError> {
     })?;
     let cache = Arc::new(DirCache::new());
     let client_slot = Arc::new(OnceLock::new());
+    let announced = Arc::new(AtomicU64::new(0));
     let client = MetadataClient::connect(
         ClientConfig {
             node: cfg.node,
@@ -550,10 +561,13 @@ pub fn run(cfg: &MountConfig) -> Result<(), MountError> {
             kernel: invalidator.clone(),
             cache: cache.clone(),
             client: client_slot.clone(),
+            announced: announced.clone(),
         }),
     )
     .map_err(MountError::Connect)?;
     let _ = client_slot.set(Arc::downgrade(&client));
+    // The first coordinator counted every open of this node itself.
+    announced.fetch_max(client.epoch().0, Ordering::SeqCst);
     let meta: Arc<dyn Metadata> = Arc::new(ClientMeta {
         client: client.clone(),
         cache,

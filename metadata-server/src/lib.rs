@@ -13,7 +13,26 @@ pub mod store;
 pub mod types;
 
 use proto::{Caller, Request, Response};
-use types::{Attr, FsError, NodeId};
+use types::{Attr, FsError, Lsn, NodeId};
+
+/// A request that ran, with the journal record its answer depends on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Submitted {
+    /// The answer, valid once `lsn` is durable.
+    pub result: Result<Response, FsError>,
+    /// The record to wait for; `Lsn(0)` when there is none.
+    pub lsn: Lsn,
+}
+
+impl Submitted {
+    /// An answer that waits for nothing.
+    pub fn now(result: Result<Response, FsError>) -> Submitted {
+        Submitted {
+            result,
+            lsn: Lsn(0),
+        }
+    }
+}
 
 /// The coordinator's metadata engine as the server sees it: executes one request on behalf
 /// of a caller, durably (journaled) before it returns. A request whose `(node, request)` was
@@ -33,6 +52,19 @@ pub trait MetadataStore: Send + Sync {
     ) -> Result<Response, FsError> {
         let _ = version;
         self.execute(caller, req)
+    }
+
+    /// Runs `req` like [`execute_as`](Self::execute_as) but does not wait for the journal:
+    /// the answer counts once [`wait_durable`](Self::wait_durable) of its `lsn` returned,
+    /// so one wait serves many requests. The default runs `execute_as` (durable at once).
+    fn submit_as(&self, caller: &Caller, req: &Request, version: u32) -> Submitted {
+        Submitted::now(self.execute_as(caller, req, version))
+    }
+
+    /// Returns once every journal record up to `lsn` is durable. The default has none.
+    fn wait_durable(&self, lsn: Lsn) -> Result<(), FsError> {
+        let _ = lsn;
+        Ok(())
     }
 
     /// Answers a request at once when that cannot block (see

@@ -7,8 +7,9 @@
 //! exactly once, and the namespace keeps working. While no coordinator exists, I/O to
 //! extents already mapped goes on between two survivors. Then the new coordinator is paused
 //! (SIGSTOP) past its lease timeout: the last node takes over, and the paused one, once
-//! resumed, fences itself and follows instead of writing metadata again. fsck -n is clean
-//! at the end.
+//! resumed, fences itself and follows instead of writing metadata again. A file one node
+//! holds open and another unlinked before the kill keeps its clusters through the takeover
+//! (the holder re-announces its opens) until its last close. fsck -n is clean at the end.
 
 use block_client::open_device;
 use csvfs_tests::cluster::{csvfs_exe, pattern, ClusterSpec, TestCluster};
@@ -25,6 +26,23 @@ use std::time::{Duration, Instant};
 
 /// Bytes per streamed record.
 const RECORD: usize = 4096;
+/// The coordinators' node grace (`--node-grace-ms`): after a takeover, unlinked files wait
+/// this long for the nodes to re-announce their opens before the unclaimed ones are freed.
+const NODE_GRACE: Duration = Duration::from_millis(3000);
+
+/// Free bytes of the file system mounted at `mp` (`stat -f`, which asks the coordinator).
+fn free_bytes(mp: &Path) -> u64 {
+    let out = Command::new("stat")
+        .args(["-f", "-c", "%a %S"])
+        .arg(mp)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "stat -f {}", mp.display());
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut it = text.split_whitespace().map(|v| v.parse::<u64>().unwrap());
+    it.next().unwrap() * it.next().unwrap()
+}
+
 /// The longest a takeover may take (lease timeout 4 s + settle + replay, on a busy machine).
 const TAKEOVER_LIMIT: Duration = Duration::from_secs(25);
 
@@ -249,7 +267,9 @@ fn signal(c: &TestCluster, id: u32, sig: i32) {
 #[test]
 fn cluster_failover() {
     let t0 = Instant::now();
-    let mut c = TestCluster::start(ClusterSpec::new("failover", 3));
+    let mut spec = ClusterSpec::new("failover", 3);
+    spec.mount_flags = vec!["--node-grace-ms".into(), NODE_GRACE.as_millis().to_string()];
+    let mut c = TestCluster::start(spec);
     let first = coordinator(&c);
     assert_eq!(first.node.0, 1, "node 1 mounts first and is coordinator");
 
@@ -300,6 +320,21 @@ fn cluster_failover() {
     on2.read_exact_at(&mut got, 0).unwrap();
     assert!(got == buf);
 
+    // A file node 2 holds open and node 3 unlinks. The coordinator that takes over counts
+    // no opens at first: only node 2's re-announcement keeps the file's clusters.
+    let orphan_len = 4usize << 20;
+    let mut orphan = vec![0u8; orphan_len];
+    pattern(79, &mut orphan);
+    let held = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(c.mp(2).join("orphan.bin"))
+        .unwrap();
+    held.write_all_at(&orphan, 0).unwrap();
+    held.sync_all().unwrap();
+    fs::remove_file(c.mp(3).join("orphan.bin")).unwrap();
+
     let killed = Instant::now();
     c.kill(1);
     let before = (
@@ -329,6 +364,7 @@ fn cluster_failover() {
     );
     drop((on3, on2));
     let (second, took) = wait_takeover(&c, &first, killed);
+    let taken = Instant::now();
     eprintln!(
         "{} took over at {} {:?} after the kill",
         second.node, second.epoch, took
@@ -362,6 +398,28 @@ fn cluster_failover() {
     );
     fs::remove_file(c.mp(2).join("renamed.txt")).unwrap();
     assert!(!c.mp(3).join("renamed.txt").exists());
+
+    // The orphan grace has ended: node 2's re-announced open still holds the unlinked
+    // file, whole; its last close frees it.
+    thread::sleep((NODE_GRACE + Duration::from_secs(1)).saturating_sub(taken.elapsed()));
+    let mut got = vec![0u8; orphan_len];
+    held.read_exact_at(&mut got, 0).unwrap();
+    assert!(got == orphan, "the unlinked file held open changed");
+    let free_before = free_bytes(&c.mp(3));
+    drop(held);
+    let t = Instant::now();
+    loop {
+        let free = free_bytes(&c.mp(3));
+        if free >= free_before + orphan_len as u64 {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "closing the unlinked file freed {} bytes, not its {orphan_len}: it was freed while open",
+            free.saturating_sub(free_before)
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
 
     // `csvfs state` takes free space from the live coordinator through a local mount. Node
     // 1's last heartbeat is more than five heartbeat periods old once 6.5 s have passed.

@@ -226,6 +226,7 @@ impl Coherence {
 
     /// Queues `reply` to the node and records what it may now cache; re-sends, after the
     /// reply, invalidations that raced it. Returns false when the session is gone.
+    #[cfg(test)]
     pub(crate) fn reply(
         &self,
         node: NodeId,
@@ -234,28 +235,42 @@ impl Coherence {
         req: &Request,
         reply: Frame,
     ) -> bool {
+        match self.reply_queued(node, conn, start_seq, req, reply) {
+            Some(sink) => {
+                sink.push();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// [`reply`](Self::reply) without writing: queues the reply (and what it raced) on the
+    /// connection and returns its sink, for the caller to push once for many replies.
+    pub(crate) fn reply_queued(
+        &self,
+        node: NodeId,
+        conn: u64,
+        start_seq: u64,
+        req: &Request,
+        reply: Frame,
+    ) -> Option<Arc<dyn FrameSink>> {
         let keys = match &reply {
             Frame::Reply { result, .. } => cached_keys(req, result),
             _ => Vec::new(),
         };
         let mut guard = self.state.lock();
         let st = &mut *guard;
-        let Some(link) = st
+        let link = st
             .nodes
             .get_mut(&node)
             .and_then(|n| n.link.as_mut())
-            .filter(|l| l.conn == conn)
-        else {
-            return false;
-        };
+            .filter(|l| l.conn == conn)?;
         if !link.tx.queue(reply) {
-            return false;
+            return None;
         }
         let sink = link.tx.clone();
         if link.version < INVALIDATION_VERSION {
-            drop(guard);
-            sink.push();
-            return true;
+            return Some(sink);
         }
         let again: Vec<Invalidation> = link
             .recent
@@ -283,8 +298,7 @@ impl Coherence {
             }
         }
         drop(guard);
-        sink.push();
-        true
+        Some(sink)
     }
 
     /// Sends the invalidations that the successful mutation `req` (answered `resp`) by

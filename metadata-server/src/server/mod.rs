@@ -9,9 +9,10 @@
 //!  accept ─▶ handshake (limits: 4 KiB frames, handshake timeout)
 //!              │ refused / wrong secret / bad frame ─▶ log reason, close
 //!              ▼
-//!           established ─┬─ reader: Request ─▶ task: store.execute (blocking pool)
-//!                        │                        ─▶ invalidate other nodes, await acks
-//!                        │                        ─▶ queue Reply
+//!           established ─┬─ reader: Request ─▶ cached read / open count: answer here
+//!                        │                   └──▶ executor thread (executor.rs): batch,
+//!                        │                        one journal wait, invalidate other
+//!                        │                        nodes (acks awaited in a task), Reply
 //!                        │   InvalidateAck ─▶ wake the waiting mutation
 //!                        │   Ping ─▶ Pong;  silence > idle timeout ─▶ close
 //!                        └─ writer: frames from a queue, flushed when the queue is empty
@@ -19,8 +20,12 @@
 //! ```
 
 mod coherence;
+mod executor;
 pub(crate) mod io;
 mod session;
+
+/// Version from which replies to namespace changes carry `Response::WithAttrs`.
+const WITH_ATTRS_VERSION: u32 = 4;
 
 use crate::types::{Epoch, NodeId, VolumeId};
 use crate::MetadataStore;
@@ -58,11 +63,13 @@ pub struct ServerConfig {
     /// A node disconnected for this long is declared gone (`store.node_gone`), in
     /// milliseconds. Default: 30000.
     pub node_grace_ms: u64,
-    /// Requests of one connection executing at once; more wait in the socket. Default: 256.
+    /// Requests the store executor runs between two journal waits (one group commit), at
+    /// most; more wait for the next batch. Default: 256.
     pub max_in_flight_per_conn: u32,
     /// Async worker threads. Default: 2.
     pub runtime_threads: u32,
-    /// Threads for blocking store calls. Default: 64.
+    /// Threads for blocking store calls besides the executor (a departed node's release).
+    /// Default: 64.
     pub store_threads: u32,
     /// Nodes that held opens when the store was opened (for example
     /// `Store::nodes_holding_opens` after a failover). Each one that does not connect
@@ -151,6 +158,8 @@ pub(crate) struct Shared {
     pub(crate) store: Arc<dyn MetadataStore>,
     pub(crate) config: ServerConfig,
     pub(crate) coherence: Coherence,
+    /// The thread that runs requests the session readers cannot answer in place.
+    pub(crate) executor: executor::Executor,
     /// Random id of this server instance.
     pub(crate) instance: u64,
     /// Sessions per node ever established, to tell a reconnect from the grace timer.
@@ -224,8 +233,12 @@ impl Server {
             source,
         })?;
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let executor =
+            executor::Executor::start(runtime.handle().clone(), config.max_in_flight_per_conn)
+                .map_err(ServerError::Runtime)?;
         let shared = Arc::new(Shared {
             store,
+            executor,
             coherence: Coherence::new(Duration::from_millis(config.invalidation_timeout_ms)),
             instance: rand::random(),
             generations: parking_lot::Mutex::new(HashMap::new()),
@@ -276,6 +289,7 @@ impl ServerHandle {
 
     fn stop(&mut self) {
         let _ = self.shutdown_tx.send(true);
+        self.shared.executor.stop();
         if let Some(rt) = self.runtime.take() {
             if tokio::runtime::Handle::try_current().is_ok() {
                 // Blocking inside an async context would panic; let it wind down alone.

@@ -1,6 +1,7 @@
 //! One node connection on the server: handshake, then the request loop.
 
 use super::coherence::FrameSink;
+use super::executor::{Job, ReplyTo};
 use super::io::{
     error_chain as chain, read_frame, write_bytes, FrameLink, WireError, READ_BUFFER_BYTES,
 };
@@ -9,7 +10,7 @@ use crate::proto::{
     encode_frame, request_kind, Caller, ClientHello, Frame, Request, Response, ServerHello,
     Transcript, MAX_HANDSHAKE_FRAME_BYTES, MIN_PROTOCOL_VERSION, NONCE_BYTES, PROTOCOL_VERSION,
 };
-use crate::types::{FsError, NodeId, RequestId};
+use crate::types::{FsError, NodeId};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -243,9 +244,6 @@ async fn established(
         }
         .in_current_span(),
     );
-    let running = Arc::new(Semaphore::new(
-        usize::try_from(shared.config.max_in_flight_per_conn.max(1)).unwrap_or(256),
-    ));
     // Requests read but not yet running. The reader only stops reading (and answering
     // pings and acks) past this bound, so a busy store does not look like a dead link.
     let queued = Arc::new(Semaphore::new(MAX_QUEUED_PER_CONN));
@@ -284,9 +282,8 @@ async fn established(
                         node,
                         conn,
                         version,
-                        start,
                     }
-                    .send(&shared, &req, id, result);
+                    .send(&shared, start, &req, id, result);
                     continue;
                 }
                 let Ok(slot) = queued.clone().acquire_owned().await else {
@@ -295,23 +292,19 @@ async fn established(
                 let span = tracing::debug_span!("request", %id, op = request_kind(&req));
                 let job = Job {
                     shared: shared.clone(),
-                    node,
-                    conn,
-                    version,
+                    to: ReplyTo {
+                        node,
+                        conn,
+                        version,
+                    },
                     id,
                     caller,
                     req,
+                    slot,
+                    span,
                 };
-                // With a running permit free (none waits while one is), the request goes
-                // to a blocking thread from here, without a task in between.
-                match running.clone().try_acquire_owned() {
-                    Ok(permit) => {
-                        drop(slot);
-                        span.in_scope(|| run_blocking(job, permit));
-                    }
-                    Err(_) => {
-                        tokio::spawn(handle(job, running.clone(), slot).instrument(span));
-                    }
+                if !shared.executor.submit(job) {
+                    break ("server shutting down".into(), false);
                 }
             }
             Frame::InvalidateAck { seq } => shared.coherence.ack(node, conn, seq),
@@ -365,142 +358,8 @@ fn try_now(
     Some((start, result))
 }
 
-/// Version from which replies to namespace changes carry `Response::WithAttrs`.
-const WITH_ATTRS_VERSION: u32 = 4;
-
 /// Requests of one connection read and waiting to run, at most.
 const MAX_QUEUED_PER_CONN: usize = 4096;
-
-/// One request to run.
-struct Job {
-    shared: Arc<Shared>,
-    node: NodeId,
-    conn: u64,
-    /// The session's protocol version.
-    version: u32,
-    id: RequestId,
-    caller: Caller,
-    req: Request,
-}
-
-/// Runs one request once a running permit is free (see `run_blocking`).
-async fn handle(job: Job, running: Arc<Semaphore>, slot: OwnedSemaphorePermit) {
-    let Ok(permit) = running.acquire_owned().await else {
-        return;
-    };
-    drop(slot);
-    run_blocking(job, permit);
-}
-
-/// Runs one request: the store call on a blocking thread, then the invalidations it
-/// requires, then the reply. Called on the runtime; returns at once.
-///
-/// The store call and the invalidations it requires run on the blocking thread; when no
-/// other node has to acknowledge anything (the usual case), the reply goes out from there
-/// too. Only waiting for other nodes' acks becomes a task, so it never holds a blocking
-/// thread.
-fn run_blocking(job: Job, permit: OwnedSemaphorePermit) {
-    let Job {
-        shared,
-        node,
-        conn,
-        version,
-        id,
-        caller,
-        req,
-    } = job;
-    let start = shared.coherence.mark(node, conn);
-    let span = tracing::Span::current();
-    let runtime = tokio::runtime::Handle::current();
-    drop(tokio::task::spawn_blocking(move || {
-        let _span = span.enter();
-        let to = ReplyTo {
-            node,
-            conn,
-            version,
-            start,
-        };
-        let executed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            shared.store.execute_as(&caller, &req, version)
-        }));
-        // Release the permit first: waiting for other nodes' acks must not hold up this
-        // node's other requests.
-        drop(permit);
-        let Ok(result) = executed else {
-            tracing::error!("store call panicked");
-            let reply = Frame::Reply {
-                id,
-                result: Err(FsError::Io("coordinator store call failed".into())),
-            };
-            let _ = shared
-                .coherence
-                .reply(node, conn, start, &Request::StatFs, reply);
-            return;
-        };
-        let waits = match &result {
-            Ok(resp) => shared.coherence.send_invalidations(node, &req, resp),
-            Err(_) => Vec::new(),
-        };
-        if waits.is_empty() {
-            to.send(&shared, &req, id, result);
-            return;
-        }
-        let span = span.clone();
-        runtime.spawn(
-            async move {
-                shared.coherence.await_acks(waits).await;
-                to.send(&shared, &req, id, result);
-            }
-            .instrument(span),
-        );
-    }));
-}
-
-/// Where a reply goes: the node's connection and the coherence mark taken before its
-/// request ran.
-#[derive(Debug, Clone, Copy)]
-struct ReplyTo {
-    node: NodeId,
-    conn: u64,
-    /// The session's protocol version.
-    version: u32,
-    start: u64,
-}
-
-impl ReplyTo {
-    /// Queues the reply (with the invalidations it raced, see the coherence module).
-    fn send(
-        self,
-        shared: &Shared,
-        req: &Request,
-        id: RequestId,
-        result: Result<Response, FsError>,
-    ) {
-        // From version 4 a namespace change carries the new attributes of the directories
-        // it changed, so the node's cached copies of them stay current.
-        let result = match result {
-            Ok(answer) if self.version >= WITH_ATTRS_VERSION => {
-                let attrs = shared.store.changed_attrs(req);
-                if attrs.is_empty() {
-                    Ok(answer)
-                } else {
-                    Ok(Response::WithAttrs {
-                        answer: Box::new(answer),
-                        attrs,
-                    })
-                }
-            }
-            r => r,
-        };
-        let reply = Frame::Reply { id, result };
-        if !shared
-            .coherence
-            .reply(self.node, self.conn, self.start, req, reply)
-        {
-            tracing::debug!("session gone before the reply; the node will retry");
-        }
-    }
-}
 
 /// Frames to one node: encoded and queued on its connection's link (a reply too large for
 /// a frame becomes a `TooBig` answer instead), written by whichever thread pushes.

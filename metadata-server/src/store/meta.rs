@@ -248,6 +248,9 @@ pub(crate) struct Meta {
     pub opens: HashMap<InodeId, Vec<u32>>,
     /// Recent requests that changed [`Meta::opens`], per node, so a resent one counts once.
     pub open_ids: HashMap<NodeId, RecentIds>,
+    /// Nodes whose `Reopen` this coordinator counted: a node re-announces once per
+    /// takeover, so a second one (another request id) is ignored.
+    pub reopened: std::collections::HashSet<NodeId>,
     /// While set, a dead inode that nobody is known to hold stays held instead of being
     /// freed: after a takeover the nodes have not re-announced their opens yet. Cleared by
     /// [`Meta::reap_orphans`].
@@ -354,6 +357,7 @@ impl Meta {
             claims: Claims::default(),
             opens: HashMap::new(),
             open_ids: HashMap::new(),
+            reopened: std::collections::HashSet::new(),
             orphan_grace: false,
         };
         // The superblock itself may be newer in the overlay.

@@ -49,7 +49,7 @@ use crate::format::{
 use crate::lease::LeaseGuard;
 use crate::proto::{Caller, Request, Response};
 use crate::types::{Attr, Epoch, FileKind, FsError, InodeId, Lsn, NodeId, VolumeId};
-use crate::MetadataStore;
+use crate::{MetadataStore, Submitted};
 use meta::Meta;
 pub use meta::StoreStats;
 pub use ops::{MAX_LINKS, MAX_XATTR_TOTAL_BYTES, MAX_XATTR_VALUE_BYTES};
@@ -654,7 +654,7 @@ impl Store {
     /// later: counts in memory, deduplicated in memory (a resend to this coordinator counts
     /// once; a new coordinator counted nothing). Journaled only when a release frees an
     /// unlinked inode.
-    fn execute_opens(&self, caller: &Caller, req: &Request) -> Result<Response, FsError> {
+    fn submit_opens(&self, caller: &Caller, req: &Request) -> Result<Submitted, FsError> {
         let mut g = self.inner.lock();
         self.check_usable(&mut g)?;
         if self.read_only {
@@ -693,16 +693,124 @@ impl Store {
             } else {
                 g.meta.txn = Default::default();
             }
-            return result;
+            return Ok(Submitted::now(result));
         }
         if !g.meta.txn.mutated {
             g.meta.txn = Default::default();
-            return result;
+            return Ok(Submitted::now(result));
         }
         let lsn = self.commit_locked(&mut g)?;
-        drop(g);
-        self.wait(lsn)?;
-        result
+        Ok(Submitted { result, lsn })
+    }
+
+    /// Runs a request and queues its journal record; see [`Submitted`].
+    fn submit_inner(
+        &self,
+        caller: &Caller,
+        req: &Request,
+        version: u32,
+    ) -> Result<Submitted, FsError> {
+        let legacy = version < REOPEN_VERSION;
+        if !legacy
+            && matches!(
+                req,
+                Request::Open { .. } | Request::Release { .. } | Request::Reopen { .. }
+            )
+        {
+            return self.submit_opens(caller, req);
+        }
+        let mut g = self.inner.lock();
+        self.check_usable(&mut g)?;
+        if !is_mutation(req) {
+            let r = Self::run_read(&mut g.meta, req);
+            if matches!(req, Request::Fsync { .. }) && r.is_ok() {
+                return Ok(Submitted {
+                    result: r,
+                    lsn: g.last_lsn,
+                });
+            }
+            return Ok(Submitted::now(r));
+        }
+        if self.read_only {
+            return Err(FsError::ReadOnly);
+        }
+        let slots = g.meta.g.drc_slots_per_node;
+        let slot = u32::try_from(caller.request.0 % u64::from(slots)).unwrap_or(0);
+        let Some(slot_at) = g.meta.g.drc_slot_offset(caller.node, slot) else {
+            return Err(FsError::Invalid(format!(
+                "{} is not a node of this volume",
+                caller.node
+            )));
+        };
+        if let Some(s) = g.meta.drc.get(&(caller.node, slot)) {
+            if s.request == caller.request {
+                let payload = s.payload.clone();
+                let answer = match payload {
+                    DrcPayload::Outcome(bytes) => {
+                        bincode::deserialize::<Result<Response, FsError>>(&bytes)
+                            .map_err(|e| FsError::Corrupt(format!("duplicate-request slot: {e}")))?
+                    }
+                    DrcPayload::Executed => Self::replay_answer(&mut g.meta, caller, req),
+                };
+                if let (Request::CreateOpen { .. }, Ok(Response::Mapped { attr, .. }), false) =
+                    (req, &answer, legacy)
+                {
+                    // Ran before a takeover: this coordinator has not counted its open.
+                    if g.meta
+                        .open_ids
+                        .entry(caller.node)
+                        .or_default()
+                        .insert(caller.request)
+                    {
+                        g.meta.count_opens(caller.node, &[(attr.ino, 1)])?;
+                    }
+                }
+                tracing::debug!(node = %caller.node, request = %caller.request, "duplicate request answered from the cache");
+                return Ok(Submitted {
+                    result: answer,
+                    lsn: g.last_lsn,
+                });
+            }
+        }
+        let result = Self::run_mutation(&mut g.meta, caller, req, legacy);
+        let resp = match result {
+            Ok(r) => r,
+            Err(e) => {
+                if g.meta.txn.mutated {
+                    self.rollback(&mut g);
+                } else {
+                    g.meta.txn = Default::default();
+                }
+                return Err(e);
+            }
+        };
+        let enc = bincode::serialize(&Ok::<&Response, FsError>(&resp))
+            .map_err(|e| FsError::Io(format!("encode response: {e}")))?;
+        let ds = DrcSlot {
+            node: caller.node,
+            request: caller.request,
+            payload: if enc.len() <= crate::format::DRC_DATA_BYTES {
+                DrcPayload::Outcome(enc)
+            } else {
+                DrcPayload::Executed
+            },
+        };
+        g.meta.txn.raw.insert(slot_at, ds.encode());
+        g.meta.txn.mutated = true;
+        let prev_slot = g.meta.drc.insert((caller.node, slot), ds);
+        let lsn = match self.commit_locked(&mut g) {
+            Ok(l) => l,
+            Err(e) => {
+                if let Some(p) = prev_slot {
+                    g.meta.drc.insert((caller.node, slot), p);
+                }
+                return Err(e);
+            }
+        };
+        Ok(Submitted {
+            result: Ok(resp),
+            lsn,
+        })
     }
 
     /// Starts the orphan grace after a takeover: until [`Store::reap_orphans`], an unlinked
@@ -750,105 +858,18 @@ impl MetadataStore for Store {
         req: &Request,
         version: u32,
     ) -> Result<Response, FsError> {
-        let legacy = version < REOPEN_VERSION;
-        if !legacy
-            && matches!(
-                req,
-                Request::Open { .. } | Request::Release { .. } | Request::Reopen { .. }
-            )
-        {
-            return self.execute_opens(caller, req);
-        }
-        let mut g = self.inner.lock();
-        self.check_usable(&mut g)?;
-        if !is_mutation(req) {
-            let r = Self::run_read(&mut g.meta, req);
-            if matches!(req, Request::Fsync { .. }) && r.is_ok() {
-                let lsn = g.last_lsn;
-                drop(g);
-                self.wait(lsn)?;
-            }
-            return r;
-        }
-        if self.read_only {
-            return Err(FsError::ReadOnly);
-        }
-        let slots = g.meta.g.drc_slots_per_node;
-        let slot = u32::try_from(caller.request.0 % u64::from(slots)).unwrap_or(0);
-        let Some(slot_at) = g.meta.g.drc_slot_offset(caller.node, slot) else {
-            return Err(FsError::Invalid(format!(
-                "{} is not a node of this volume",
-                caller.node
-            )));
-        };
-        if let Some(s) = g.meta.drc.get(&(caller.node, slot)) {
-            if s.request == caller.request {
-                let payload = s.payload.clone();
-                let answer = match payload {
-                    DrcPayload::Outcome(bytes) => {
-                        bincode::deserialize::<Result<Response, FsError>>(&bytes)
-                            .map_err(|e| FsError::Corrupt(format!("duplicate-request slot: {e}")))?
-                    }
-                    DrcPayload::Executed => Self::replay_answer(&mut g.meta, caller, req),
-                };
-                if let (Request::CreateOpen { .. }, Ok(Response::Mapped { attr, .. }), false) =
-                    (req, &answer, legacy)
-                {
-                    // Ran before a takeover: this coordinator has not counted its open.
-                    if g.meta
-                        .open_ids
-                        .entry(caller.node)
-                        .or_default()
-                        .insert(caller.request)
-                    {
-                        g.meta.reopen(caller.node, &[(attr.ino, 1)])?;
-                    }
-                }
-                let lsn = g.last_lsn;
-                drop(g);
-                self.wait(lsn)?;
-                tracing::debug!(node = %caller.node, request = %caller.request, "duplicate request answered from the cache");
-                return answer;
-            }
-        }
-        let result = Self::run_mutation(&mut g.meta, caller, req, legacy);
-        let resp = match result {
-            Ok(r) => r,
-            Err(e) => {
-                if g.meta.txn.mutated {
-                    self.rollback(&mut g);
-                } else {
-                    g.meta.txn = Default::default();
-                }
-                return Err(e);
-            }
-        };
-        let enc = bincode::serialize(&Ok::<&Response, FsError>(&resp))
-            .map_err(|e| FsError::Io(format!("encode response: {e}")))?;
-        let ds = DrcSlot {
-            node: caller.node,
-            request: caller.request,
-            payload: if enc.len() <= crate::format::DRC_DATA_BYTES {
-                DrcPayload::Outcome(enc)
-            } else {
-                DrcPayload::Executed
-            },
-        };
-        g.meta.txn.raw.insert(slot_at, ds.encode());
-        g.meta.txn.mutated = true;
-        let prev_slot = g.meta.drc.insert((caller.node, slot), ds);
-        let lsn = match self.commit_locked(&mut g) {
-            Ok(l) => l,
-            Err(e) => {
-                if let Some(p) = prev_slot {
-                    g.meta.drc.insert((caller.node, slot), p);
-                }
-                return Err(e);
-            }
-        };
-        drop(g);
-        self.wait(lsn)?;
-        Ok(resp)
+        let s = self.submit_as(caller, req, version);
+        self.wait(s.lsn)?;
+        s.result
+    }
+
+    fn submit_as(&self, caller: &Caller, req: &Request, version: u32) -> Submitted {
+        self.submit_inner(caller, req, version)
+            .unwrap_or_else(|e| Submitted::now(Err(e)))
+    }
+
+    fn wait_durable(&self, lsn: Lsn) -> Result<(), FsError> {
+        self.wait(lsn)
     }
 
     fn changed_attrs(&self, req: &Request) -> Vec<Attr> {

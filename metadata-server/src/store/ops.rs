@@ -1117,8 +1117,21 @@ impl Meta {
 
     /// A node's open handles after a takeover (`Reopen`): added to what this coordinator
     /// counted for it already (requests resent across the takeover). Inodes that are gone
-    /// are skipped.
+    /// are skipped. Only a node's first `Reopen` counts; a second one is ignored.
     pub fn reopen(&mut self, node: NodeId, opens: &[(InodeId, u32)]) -> Result<(), FsError> {
+        self.node_index(node)?;
+        if self.reopened.contains(&node) {
+            tracing::info!(%node, "ignoring a second re-announcement of the node's opens");
+            return Ok(());
+        }
+        self.count_opens(node, opens)?;
+        self.reopened.insert(node);
+        Ok(())
+    }
+
+    /// Adds open handles of `node` to the in-memory counts; inodes that are gone are
+    /// skipped.
+    pub fn count_opens(&mut self, node: NodeId, opens: &[(InodeId, u32)]) -> Result<(), FsError> {
         let idx = self.node_index(node)?;
         let nodes = self.opens_slots();
         for (ino, n) in opens {
@@ -1138,6 +1151,7 @@ impl Meta {
         let idx = self.node_index(node)?;
         self.claims.release_node(node);
         self.open_ids.remove(&node);
+        self.reopened.remove(&node);
         let counted: Vec<InodeId> = self
             .opens
             .iter()
