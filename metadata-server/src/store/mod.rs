@@ -426,6 +426,12 @@ impl Store {
         let overlay = std::mem::take(&mut g.meta.overlay);
         let stats = g.meta.stats;
         let claims = std::mem::take(&mut g.meta.claims);
+        // Open counts live in memory only: what the failed request did to them stands
+        // (it never lowers a count it should not).
+        let opens = std::mem::take(&mut g.meta.opens);
+        let open_ids = std::mem::take(&mut g.meta.open_ids);
+        let reopened = std::mem::take(&mut g.meta.reopened);
+        let orphan_grace = g.meta.orphan_grace;
         let sb = g.meta.sb.clone();
         match Meta::load(self.dev.clone(), sb, overlay.clone()) {
             Ok(mut m) => {
@@ -441,12 +447,19 @@ impl Store {
                 }
                 m.stats = stats;
                 m.claims = claims;
+                m.opens = opens;
+                m.open_ids = open_ids;
+                m.reopened = reopened;
+                m.orphan_grace = orphan_grace;
                 g.meta = m;
             }
             Err(e) => {
                 tracing::error!(error = %e, "reloading metadata after a failed operation failed");
                 g.failed = Some(e.to_string());
                 g.meta.overlay = overlay;
+                g.meta.opens = opens;
+                g.meta.open_ids = open_ids;
+                g.meta.reopened = reopened;
             }
         }
     }

@@ -1009,11 +1009,13 @@ impl Meta {
             c.inode.opens[idx] = v + 1;
             self.touch(ino);
             self.settle(ino)?;
-        } else {
-            let v = self.opens.entry(ino).or_insert_with(|| vec![0; nodes]);
-            v[idx] = v[idx].saturating_add(1);
+            return self.mapped(ino, 0, u64::MAX);
         }
-        self.mapped(ino, 0, u64::MAX)
+        // Counted only once the answer is there: a failed open holds nothing.
+        let r = self.mapped(ino, 0, u64::MAX)?;
+        let v = self.opens.entry(ino).or_insert_with(|| vec![0; nodes]);
+        v[idx] = v[idx].saturating_add(1);
+        Ok(r)
     }
 
     /// `open` of a node of protocol version 4 or later, answered only from memory: `None`

@@ -2458,3 +2458,27 @@ fn open_counts_answered_without_blocking_count_like_the_blocking_path() {
     s.execute(&last, &Request::Release { ino: f.ino }).unwrap();
     assert_eq!(used_clusters(&mut a, &s), 0);
 }
+
+#[test]
+fn open_counts_survive_the_rollback_of_a_failed_request() {
+    let (_d, s) = fresh(32 << 20, &opts(64 << 10));
+    let (mut a, mut b) = (Client::new(1), Client::new(2));
+    let f = create(&mut a, &s, InodeId::ROOT, "f", FileKind::File).unwrap();
+    allocate_all(&mut a, &s, f.ino, 2 << 16);
+    b.run(&s, open_req(f.ino)).unwrap();
+    a.run(
+        &s,
+        Request::Unlink {
+            parent: InodeId::ROOT,
+            name: b"f".to_vec(),
+        },
+    )
+    .unwrap();
+    let used = used_clusters(&mut a, &s);
+    // What a request that fails after changing state does: reload from disk and overlay.
+    s.rollback(&mut s.inner.lock());
+    assert_eq!(used_clusters(&mut a, &s), used);
+    // Node 2's open still counts: its release frees the unlinked file.
+    b.run(&s, Request::Release { ino: f.ino }).unwrap();
+    assert_eq!(used_clusters(&mut a, &s), used - 2);
+}
