@@ -235,14 +235,29 @@ impl Handler {
         let spawned = std::thread::Builder::new()
             .name("reopen".into())
             .spawn(move || {
-                let opens = data.open_counts();
-                if opens.is_empty() {
-                    return;
-                }
-                let files = opens.len();
-                match client.call(0, 0, Request::Reopen { epoch, opens }) {
-                    Ok(_) => info!(%epoch, files, "re-announced open files to the coordinator"),
-                    Err(e) => warn!(%epoch, files, error = %e, "could not re-announce open files"),
+                // Until it is counted: a coordinator that frees orphans nobody re-announced
+                // must hear of these. A newer takeover re-announces on its own.
+                let mut backoff = Duration::from_millis(200);
+                for attempt in 1..=REOPEN_ATTEMPTS {
+                    if client.epoch() != epoch {
+                        return;
+                    }
+                    let opens = data.open_counts();
+                    if opens.is_empty() {
+                        return;
+                    }
+                    let files = opens.len();
+                    match client.call(0, 0, Request::Reopen { epoch, opens }) {
+                        Ok(_) => {
+                            info!(%epoch, files, "re-announced open files to the coordinator");
+                            return;
+                        }
+                        Err(e) => {
+                            warn!(%epoch, files, attempt, error = %e, "could not re-announce open files");
+                        }
+                    }
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
                 }
             });
         if let Err(e) = spawned {
@@ -266,6 +281,33 @@ impl InvalidationHandler for Handler {
     fn observe(&self, stamp: u64, inv: &Invalidation) {
         self.cache.observe(stamp, inv);
     }
+}
+
+/// Tries of re-announcing the open files to a new coordinator (about 15 s with back-off).
+const REOPEN_ATTEMPTS: u32 = 10;
+
+/// Heartbeats newer than this (by the writer's clock) count as a node that may be mounted.
+const ALIVE_WITHIN: Duration = Duration::from_secs(10);
+
+/// True when a node other than `me` may still be mounted: it wrote a heartbeat within
+/// [`ALIVE_WITHIN`], or the heartbeats cannot be read. Such a node may hold files open and
+/// writes under claims, so a new coordinator gives it the takeover grace.
+fn others_alive(lun: &Arc<dyn BlockDevice>, me: NodeId) -> bool {
+    let area = match lease::read_all(lun) {
+        Ok(a) => a,
+        Err(e) => {
+            warn!(error = %e, "cannot read the heartbeats; assuming other nodes are mounted");
+            return true;
+        }
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let now_secs = i64::try_from(now.as_secs()).unwrap_or(i64::MAX);
+    let within = i64::try_from(ALIVE_WITHIN.as_secs()).unwrap_or(i64::MAX);
+    area.slots
+        .iter()
+        .any(|s| s.node != me && now_secs.saturating_sub(s.time.secs) < within)
 }
 
 /// Reads the cluster secret: the file's bytes without trailing whitespace.
@@ -522,8 +564,9 @@ pub fn run(cfg: &MountConfig) -> Result<(), MountError> {
     });
     let (my_addr, reserved) = reserve_addr(cfg.listen)?;
     // A lease with an owner that this node wins was expired: its owner died, maybe with
-    // other nodes still mounted.
-    let owned = lease::find_coordinator(&lun).is_ok();
+    // other nodes still mounted. A free lease (its owner unmounted cleanly) says nothing
+    // about the others: their recent heartbeats do.
+    let owned = lease::find_coordinator(&lun).is_ok() || others_alive(&lun, cfg.node);
     let role = lease::acquire_or_find(&lun, cfg.node, my_addr, LEASE_TIMEOUT_MS)
         .map_err(MountError::Lease)?;
     match role {

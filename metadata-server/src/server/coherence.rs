@@ -186,6 +186,15 @@ impl Coherence {
         st.nodes.get(&node).is_some_and(|n| n.link.is_some())
     }
 
+    /// True while `conn` is the node's current session (not replaced or closed).
+    pub(crate) fn is_current(&self, node: NodeId, conn: u64) -> bool {
+        let st = self.state.lock();
+        st.nodes
+            .get(&node)
+            .and_then(|n| n.link.as_ref())
+            .is_some_and(|l| l.conn == conn)
+    }
+
     /// Nodes with a live session.
     pub(crate) fn connected(&self) -> Vec<NodeId> {
         let st = self.state.lock();

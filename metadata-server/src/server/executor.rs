@@ -24,6 +24,9 @@ use std::sync::Arc;
 use tokio::sync::OwnedSemaphorePermit;
 use tracing::Instrument;
 
+/// How long [`Executor::stop`] waits for the batch that runs.
+const STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// One request for the executor.
 pub(super) struct Job {
     pub(super) shared: Arc<Shared>,
@@ -39,7 +42,8 @@ pub(super) struct Job {
 /// The executor's queue and thread.
 pub(crate) struct Executor {
     tx: parking_lot::Mutex<Option<mpsc::Sender<Job>>>,
-    thread: parking_lot::Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// The thread, and a channel that disconnects when it ends.
+    thread: parking_lot::Mutex<Option<(std::thread::JoinHandle<()>, mpsc::Receiver<()>)>>,
     /// Set by [`Executor::stop`]: queued requests are dropped, not run.
     stopping: Arc<AtomicBool>,
 }
@@ -61,12 +65,16 @@ impl Executor {
         let max_batch = usize::try_from(max_batch.max(1)).unwrap_or(256);
         let stopping = Arc::new(AtomicBool::new(false));
         let stop = stopping.clone();
+        let (done_tx, done_rx) = mpsc::channel::<()>();
         let thread = std::thread::Builder::new()
             .name("csvfs-mds-store".into())
-            .spawn(move || run(&rx, &runtime, max_batch, &stop))?;
+            .spawn(move || {
+                run(&rx, &runtime, max_batch, &stop);
+                drop(done_tx);
+            })?;
         Ok(Executor {
             tx: parking_lot::Mutex::new(Some(tx)),
-            thread: parking_lot::Mutex::new(Some(thread)),
+            thread: parking_lot::Mutex::new(Some((thread, done_rx))),
             stopping,
         })
     }
@@ -80,14 +88,30 @@ impl Executor {
     }
 
     /// Stops taking requests, lets the batch that runs finish, drops what is queued (the
-    /// nodes resend it to the next coordinator) and waits for the thread: once this
-    /// returns, the server calls the store no more.
+    /// nodes resend it to the next coordinator) and waits for the thread, at most
+    /// [`STOP_WAIT`]: once this returns, the server calls the store no more, unless a
+    /// batch is stuck on the device (then the thread is left to end on its own; the store
+    /// is fenced or shut down by the caller).
     pub(crate) fn stop(&self) {
         self.stopping.store(true, Ordering::SeqCst);
         drop(self.tx.lock().take());
-        if let Some(t) = self.thread.lock().take() {
-            if t.thread().id() != std::thread::current().id() && t.join().is_err() {
-                tracing::error!("the store executor panicked");
+        let Some((t, done)) = self.thread.lock().take() else {
+            return;
+        };
+        if t.thread().id() == std::thread::current().id() {
+            return;
+        }
+        match done.recv_timeout(STOP_WAIT) {
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                tracing::warn!(
+                    wait_ms = STOP_WAIT.as_millis(),
+                    "the store executor is still busy; not waiting for it"
+                );
+            }
+            Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => {
+                if t.join().is_err() {
+                    tracing::error!("the store executor panicked");
+                }
             }
         }
     }
@@ -110,7 +134,13 @@ fn run(
                 Err(_) => break,
             }
         }
-        run_batch(batch, runtime);
+        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            run_batch(batch, runtime);
+        }));
+        if ran.is_err() {
+            // The batch's requests get no reply; their nodes resend them after reconnecting.
+            tracing::error!("the store executor panicked while answering a batch");
+        }
     }
 }
 
@@ -119,7 +149,6 @@ struct Ran {
     job: Job,
     start: u64,
     result: Result<Response, FsError>,
-    lsn: Lsn,
 }
 
 fn run_batch(batch: Vec<Job>, runtime: &tokio::runtime::Handle) {
@@ -130,6 +159,13 @@ fn run_batch(batch: Vec<Job>, runtime: &tokio::runtime::Handle) {
     let mut upto = Lsn(0);
     for job in batch {
         let _span = job.span.enter();
+        if !job.shared.coherence.is_current(job.to.node, job.to.conn) {
+            // Its session was replaced or closed while it waited (after a node's new mount
+            // released the old mount's opens, it must not run). A reply could not be
+            // delivered anyway; a node that reconnected resends it with the same id.
+            tracing::debug!("dropping a request of a closed session");
+            continue;
+        }
         let start = job.shared.coherence.mark(job.to.node, job.to.conn);
         let submitted = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             job.shared
@@ -148,12 +184,7 @@ fn run_batch(batch: Vec<Job>, runtime: &tokio::runtime::Handle) {
         };
         upto = upto.max(lsn);
         drop(_span);
-        ran.push(Ran {
-            job,
-            start,
-            result,
-            lsn,
-        });
+        ran.push(Ran { job, start, result });
     }
     // One group commit for the whole batch.
     let durable = if upto > Lsn(0) {
@@ -163,12 +194,7 @@ fn run_batch(batch: Vec<Job>, runtime: &tokio::runtime::Handle) {
     };
     let mut sinks: Vec<Arc<dyn FrameSink>> = Vec::new();
     for r in ran {
-        let Ran {
-            job,
-            start,
-            result,
-            lsn,
-        } = r;
+        let Ran { job, start, result } = r;
         let Job {
             shared,
             to,
@@ -179,9 +205,11 @@ fn run_batch(batch: Vec<Job>, runtime: &tokio::runtime::Handle) {
             ..
         } = job;
         drop(slot);
+        // A failed journal write fails the whole batch: even a read may have seen what
+        // did not become durable.
         let result = match &durable {
-            Err(e) if lsn > Lsn(0) => Err(e.clone()),
-            _ => result,
+            Err(e) => Err(e.clone()),
+            Ok(()) => result,
         };
         let _entered = span.enter();
         let waits = match &result {

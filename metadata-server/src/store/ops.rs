@@ -1133,17 +1133,22 @@ impl Meta {
 
     /// Adds open handles of `node` to the in-memory counts; inodes that are gone are
     /// skipped.
+    /// All or nothing: an inode that cannot be read fails the call before anything counts,
+    /// so the node's retry counts everything once.
     pub fn count_opens(&mut self, node: NodeId, opens: &[(InodeId, u32)]) -> Result<(), FsError> {
         let idx = self.node_index(node)?;
         let nodes = self.opens_slots();
+        let mut live = Vec::with_capacity(opens.len());
         for (ino, n) in opens {
             match self.inode(*ino) {
-                Ok(_) => {}
-                Err(FsError::Stale | FsError::NotFound | FsError::Invalid(_)) => continue,
+                Ok(_) => live.push((*ino, *n)),
+                Err(FsError::Stale | FsError::NotFound | FsError::Invalid(_)) => {}
                 Err(e) => return Err(e),
             }
-            let v = self.opens.entry(*ino).or_insert_with(|| vec![0; nodes]);
-            v[idx] = v[idx].saturating_add(*n);
+        }
+        for (ino, n) in live {
+            let v = self.opens.entry(ino).or_insert_with(|| vec![0; nodes]);
+            v[idx] = v[idx].saturating_add(n);
         }
         Ok(())
     }
