@@ -237,8 +237,7 @@ impl DataPath {
         let (attr, extents) = match resp {
             Ok(Response::Mapped { attr, extents }) => (attr, extents),
             other => {
-                let _files = self.files.lock();
-                Self::done_opening(&mut self.opening.lock(), ino);
+                self.done_opening(ino);
                 return Err(match other {
                     Ok(r) => unexpected("open", &r).into(),
                     Err(e) => e.into(),
@@ -248,7 +247,9 @@ impl DataPath {
         Ok(self.record_open(ino, attr, extents, true))
     }
 
-    fn done_opening(opening: &mut HashMap<InodeId, u32>, ino: InodeId) {
+    /// An `Open` of `ino` was answered (and counted in the file's `opens` if it succeeded).
+    fn done_opening(&self, ino: InodeId) {
+        let mut opening = self.opening.lock();
         if let Some(n) = opening.get_mut(&ino) {
             *n = n.saturating_sub(1);
             if *n == 0 {
@@ -327,8 +328,7 @@ impl DataPath {
         };
         if was_opening {
             // Counted in `opens` now; until this line both count (never too few).
-            let _files = self.files.lock();
-            Self::done_opening(&mut self.opening.lock(), ino);
+            self.done_opening(ino);
         }
         (file, attr)
     }

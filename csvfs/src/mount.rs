@@ -300,14 +300,11 @@ fn others_alive(lun: &Arc<dyn BlockDevice>, me: NodeId) -> bool {
             return true;
         }
     };
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    let now_secs = i64::try_from(now.as_secs()).unwrap_or(i64::MAX);
-    let within = i64::try_from(ALIVE_WITHIN.as_secs()).unwrap_or(i64::MAX);
+    let now = lease::now();
+    let within_ms = i64::try_from(ALIVE_WITHIN.as_millis()).unwrap_or(i64::MAX);
     area.slots
         .iter()
-        .any(|s| s.node != me && now_secs.saturating_sub(s.time.secs) < within)
+        .any(|s| s.node != me && crate::output::age_ms(now, s.time) < within_ms)
 }
 
 /// Reads the cluster secret: the file's bytes without trailing whitespace.

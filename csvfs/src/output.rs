@@ -25,7 +25,8 @@ pub fn human_bytes(bytes: u64) -> String {
 /// Unavailable: it was stopped, crashed, or lost its path to the LUN.
 const STALE_HEARTBEATS: i64 = 5;
 
-fn age_ms(now: Timestamp, then: Timestamp) -> i64 {
+/// Milliseconds from `then` to `now` (negative when `then` is ahead: clock skew).
+pub(crate) fn age_ms(now: Timestamp, then: Timestamp) -> i64 {
     (now.secs - then.secs) * 1000 + (i64::from(now.nanos) - i64::from(then.nanos)) / 1_000_000
 }
 

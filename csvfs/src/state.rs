@@ -14,7 +14,7 @@ use metadata_server::format::{
 use metadata_server::lease::{self, LeaseError, SlotInfo};
 use metadata_server::types::Timestamp;
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 /// Why the state could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -96,9 +96,6 @@ pub fn read_state(lun_uri: &str) -> Result<VolumeState, StateError> {
         Some((n, mp)) => (n, FreeSource::Coordinator(mp)),
         None => (count_free_clusters(lun.as_ref(), &sb)?, FreeSource::Bitmap),
     };
-    let d = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
     Ok(VolumeState {
         lun: lun_uri.to_string(),
         superblock: sb,
@@ -106,10 +103,7 @@ pub fn read_state(lun_uri: &str) -> Result<VolumeState, StateError> {
         slots: area.slots,
         free_clusters,
         free_source,
-        now: Timestamp {
-            secs: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
-            nanos: d.subsec_nanos(),
-        },
+        now: lease::now(),
     })
 }
 

@@ -188,7 +188,8 @@ pub struct LeaseArea {
 /// Prefix of a heartbeat's address field that carries a redirected state.
 const REDIRECTED_PREFIX: &str = "redirected:";
 
-fn now() -> Timestamp {
+/// This machine's wall time, as lease and heartbeat records carry it.
+pub fn now() -> Timestamp {
     let d = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();

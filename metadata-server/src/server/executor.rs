@@ -231,9 +231,7 @@ fn run_batch(batch: Vec<Job>, runtime: &tokio::runtime::Handle) {
         runtime.spawn(
             async move {
                 shared.coherence.await_acks(waits).await;
-                if let Some(sink) = to.queue(&shared, start, &req, id, result) {
-                    sink.push();
-                }
+                to.send(&shared, start, &req, id, result);
             }
             .instrument(span),
         );

@@ -323,6 +323,30 @@ impl Meta {
         Ok(buf)
     }
 
+    /// Runs `f` with device reads refused: `None` if it needed one (what it changed in
+    /// memory before the refusal is the caller's to judge; reads change nothing).
+    pub fn without_device_reads<T>(&mut self, f: impl FnOnce(&mut Meta) -> T) -> Option<T> {
+        self.cached_only = true;
+        self.missed = false;
+        let r = f(self);
+        self.cached_only = false;
+        if std::mem::take(&mut self.missed) {
+            return None;
+        }
+        Some(r)
+    }
+
+    /// Records that `node`'s request `id` changed the in-memory open counts; false if it
+    /// had already (a resend).
+    pub fn note_open_id(&mut self, node: NodeId, id: RequestId) -> bool {
+        self.open_ids.entry(node).or_default().insert(id)
+    }
+
+    /// True if `node`'s request `id` changed the in-memory open counts already.
+    pub fn open_id_seen(&self, node: NodeId, id: RequestId) -> bool {
+        self.open_ids.get(&node).is_some_and(|ids| ids.contains(id))
+    }
+
     /// Loads superblock-derived state (bitmaps, DRC, held list) from disk + overlay.
     pub fn load(
         dev: Arc<dyn BlockDevice>,

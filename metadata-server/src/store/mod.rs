@@ -597,10 +597,7 @@ impl Store {
             } => {
                 let attr = m.create(caller, *parent, name, FileKind::File, *perm, 0, *exclusive)?;
                 if !legacy {
-                    m.open_ids
-                        .entry(caller.node)
-                        .or_default()
-                        .insert(caller.request);
+                    m.note_open_id(caller.node, caller.request);
                 }
                 m.open(caller.node, attr.ino, legacy)?
             }
@@ -674,12 +671,7 @@ impl Store {
             return Err(FsError::ReadOnly);
         }
         let node = caller.node;
-        let fresh = g
-            .meta
-            .open_ids
-            .entry(node)
-            .or_default()
-            .insert(caller.request);
+        let fresh = g.meta.note_open_id(node, caller.request);
         let result = match req {
             Request::Open { ino, .. } if fresh => g.meta.open(node, *ino, false),
             Request::Open { ino, .. } => g.meta.mapped(*ino, 0, u64::MAX),
@@ -769,12 +761,7 @@ impl Store {
                     (req, &answer, legacy)
                 {
                     // Ran before a takeover: this coordinator has not counted its open.
-                    if g.meta
-                        .open_ids
-                        .entry(caller.node)
-                        .or_default()
-                        .insert(caller.request)
-                    {
+                    if g.meta.note_open_id(caller.node, caller.request) {
                         g.meta.count_opens(caller.node, &[(attr.ino, 1)])?;
                     }
                 }
@@ -948,11 +935,7 @@ impl MetadataStore for Store {
             return Some(Err(e));
         }
         let node = caller.node;
-        if g.meta
-            .open_ids
-            .get(&node)
-            .is_some_and(|ids| ids.contains(caller.request))
-        {
+        if g.meta.open_id_seen(node, caller.request) {
             // A resend of one that ran: the blocking path answers it without counting.
             return None;
         }
@@ -964,11 +947,7 @@ impl MetadataStore for Store {
                 .map(|()| Ok(Response::Done))?,
         };
         if result.is_ok() {
-            g.meta
-                .open_ids
-                .entry(node)
-                .or_default()
-                .insert(caller.request);
+            g.meta.note_open_id(node, caller.request);
         }
         Some(result)
     }
@@ -985,15 +964,7 @@ impl MetadataStore for Store {
         if let Err(e) = self.check_usable(&mut g) {
             return Some(Err(e));
         }
-        g.meta.cached_only = true;
-        g.meta.missed = false;
-        let r = Self::run_read(&mut g.meta, req);
-        g.meta.cached_only = false;
-        if g.meta.missed {
-            g.meta.missed = false;
-            return None;
-        }
-        Some(r)
+        g.meta.without_device_reads(|m| Self::run_read(m, req))
     }
 
     fn reap_orphans(&self) -> Result<u64, FsError> {

@@ -390,13 +390,16 @@ impl Meta {
         c.inode.opens.iter().map(|v| u32::from(*v)).sum()
     }
 
-    /// Every open handle of the inode: persisted ones and those counted in memory.
-    fn opens_total(&self, ino: InodeId, c: &CInode) -> u32 {
-        let volatile: u32 = self
-            .opens
+    /// Open handles of `ino` counted in memory (nodes of protocol version 4 or later).
+    fn volatile_opens(&self, ino: InodeId) -> u32 {
+        self.opens
             .get(&ino)
-            .map_or(0, |v| v.iter().fold(0u32, |a, n| a.saturating_add(*n)));
-        Self::persisted_opens(c).saturating_add(volatile)
+            .map_or(0, |v| v.iter().fold(0u32, |a, n| a.saturating_add(*n)))
+    }
+
+    /// Unlinked: no name left (a directory keeps only its own "." link).
+    fn is_dead(c: &CInode) -> bool {
+        c.inode.nlink == 0 || (c.inode.kind == FileKind::Dir && c.inode.nlink <= 1)
     }
 
     /// After nlink or opens changed: free the inode, hold it, or release the hold. An
@@ -405,12 +408,9 @@ impl Meta {
     fn settle(&mut self, ino: InodeId) -> Result<(), FsError> {
         let c = self.inode(ino)?;
         let persisted = Self::persisted_opens(c);
-        let nlink = c.inode.nlink;
         let held = c.inode.held;
-        let is_dir = c.inode.kind == FileKind::Dir;
-        let c = self.inodes.get(&ino).ok_or(FsError::Stale)?;
-        let opens = self.opens_total(ino, c);
-        let dead = nlink == 0 || (is_dir && nlink <= 1);
+        let dead = Self::is_dead(c);
+        let opens = persisted.saturating_add(self.volatile_opens(ino));
         if dead && opens == 0 && !self.orphan_grace {
             return self.free_inode(ino);
         }
@@ -997,7 +997,6 @@ impl Meta {
     /// kept in memory only.
     pub fn open(&mut self, node: NodeId, ino: InodeId, persist: bool) -> Result<Response, FsError> {
         let idx = self.node_index(node)?;
-        let nodes = self.opens_slots();
         let c = self.inode(ino)?;
         if persist {
             let v = c.inode.opens[idx];
@@ -1013,8 +1012,7 @@ impl Meta {
         }
         // Counted only once the answer is there: a failed open holds nothing.
         let r = self.mapped(ino, 0, u64::MAX)?;
-        let v = self.opens.entry(ino).or_insert_with(|| vec![0; nodes]);
-        v[idx] = v[idx].saturating_add(1);
+        self.add_volatile(ino, idx, 1);
         Ok(r)
     }
 
@@ -1025,17 +1023,9 @@ impl Meta {
             Ok(i) => i,
             Err(e) => return Some(Err(e)),
         };
-        self.cached_only = true;
-        self.missed = false;
-        let r = self.mapped(ino, 0, u64::MAX);
-        self.cached_only = false;
-        if std::mem::take(&mut self.missed) {
-            return None;
-        }
+        let r = self.without_device_reads(|m| m.mapped(ino, 0, u64::MAX))?;
         if r.is_ok() {
-            let nodes = self.opens_slots();
-            let v = self.opens.entry(ino).or_insert_with(|| vec![0; nodes]);
-            v[idx] = v[idx].saturating_add(1);
+            self.add_volatile(ino, idx, 1);
         }
         Some(r)
     }
@@ -1046,8 +1036,7 @@ impl Meta {
     pub fn release_cached(&mut self, node: NodeId, ino: InodeId) -> Option<()> {
         let idx = self.node_index(node).ok()?;
         let c = self.inodes.get(&ino)?;
-        let dead = c.inode.nlink == 0 || (c.inode.kind == FileKind::Dir && c.inode.nlink <= 1);
-        if dead || c.inode.held || Self::persisted_opens(c) > 0 {
+        if Self::is_dead(c) || c.inode.held || Self::persisted_opens(c) > 0 {
             return None;
         }
         let n = self.opens.get(&ino).map_or(0, |v| v[idx]);
@@ -1059,11 +1048,6 @@ impl Meta {
             self.claims.release(ino, node);
         }
         Some(())
-    }
-
-    /// Slots of a per-inode open-count vector: one per possible node.
-    fn opens_slots(&self) -> usize {
-        usize::try_from(self.g.max_nodes).unwrap_or(64)
     }
 
     fn node_index(&self, node: NodeId) -> Result<usize, FsError> {
@@ -1080,18 +1064,16 @@ impl Meta {
     /// to release.
     pub fn release(&mut self, node: NodeId, ino: InodeId, persist: bool) -> Result<(), FsError> {
         let idx = self.node_index(node)?;
+        let in_memory = self.opens.get(&ino).map_or(0, |v| v[idx]);
         let c = match self.inode(ino) {
             Ok(c) => c,
             Err(FsError::Stale) => return Ok(()),
             Err(e) => return Err(e),
         };
         let on_disk = c.inode.opens[idx];
-        let in_memory = self.opens.get(&ino).map_or(0, |v| v[idx]);
         let from_disk = on_disk > 0 && (persist || in_memory == 0);
         if from_disk {
-            if let Ok(c) = self.inode(ino) {
-                c.inode.opens[idx] = on_disk - 1;
-            }
+            c.inode.opens[idx] = on_disk - 1;
             self.touch(ino);
         } else if in_memory > 0 {
             self.drop_volatile(ino, idx, 1);
@@ -1105,6 +1087,13 @@ impl Meta {
             self.claims.release(ino, node);
         }
         self.settle(ino)
+    }
+
+    /// Raises the in-memory count of node index `idx` on `ino` by `n`.
+    fn add_volatile(&mut self, ino: InodeId, idx: usize, n: u32) {
+        let nodes = usize::try_from(self.g.max_nodes).unwrap_or(64);
+        let v = self.opens.entry(ino).or_insert_with(|| vec![0; nodes]);
+        v[idx] = v[idx].saturating_add(n);
     }
 
     /// Lowers the in-memory count of node index `idx` on `ino` by `n`.
@@ -1132,12 +1121,10 @@ impl Meta {
     }
 
     /// Adds open handles of `node` to the in-memory counts; inodes that are gone are
-    /// skipped.
-    /// All or nothing: an inode that cannot be read fails the call before anything counts,
-    /// so the node's retry counts everything once.
+    /// skipped. All or nothing: an inode that cannot be read fails the call before anything
+    /// counts, so the node's retry counts everything once.
     pub fn count_opens(&mut self, node: NodeId, opens: &[(InodeId, u32)]) -> Result<(), FsError> {
         let idx = self.node_index(node)?;
-        let nodes = self.opens_slots();
         let mut live = Vec::with_capacity(opens.len());
         for (ino, n) in opens {
             match self.inode(*ino) {
@@ -1147,8 +1134,7 @@ impl Meta {
             }
         }
         for (ino, n) in live {
-            let v = self.opens.entry(ino).or_insert_with(|| vec![0; nodes]);
-            v[idx] = v[idx].saturating_add(n);
+            self.add_volatile(ino, idx, n);
         }
         Ok(())
     }
@@ -1189,9 +1175,8 @@ impl Meta {
         let mut n = 0;
         for ino in held {
             let c = self.inode(ino)?;
-            let dead = c.inode.nlink == 0 || (c.inode.kind == FileKind::Dir && c.inode.nlink <= 1);
-            let c = self.inodes.get(&ino).ok_or(FsError::Stale)?;
-            if dead && self.opens_total(ino, c) == 0 {
+            let unheld = Self::is_dead(c) && Self::persisted_opens(c) == 0;
+            if unheld && self.volatile_opens(ino) == 0 {
                 n += 1;
             }
             self.settle(ino)?;

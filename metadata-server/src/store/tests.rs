@@ -2226,6 +2226,17 @@ fn crash_volume() -> (Arc<CrashDisk>, Arc<dyn BlockDevice>, Store) {
     (disk, dev, s)
 }
 
+fn unlink_root(c: &mut Client, s: &Store, name: &str) {
+    c.run(
+        s,
+        Request::Unlink {
+            parent: InodeId::ROOT,
+            name: name.as_bytes().to_vec(),
+        },
+    )
+    .unwrap();
+}
+
 fn used_clusters(c: &mut Client, s: &Store) -> u64 {
     let Response::StatFs(st) = c.run(s, Request::StatFs).unwrap() else {
         panic!("statfs")
@@ -2266,14 +2277,7 @@ fn open_counts_of_current_nodes_are_kept_in_memory_and_still_hold_unlinked_files
         t0,
         "opens and releases journal nothing"
     );
-    a.run(
-        &s,
-        Request::Unlink {
-            parent: InodeId::ROOT,
-            name: b"f".to_vec(),
-        },
-    )
-    .unwrap();
+    unlink_root(&mut a, &s, "f");
     assert_eq!(used_clusters(&mut a, &s), 4, "open on nodes 1 and 2");
     a.run(&s, Request::Release { ino: f.ino }).unwrap();
     assert_eq!(used_clusters(&mut a, &s), 4, "node 2 still has it open");
@@ -2292,14 +2296,7 @@ fn open_counts_of_current_nodes_are_kept_in_memory_and_still_hold_unlinked_files
     let open = a.caller();
     s.execute(&open, &open_req(g.ino)).unwrap();
     s.execute(&open, &open_req(g.ino)).unwrap();
-    a.run(
-        &s,
-        Request::Unlink {
-            parent: InodeId::ROOT,
-            name: b"g".to_vec(),
-        },
-    )
-    .unwrap();
+    unlink_root(&mut a, &s, "g");
     assert_eq!(used_clusters(&mut a, &s), 2);
     a.run(&s, Request::Release { ino: g.ino }).unwrap();
     assert_eq!(used_clusters(&mut a, &s), 0);
@@ -2323,14 +2320,7 @@ fn after_a_takeover_unlinked_files_wait_for_the_nodes_to_reannounce_their_opens(
     a.run(&s, open_req(dropped)).unwrap();
     b.run(&s, open_req(later)).unwrap();
     for name in ["kept", "dropped"] {
-        a.run(
-            &s,
-            Request::Unlink {
-                parent: InodeId::ROOT,
-                name: name.as_bytes().to_vec(),
-            },
-        )
-        .unwrap();
+        unlink_root(&mut a, &s, name);
     }
     assert_eq!(used_clusters(&mut a, &s), 6);
     // The coordinator dies; its counts die with it. The new one holds every orphan.
@@ -2340,14 +2330,7 @@ fn after_a_takeover_unlinked_files_wait_for_the_nodes_to_reannounce_their_opens(
     s.hold_orphans();
     assert_eq!(used_clusters(&mut a, &s), 6);
     // Unlinked during the grace with nothing counted yet: held too.
-    a.run(
-        &s,
-        Request::Unlink {
-            parent: InodeId::ROOT,
-            name: b"later".to_vec(),
-        },
-    )
-    .unwrap();
+    unlink_root(&mut a, &s, "later");
     assert_eq!(used_clusters(&mut a, &s), 6);
     // Node 2 re-announces; a resend meant for an older epoch counts nothing.
     let stale = Request::Reopen {
@@ -2397,14 +2380,7 @@ fn a_create_open_answered_from_the_duplicate_cache_after_a_takeover_is_counted_o
     // The answer was lost: the node resends the create twice (two reconnects).
     assert_eq!(mapped_attr(s.execute(&caller, &req)).ino, f.ino);
     assert_eq!(mapped_attr(s.execute(&caller, &req)).ino, f.ino);
-    a.run(
-        &s,
-        Request::Unlink {
-            parent: InodeId::ROOT,
-            name: b"c".to_vec(),
-        },
-    )
-    .unwrap();
+    unlink_root(&mut a, &s, "c");
     s.reap_orphans().unwrap();
     assert_eq!(
         used_clusters(&mut a, &s),
@@ -2442,14 +2418,7 @@ fn open_counts_answered_without_blocking_count_like_the_blocking_path() {
     assert!(s
         .try_execute_now(&old, &Request::Release { ino: f.ino }, 3)
         .is_none());
-    a.run(
-        &s,
-        Request::Unlink {
-            parent: InodeId::ROOT,
-            name: b"f".to_vec(),
-        },
-    )
-    .unwrap();
+    unlink_root(&mut a, &s, "f");
     assert_eq!(used_clusters(&mut a, &s), 2, "one handle of node 2 left");
     let last = b.caller();
     assert!(s
@@ -2466,14 +2435,7 @@ fn open_counts_survive_the_rollback_of_a_failed_request() {
     let f = create(&mut a, &s, InodeId::ROOT, "f", FileKind::File).unwrap();
     allocate_all(&mut a, &s, f.ino, 2 << 16);
     b.run(&s, open_req(f.ino)).unwrap();
-    a.run(
-        &s,
-        Request::Unlink {
-            parent: InodeId::ROOT,
-            name: b"f".to_vec(),
-        },
-    )
-    .unwrap();
+    unlink_root(&mut a, &s, "f");
     let used = used_clusters(&mut a, &s);
     // What a request that fails after changing state does: reload from disk and overlay.
     s.rollback(&mut s.inner.lock());
