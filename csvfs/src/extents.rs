@@ -11,6 +11,8 @@ use std::collections::BTreeMap;
 pub struct RangeSet {
     /// start -> end.
     ranges: BTreeMap<u64, u64>,
+    /// Bytes covered: the sum of `end - start` over `ranges`, kept as they change.
+    bytes: u64,
 }
 
 impl RangeSet {
@@ -31,7 +33,7 @@ impl RangeSet {
 
     /// Total bytes covered.
     pub fn len_bytes(&self) -> u64 {
-        self.ranges.iter().map(|(s, e)| e - s).sum()
+        self.bytes
     }
 
     /// Adds `[start, end)`, merging with overlapping or adjacent ranges.
@@ -55,10 +57,12 @@ impl RangeSet {
             .collect();
         for s in overlapping {
             if let Some(e) = self.ranges.remove(&s) {
+                self.bytes -= e - s;
                 new_end = new_end.max(e);
             }
         }
         self.ranges.insert(new_start, new_end);
+        self.bytes += new_end - new_start;
     }
 
     /// Removes `[start, end)` from the set.
@@ -75,11 +79,14 @@ impl RangeSet {
             .collect();
         for (s, e) in touched {
             self.ranges.remove(&s);
+            self.bytes -= e - s;
             if s < start {
                 self.ranges.insert(s, start);
+                self.bytes += start - s;
             }
             if e > end {
                 self.ranges.insert(end, e);
+                self.bytes += e - end;
             }
         }
     }
@@ -339,6 +346,47 @@ mod tests {
         s.insert(0, 100);
         assert_eq!(s.iter().collect::<Vec<_>>(), vec![(0, 100)]);
         assert_eq!(s.max_end(), 100);
+    }
+
+    proptest::proptest! {
+        /// Any sequence of inserts and removes leaves the set equal to a byte-per-byte
+        /// model: same bytes, same total, ranges disjoint and never touching.
+        #[test]
+        fn range_set_matches_a_byte_model(
+            ops in proptest::collection::vec((proptest::bool::ANY, 0usize..256, 0usize..64), 1..64)
+        ) {
+            let mut s = RangeSet::new();
+            let mut model = [false; 320];
+            for (add, start, len) in ops {
+                let end = start + len;
+                if add {
+                    s.insert(start as u64, end as u64);
+                } else {
+                    s.remove(start as u64, end as u64);
+                }
+                for b in &mut model[start..end] {
+                    *b = add;
+                }
+                let ranges: Vec<(usize, usize)> = s
+                    .iter()
+                    .map(|(a, b)| (usize::try_from(a).unwrap(), usize::try_from(b).unwrap()))
+                    .collect();
+                let mut from_set = [false; 320];
+                for &(a, b) in &ranges {
+                    proptest::prop_assert!(a < b);
+                    for x in &mut from_set[a..b] {
+                        *x = true;
+                    }
+                }
+                for w in ranges.windows(2) {
+                    proptest::prop_assert!(w[0].1 < w[1].0, "ranges {:?} touch", w);
+                }
+                proptest::prop_assert_eq!(&from_set[..], &model[..]);
+                let covered = model.iter().filter(|&&b| b).count() as u64;
+                proptest::prop_assert_eq!(s.len_bytes(), covered);
+                proptest::prop_assert_eq!(s.count_ranges(), ranges.len());
+            }
+        }
     }
 
     #[test]

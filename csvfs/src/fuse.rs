@@ -47,6 +47,9 @@ const READDIR_BATCH: u32 = 512;
 pub const FUSE_THREADS: usize = 16;
 /// Event loops that may wait for the coordinator at once; the others keep reading.
 const INLINE_MAX: usize = 12;
+/// Writes from this size up wait for the LUN on their event loop (while one may wait) instead
+/// of keeping a copy of their data for the blocking path.
+const WAIT_WRITE_MIN_BYTES: usize = 64 << 10;
 /// How long a worker waits for the kernel to apply one invalidation.
 const INVALIDATION_WAIT: Duration = Duration::from_millis(100);
 
@@ -271,6 +274,57 @@ impl CsvFs {
         } else {
             inline.fetch_sub(1, Ordering::AcqRel);
             spawn_on(&self.pool, self.inner.clone(), op, ino, f);
+        }
+    }
+}
+
+/// A write for the blocking path: everything but its data.
+struct BlockingWrite {
+    uid: u32,
+    gid: u32,
+    ino: u64,
+    file: Arc<OpenFile>,
+    offset: u64,
+    /// Bytes the kernel asked to write.
+    len: u32,
+    sync: bool,
+}
+
+impl BlockingWrite {
+    /// Writes `data` (or, with `commit_only`, commits the asynchronous write that already
+    /// wrote it; `data` is then unused) and answers the kernel.
+    fn run(self, i: &Inner, data: &[u8], commit_only: bool, reply: ReplyWrite) {
+        let r = if commit_only {
+            i.data
+                .commit(self.uid, self.gid, &self.file)
+                .map(|()| self.len)
+        } else {
+            i.data
+                .write(self.uid, self.gid, &self.file, self.offset, data, self.sync)
+        };
+        match r {
+            Ok(n) => reply.written(n),
+            Err(e) => reply.error(fail("write", &e)),
+        }
+    }
+}
+
+impl CsvFs {
+    /// Runs `w` on this event loop when one may wait (the data stays the kernel's buffer),
+    /// else on a worker with a copy of the data.
+    fn write_blocking(&self, w: BlockingWrite, data: &[u8], commit_only: bool, reply: ReplyWrite) {
+        let inline = &self.inner.inline;
+        if inline.fetch_add(1, Ordering::AcqRel) < INLINE_MAX {
+            run_in_span(&self.inner, "write", w.ino, |i| {
+                w.run(i, data, commit_only, reply);
+            });
+            inline.fetch_sub(1, Ordering::AcqRel);
+        } else {
+            inline.fetch_sub(1, Ordering::AcqRel);
+            let (ino, data) = (w.ino, data.to_vec());
+            spawn_on(&self.pool, self.inner.clone(), "write", ino, move |i| {
+                w.run(i, &data, commit_only, reply);
+            });
         }
     }
 }
@@ -644,33 +698,56 @@ impl Filesystem for CsvFs {
         let Ok(len) = u32::try_from(data.len()) else {
             return reply.error(Errno::EFBIG);
         };
-        let slow = {
-            let (pool, inner, f) = (self.pool.clone(), self.inner.clone(), file.clone());
-            let data = data.to_vec();
-            // The blocking path: the whole write, or the commit after an asynchronous one.
-            move |reply: ReplyWrite, commit_only: bool| {
-                spawn_on(&pool, inner, "write", ino.0, move |i| {
-                    let r = if commit_only {
-                        i.data.commit(uid, gid, &f).map(|()| len)
-                    } else {
-                        i.data.write(uid, gid, &f, offset, &data, sync)
-                    };
-                    match r {
-                        Ok(n) => reply.written(n),
-                        Err(e) => reply.error(fail("write", &e)),
-                    }
-                });
-            }
+        let w = BlockingWrite {
+            uid,
+            gid,
+            ino: ino.0,
+            file: file.clone(),
+            offset,
+            len,
+            sync,
         };
         if sync {
-            return slow(reply, false);
+            return self.write_blocking(w, data, false, reply);
         }
-        // Writes inside written clusters go straight to the LUN from this thread and are
-        // answered by the LUN's completion thread; the rest take a worker.
-        let done = Box::new(move |outcome: Option<bool>| match outcome {
-            Some(false) => reply.written(len),
-            Some(true) => slow(reply, true),
-            None => slow(reply, false),
+        // Writes inside written clusters go straight to the LUN from this thread. A large
+        // one is waited for here while an event loop may wait: the blocking path, should
+        // the LUN fail it, still has the kernel's buffer, so the data is never copied.
+        // Otherwise the LUN's completion thread answers, and a copy is kept for the
+        // blocking path.
+        let inline = &self.inner.inline;
+        if data.len() >= WAIT_WRITE_MIN_BYTES && inline.fetch_add(1, Ordering::AcqRel) < INLINE_MAX
+        {
+            let (tx, rx) = mpsc::sync_channel(1);
+            self.inner.data.write_async(
+                &file,
+                offset,
+                data,
+                Box::new(move |outcome| {
+                    let _ = tx.send(outcome);
+                }),
+            );
+            let outcome = rx.recv().ok().flatten();
+            inline.fetch_sub(1, Ordering::AcqRel);
+            return match outcome {
+                Some(false) => reply.written(len),
+                Some(true) => self.write_blocking(w, &[], true, reply),
+                None => self.write_blocking(w, data, false, reply),
+            };
+        }
+        if data.len() >= WAIT_WRITE_MIN_BYTES {
+            inline.fetch_sub(1, Ordering::AcqRel);
+        }
+        let (pool, inner, copy) = (self.pool.clone(), self.inner.clone(), data.to_vec());
+        let done = Box::new(move |outcome: Option<bool>| {
+            let commit_only = match outcome {
+                Some(false) => return reply.written(len),
+                Some(true) => true,
+                None => false,
+            };
+            spawn_on(&pool, inner, "write", w.ino, move |i| {
+                w.run(i, if commit_only { &[] } else { &copy }, commit_only, reply);
+            });
         });
         self.inner.data.write_async(&file, offset, data, done);
     }
