@@ -148,7 +148,7 @@ pub struct DataPath {
     meta: Arc<dyn Metadata>,
     cluster_bytes: u64,
     prealloc_bytes: u64,
-    files: Mutex<HashMap<InodeId, Arc<OpenFile>>>,
+    files: Arc<Mutex<HashMap<InodeId, Arc<OpenFile>>>>,
     /// `Open` requests sent and not yet answered, per inode: counted as open handles when
     /// the node re-announces its opens to a new coordinator (an open resent across the
     /// takeover is then counted twice, which only keeps an unlinked file a little longer;
@@ -191,7 +191,7 @@ impl DataPath {
             meta,
             cluster_bytes: cluster_bytes.max(4096),
             prealloc_bytes,
-            files: Mutex::new(HashMap::new()),
+            files: Arc::new(Mutex::new(HashMap::new())),
             opening: Mutex::new(HashMap::new()),
         }
     }
@@ -333,27 +333,35 @@ impl DataPath {
         (file, attr)
     }
 
-    /// Closes one open of the file: commits what is pending, tells the coordinator, and
-    /// forgets the file when it was the last open on this node.
+    /// Closes one open of the file: commits what is pending and tells the coordinator. The
+    /// coordinator's answer is not waited for (the kernel does not wait for a release
+    /// either): the open counts here until the coordinator has counted its release, and
+    /// the file is forgotten then if it was the last open on this node. So a new
+    /// coordinator hears of the open (`open_counts`) unless the old one had counted the
+    /// release. The result is the commit's.
     pub fn release(&self, uid: u32, gid: u32, file: &Arc<OpenFile>) -> Result<(), NodeError> {
         let committed = self.commit(uid, gid, file);
         if committed.is_ok() {
             self.trim_prealloc(uid, gid, file);
         }
-        let released = self
-            .meta
-            .call(uid, gid, Request::Release { ino: file.ino })
-            .map(|_| ());
-        {
-            let mut files = self.files.lock();
-            let mut st = file.state.lock();
-            st.opens = st.opens.saturating_sub(1);
-            if st.opens == 0 && st.pending.is_empty() {
-                files.remove(&file.ino);
-            }
-        }
-        committed?;
-        released.map_err(NodeError::from)
+        let (files, f) = (self.files.clone(), file.clone());
+        self.meta.call_detached(
+            uid,
+            gid,
+            Request::Release { ino: file.ino },
+            Box::new(move |released| {
+                if let Err(e) = released {
+                    tracing::warn!(inode = %f.ino, error = %e, "the coordinator did not count a release");
+                }
+                let mut files = files.lock();
+                let mut st = f.state.lock();
+                st.opens = st.opens.saturating_sub(1);
+                if st.opens == 0 && st.pending.is_empty() {
+                    files.remove(&f.ino);
+                }
+            }),
+        );
+        committed
     }
 
     /// At the last close on this node, hands back preallocated clusters that were never

@@ -2,6 +2,7 @@
 //! many threads at once. The real implementation is the metadata client stub connected to
 //! the coordinator; unit tests plug in an in-memory store.
 
+use metadata_server::client::Then;
 use metadata_server::proto::{Request, Response};
 use metadata_server::types::FsError;
 
@@ -9,6 +10,13 @@ use metadata_server::types::FsError;
 pub trait Metadata: Send + Sync {
     /// Runs `req` with the credentials of the calling process and waits for the answer.
     fn call(&self, uid: u32, gid: u32, req: Request) -> Result<Response, FsError>;
+
+    /// Runs `req` without waiting; `then` gets the answer, perhaps on another thread, and
+    /// must be short and must not call this service. This default waits and runs `then`
+    /// on the calling thread.
+    fn call_detached(&self, uid: u32, gid: u32, req: Request, then: Then) {
+        then(self.call(uid, gid, req));
+    }
 }
 
 /// An answer of the wrong kind for its request: a protocol bug on the other side.

@@ -47,7 +47,7 @@ use crate::fuse::{CsvFs, Invalidator};
 use crate::meta::Metadata;
 use block_client::{open_device, BlockDevice, BlockError};
 use metadata_server::client::{
-    ClientConfig, ConnectError, CoordinatorLocator, InvalidationHandler, MetadataClient,
+    ClientConfig, ConnectError, CoordinatorLocator, InvalidationHandler, MetadataClient, Then,
 };
 use metadata_server::format::{Superblock, SuperblockError};
 use metadata_server::lease::{
@@ -203,6 +203,15 @@ impl Metadata for ClientMeta {
         let (result, stamp) = self.client.call_stamped(uid, gid, req);
         self.cache.learn(lesson, &result, stamp);
         result.map(Response::into_answer)
+    }
+
+    fn call_detached(&self, uid: u32, gid: u32, req: Request, then: Then) {
+        if matches!(Lesson::of(&req), Lesson::None) {
+            self.client.call_detached(uid, gid, req, then);
+        } else {
+            // The directory cache learns from the answer and its stamp: wait for both.
+            then(self.call(uid, gid, req));
+        }
     }
 }
 

@@ -221,6 +221,68 @@ fn server_cfg(addr: SocketAddr) -> ServerConfig {
     }
 }
 
+#[test]
+fn a_detached_call_is_resent_across_a_restart_and_answered_once() {
+    // The coordinator journals the create but dies before it answers; nobody waits.
+    let (store, srv, c) = connected_with_slow_store();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let t0 = Instant::now();
+    c.call_detached(0, 0, create(b"x"), Box::new(move |r| tx.send(r).unwrap()));
+    assert!(
+        t0.elapsed() < Duration::from_millis(200),
+        "call_detached waited"
+    );
+    let srv = restart_while_running(&store, srv);
+    let r = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    assert!(matches!(r, Ok(Response::Attr(_))), "{r:?}");
+    assert!(
+        rx.recv_timeout(Duration::from_millis(300)).is_err(),
+        "the continuation ran twice"
+    );
+    let st = store.st.lock().unwrap();
+    let create_id = st.calls.last().copied().unwrap();
+    drop(st);
+    assert!(store.calls_of(create_id.0, create_id.1) >= 2);
+    assert_eq!(store.executed(create_id.0, create_id.1), 1);
+
+    // A closed client fails a detached call at once, on the calling thread.
+    c.close();
+    let (tx, rx) = std::sync::mpsc::channel();
+    c.call_detached(0, 0, lookup(b"x"), Box::new(move |r| tx.send(r).unwrap()));
+    let r = rx.try_recv().unwrap();
+    assert!(
+        matches!(&r, Err(FsError::Io(m)) if m.contains("closed")),
+        "{r:?}"
+    );
+    drop(srv);
+}
+
+/// A coordinator and node 1 connected to it (one call done), with the store then taking
+/// 400 ms per call.
+fn connected_with_slow_store() -> (Arc<MemStore>, ServerHandle, Arc<MetadataClient>) {
+    let store = Arc::new(MemStore::default());
+    let srv = start(&store);
+    let (c, _) = connect(1, srv.local_addr());
+    c.call(0, 0, create(b"warm")).unwrap();
+    store.delay_ms.store(400, Ordering::SeqCst);
+    (store, srv, c)
+}
+
+/// Once the store runs a call: stops `srv` before it answers, and starts a new server on
+/// the same address with the store's delay cleared.
+fn restart_while_running(store: &Arc<MemStore>, srv: ServerHandle) -> ServerHandle {
+    let addr = srv.local_addr();
+    wait_until(
+        "the store to start the call",
+        Duration::from_secs(2),
+        || store.running.load(Ordering::SeqCst) > 0,
+    );
+    srv.shutdown();
+    store.delay_ms.store(0, Ordering::SeqCst);
+    let s: Arc<dyn MetadataStore> = store.clone();
+    Server::start(s, server_cfg(addr)).unwrap()
+}
+
 fn start(store: &Arc<MemStore>) -> ServerHandle {
     let s: Arc<dyn MetadataStore> = store.clone();
     Server::start(s, server_cfg("127.0.0.1:0".parse().unwrap())).unwrap()
@@ -625,24 +687,11 @@ fn sixty_four_concurrent_calls_from_eight_threads_share_one_connection() {
 
 #[test]
 fn restart_resends_with_the_same_request_id_and_runs_once() {
-    let store = Arc::new(MemStore::default());
-    let srv = start(&store);
-    let addr = srv.local_addr();
-    let (c, _) = connect(1, addr);
-    c.call(0, 0, create(b"warm")).unwrap();
     // The next create is journaled by the store but the coordinator dies before replying.
-    store.delay_ms.store(400, Ordering::SeqCst);
+    let (store, srv, c) = connected_with_slow_store();
     let c2 = c.clone();
     let call = std::thread::spawn(move || c2.call(0, 0, create(b"x")));
-    wait_until(
-        "the store to start the call",
-        Duration::from_secs(2),
-        || store.running.load(Ordering::SeqCst) > 0,
-    );
-    srv.shutdown();
-    store.delay_ms.store(0, Ordering::SeqCst);
-    let s: Arc<dyn MetadataStore> = store.clone();
-    let srv = Server::start(s, server_cfg(addr)).unwrap();
+    let srv = restart_while_running(&store, srv);
     let r = call.join().unwrap();
     assert!(matches!(r, Ok(Response::Attr(_))), "{r:?}");
     // The create's request id reached the store more than once (the original, then the

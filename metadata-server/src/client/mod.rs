@@ -199,7 +199,32 @@ struct Pending {
     req: Request,
     registered: Instant,
     /// Gets the answer and the invalidation stamp when it was read.
-    done: std::sync::mpsc::SyncSender<(Result<Response, FsError>, u64)>,
+    done: Done,
+}
+
+/// A continuation run with a detached call's answer (see
+/// [`MetadataClient::call_detached`]).
+pub type Then = Box<dyn FnOnce(Result<Response, FsError>) + Send>;
+
+/// Where the answer of a pending call goes.
+enum Done {
+    /// To the thread waiting in `call_stamped`, with the invalidation stamp.
+    Wait(std::sync::mpsc::SyncSender<(Result<Response, FsError>, u64)>),
+    /// To a continuation, run on the thread that read the answer.
+    Then(Then),
+}
+
+impl Done {
+    /// Hands over the answer. Never called with the state lock held: a continuation may
+    /// take other locks of the node.
+    fn finish(self, result: Result<Response, FsError>, stamp: u64) {
+        match self {
+            Done::Wait(tx) => {
+                let _ = tx.try_send((result, stamp));
+            }
+            Done::Then(f) => f(result.map(Response::into_answer)),
+        }
+    }
 }
 
 struct State {
@@ -417,11 +442,34 @@ impl MetadataClient {
         gid: u32,
         req: Request,
     ) -> (Result<Response, FsError>, u64) {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.submit(uid, gid, req, Done::Wait(tx));
+        rx.recv().unwrap_or_else(|_| {
+            // Errors are not cached: their stamp does not matter.
+            let e = FsError::Io("metadata client is closed".into());
+            (Err(e), self.inner.seen.load(Ordering::Acquire))
+        })
+    }
+
+    /// Runs `req` at the coordinator like [`call`](Self::call), without waiting: `then`
+    /// gets the answer (or the failure) on the thread that reads it from the coordinator,
+    /// so it must be short, must not block and must not call this client. A lost
+    /// connection is re-established and the request re-sent, as for `call`. For requests
+    /// whose caller needs no answer, such as `Release`: no thread waits and none is woken.
+    pub fn call_detached(&self, uid: u32, gid: u32, req: Request, then: Then) {
+        self.submit(uid, gid, req, Done::Then(then));
+    }
+
+    /// Registers `req` as pending and sends it; `done` gets the answer. A request the
+    /// coordinator's protocol version does not carry runs split into older ones
+    /// ([`call_split`](Self::call_split)) on this thread; a closed client or a request too
+    /// large for a frame fails at once.
+    fn submit(&self, uid: u32, gid: u32, req: Request, done: Done) {
         let inner = &self.inner;
         // Errors are not cached: their stamp does not matter.
-        let failed = |e: FsError| (Err(e), inner.seen.load(Ordering::Acquire));
+        let fail = |done: Done, e: FsError| done.finish(Err(e), inner.seen.load(Ordering::Acquire));
         if inner.closed.load(Ordering::Acquire) {
-            return failed(FsError::Io("metadata client is closed".into()));
+            return fail(done, FsError::Io("metadata client is closed".into()));
         }
         let id = RequestId(inner.next_id.fetch_add(1, Ordering::Relaxed));
         let caller = Caller {
@@ -430,7 +478,6 @@ impl MetadataClient {
             uid,
             gid,
         };
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
         // Encoded before the lock is taken; a request too large for a frame fails here.
         let frame = Frame::Request {
             id,
@@ -439,19 +486,20 @@ impl MetadataClient {
         };
         let Ok(bytes) = encode_frame(&frame, MAX_FRAME_BYTES) else {
             tracing::warn!(op = request_kind(&req), "request does not fit in a frame");
-            return failed(FsError::TooBig);
+            return fail(done, FsError::TooBig);
         };
         let link = {
             let mut st = inner.state.lock();
             // Checked again under the lock: `close` drains `pending` under it.
             if inner.closed.load(Ordering::Acquire) {
-                return failed(FsError::Io("metadata client is closed".into()));
+                drop(st);
+                return fail(done, FsError::Io("metadata client is closed".into()));
             }
             if req.since_version() > st.version {
                 drop(st);
                 // A stamp from before the first of its requests: no later one is missed.
                 let stamp = inner.seen.load(Ordering::Acquire);
-                return (self.call_split(uid, gid, req), stamp);
+                return done.finish(self.call_split(uid, gid, req), stamp);
             }
             st.pending.insert(
                 id,
@@ -459,7 +507,7 @@ impl MetadataClient {
                     caller,
                     req,
                     registered: Instant::now(),
-                    done: tx,
+                    done,
                 },
             );
             st.conn.clone()
@@ -468,10 +516,6 @@ impl MetadataClient {
         // request stays pending and the next session sends it again with the same id.
         if let Some(link) = link {
             let _ = link.send_bytes(&bytes);
-        }
-        match rx.recv() {
-            Ok(r) => r,
-            Err(_) => failed(FsError::Io("metadata client is closed".into())),
         }
     }
 
@@ -552,9 +596,8 @@ impl MetadataClient {
             std::mem::take(&mut st.pending)
         };
         for (_, p) in pending {
-            let _ = p
-                .done
-                .try_send((Err(FsError::Io("metadata client is closed".into())), 0));
+            p.done
+                .finish(Err(FsError::Io("metadata client is closed".into())), 0);
         }
         if let Some(rt) = self.runtime.lock().take() {
             rt.shutdown_background();
@@ -752,18 +795,10 @@ fn install(inner: &Inner, s: Session) -> (Reader, Arc<FrameLink>) {
         .filter(|(_, p)| p.req.since_version() > s.version)
         .map(|(id, _)| *id)
         .collect();
-    for id in too_new {
-        if let Some(p) = st.pending.remove(&id) {
-            let _ = p.done.send((
-                Err(FsError::Io(format!(
-                    "the coordinator's protocol version {} is too old for {}",
-                    s.version,
-                    request_kind(&p.req)
-                ))),
-                0,
-            ));
-        }
-    }
+    let failed: Vec<Pending> = too_new
+        .iter()
+        .filter_map(|id| st.pending.remove(id))
+        .collect();
     let resent = st.pending.len();
     for (id, p) in &st.pending {
         let f = Frame::Request {
@@ -779,6 +814,15 @@ fn install(inner: &Inner, s: Session) -> (Reader, Arc<FrameLink>) {
     }
     st.conn = Some(link.clone());
     inner.up.store(true, Ordering::Release);
+    drop(st);
+    for p in failed {
+        let e = FsError::Io(format!(
+            "the coordinator's protocol version {} is too old for {}",
+            s.version,
+            request_kind(&p.req)
+        ));
+        p.done.finish(Err(e), 0);
+    }
     tracing::info!(addr = %s.addr, epoch = %s.epoch, version = s.version, resent, "connected to coordinator");
     // Buffered from here on (the handshake read exactly its frames): one read syscall
     // takes every reply that has arrived, not two per frame.
@@ -854,9 +898,7 @@ async fn serve(inner: &Arc<Inner>, mut rd: Reader, link: &Arc<FrameLink>) -> Str
             Frame::Reply { id, result } => {
                 let p = inner.state.lock().pending.remove(&id);
                 if let Some(p) = p {
-                    let _ = p
-                        .done
-                        .try_send((result, inner.seen.load(Ordering::Acquire)));
+                    p.done.finish(result, inner.seen.load(Ordering::Acquire));
                 }
             }
             Frame::Invalidate { seq, inv } => {
@@ -919,13 +961,13 @@ async fn reaper(inner: Arc<Inner>) {
             );
         }
         for p in expired {
-            let _ = p.done.try_send((
+            p.done.finish(
                 Err(FsError::Io(format!(
                     "coordinator unreachable for {} ms: {last}",
                     timeout.as_millis()
                 ))),
                 0,
-            ));
+            );
         }
     }
 }
