@@ -841,14 +841,17 @@ impl Meta {
         for d in &txn.dirs {
             if let Some(st) = self.dirs.get_mut(d) {
                 for b in st.blocks.iter_mut().filter(|b| b.dirty) {
+                    // The entries are lent to the encoder, not copied (a full block holds
+                    // over a hundred names).
                     let db = DirBlock {
                         dir: *d,
                         next: b.next,
                         depth: b.depth,
                         prefix: b.prefix,
-                        entries: b.entries.clone(),
+                        entries: std::mem::take(&mut b.entries),
                     };
                     writes.insert(b.block.0 * BLOCK_BYTES, db.encode());
+                    b.entries = db.entries;
                     b.dirty = false;
                 }
             }
