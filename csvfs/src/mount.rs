@@ -251,10 +251,9 @@ impl Handler {
                     if client.epoch() != epoch {
                         return;
                     }
+                    // Sent with nothing open too: the coordinator waits for every
+                    // resumed node's announcement before it frees unlinked files.
                     let opens = data.open_counts();
-                    if opens.is_empty() {
-                        return;
-                    }
                     let files = opens.len();
                     match client.call(0, 0, Request::Reopen { epoch, opens }) {
                         Ok(_) => {

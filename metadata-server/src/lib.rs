@@ -114,6 +114,13 @@ pub trait MetadataStore: Send + Sync {
         Ok(0)
     }
 
+    /// Of `nodes`, those whose re-announcement (`Reopen`) the store still waits for before
+    /// its orphan grace may end: none once the grace is over or when it never began. The
+    /// default waits for none.
+    fn awaiting_reopen(&self, _nodes: &[NodeId]) -> Vec<NodeId> {
+        Vec::new()
+    }
+
     /// A node is gone for good (crashed or cut off past its lease): drop its opens, so that
     /// unlinked inodes it held open are freed.
     fn node_gone(&self, node: NodeId) -> Result<(), FsError>;

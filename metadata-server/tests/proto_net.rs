@@ -63,6 +63,12 @@ struct MemState {
     /// Every call to `execute`, in order.
     calls: Vec<(NodeId, RequestId)>,
     gone: Vec<NodeId>,
+    /// Unlinked files are held until `reap_orphans` (a coordinator that took over).
+    orphan_grace: bool,
+    /// Nodes whose `Reopen` ran.
+    reopened: HashSet<NodeId>,
+    /// When `reap_orphans` ran.
+    reaped: Option<Instant>,
 }
 
 /// An in-memory namespace (one level is enough here) with a duplicate-request cache.
@@ -188,6 +194,10 @@ impl MetadataStore for MemStore {
                 max_name_bytes: 255,
             })),
             Request::GetXattr { .. } => Ok(Response::Bytes(vec![7; 100])),
+            Request::Reopen { .. } => {
+                st.reopened.insert(caller.node);
+                Ok(Response::Done)
+            }
             _ => Err(FsError::Invalid("not in the test store".into())),
         };
         if req_is_mutation(req) {
@@ -206,6 +216,22 @@ impl MetadataStore for MemStore {
     fn node_gone(&self, node: NodeId) -> Result<(), FsError> {
         self.st.lock().unwrap().gone.push(node);
         Ok(())
+    }
+
+    fn awaiting_reopen(&self, nodes: &[NodeId]) -> Vec<NodeId> {
+        let st = self.st.lock().unwrap();
+        if !st.orphan_grace {
+            return Vec::new();
+        }
+        let waiting = nodes.iter().filter(|n| !st.reopened.contains(n));
+        waiting.copied().collect()
+    }
+
+    fn reap_orphans(&self) -> Result<u64, FsError> {
+        let mut st = self.st.lock().unwrap();
+        st.orphan_grace = false;
+        st.reaped = Some(Instant::now());
+        Ok(0)
     }
 }
 
@@ -281,6 +307,77 @@ fn restart_while_running(store: &Arc<MemStore>, srv: ServerHandle) -> ServerHand
     store.delay_ms.store(0, Ordering::SeqCst);
     let s: Arc<dyn MetadataStore> = store.clone();
     Server::start(s, server_cfg(addr)).unwrap()
+}
+
+/// Restarts the coordinator as one that took over: it holds orphans for a grace of
+/// `grace_ms`. Waits until node `c` has resumed its session there; returns the new
+/// server and when it started.
+fn take_over(
+    store: &Arc<MemStore>,
+    srv: ServerHandle,
+    c: &MetadataClient,
+    grace_ms: u64,
+) -> (ServerHandle, Instant) {
+    let addr = srv.local_addr();
+    let sessions = c.sessions();
+    srv.shutdown();
+    {
+        let mut st = store.st.lock().unwrap();
+        st.orphan_grace = true;
+        st.reopened.clear();
+        st.reaped = None;
+    }
+    let s: Arc<dyn MetadataStore> = store.clone();
+    let cfg = ServerConfig {
+        node_grace_ms: grace_ms,
+        ..server_cfg(addr)
+    };
+    let t0 = Instant::now();
+    let srv = Server::start(s, cfg).unwrap();
+    wait_until("the node to resume", Duration::from_secs(5), || {
+        c.is_connected() && c.sessions() > sessions
+    });
+    (srv, t0)
+}
+
+#[test]
+fn the_orphan_reap_waits_for_a_resumed_node_to_re_announce_up_to_a_second_grace() {
+    let store = Arc::new(MemStore::default());
+    let srv = start(&store);
+    let (c, _) = connect(1, srv.local_addr());
+    c.call(0, 0, Request::StatFs).unwrap();
+
+    // The node resumed but re-announces only after the grace: the reap waits for it.
+    let (srv, t0) = take_over(&store, srv, &c, 1000);
+    std::thread::sleep(Duration::from_millis(1400).saturating_sub(t0.elapsed()));
+    assert_eq!(
+        store.st.lock().unwrap().reaped,
+        None,
+        "reaped before the node re-announced"
+    );
+    let announced = Instant::now();
+    let reopen = Request::Reopen {
+        epoch: c.epoch(),
+        opens: Vec::new(),
+    };
+    c.call(0, 0, reopen).unwrap();
+    wait_until("the reap", Duration::from_secs(5), || {
+        store.st.lock().unwrap().reaped.is_some()
+    });
+    assert!(store.st.lock().unwrap().reaped.unwrap() >= announced);
+
+    // A node that never re-announces holds the reap back one more grace at most.
+    let (srv, t0) = take_over(&store, srv, &c, 300);
+    wait_until("the reap", Duration::from_secs(5), || {
+        store.st.lock().unwrap().reaped.is_some()
+    });
+    let at = store.st.lock().unwrap().reaped.unwrap();
+    assert!(
+        at >= t0 + Duration::from_millis(600),
+        "reaped after {:?}",
+        at - t0
+    );
+    drop(srv);
 }
 
 fn start(store: &Arc<MemStore>) -> ServerHandle {

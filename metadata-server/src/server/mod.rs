@@ -164,6 +164,10 @@ pub(crate) struct Shared {
     pub(crate) instance: u64,
     /// Sessions per node ever established, to tell a reconnect from the grace timer.
     pub(crate) generations: parking_lot::Mutex<HashMap<NodeId, u64>>,
+    /// Nodes whose session resumed here with a protocol that re-announces opens (version 4
+    /// or later) and that are not known gone or remounted since: the orphan reap waits
+    /// for their `Reopen` (see `session::schedule_orphan_reap`).
+    pub(crate) resumed: parking_lot::Mutex<std::collections::BTreeSet<NodeId>>,
     pub(crate) shutdown: watch::Receiver<bool>,
 }
 
@@ -242,6 +246,7 @@ impl Server {
             coherence: Coherence::new(Duration::from_millis(config.invalidation_timeout_ms)),
             instance: rand::random(),
             generations: parking_lot::Mutex::new(HashMap::new()),
+            resumed: parking_lot::Mutex::new(std::collections::BTreeSet::new()),
             shutdown: shutdown_rx,
             config,
         });

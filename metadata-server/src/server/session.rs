@@ -20,6 +20,12 @@ use tokio::net::TcpStream;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
 
+/// The first protocol version whose nodes re-announce their opens (`Reopen`) after a
+/// takeover.
+const REOPEN_VERSION: u32 = 4;
+/// How often the orphan reap looks again for re-announcements it waits for.
+const REOPEN_POLL: Duration = Duration::from_millis(250);
+
 /// The result of a successful handshake.
 struct Established {
     node: NodeId,
@@ -235,6 +241,16 @@ async fn established(
     }
     out.push();
     *shared.generations.lock().entry(node).or_insert(0) += 1;
+    {
+        // A resumed node re-announces its opens after a takeover; a fresh mount holds
+        // nothing from before (its previous mount's opens were released above).
+        let mut resumed = shared.resumed.lock();
+        if est.resumed && version >= REOPEN_VERSION {
+            resumed.insert(node);
+        } else {
+            resumed.remove(&node);
+        }
+    }
     tracing::info!(resumed = est.resumed, "node connected");
     let flusher = link.clone();
     let writer = tokio::spawn(
@@ -411,13 +427,36 @@ async fn release_previous_mount(node: NodeId, shared: &Arc<Shared>) {
 }
 
 /// After the node grace period, the store frees unlinked inodes that no node re-announced
-/// as open (see `MetadataStore::reap_orphans`).
+/// as open (see `MetadataStore::reap_orphans`). Nodes that reconnected here but whose
+/// `Reopen` the store has not counted yet (it may wait behind a backlog) are waited for,
+/// up to one more grace period: freeing before it counts would free files still open
+/// there. A node declared gone meanwhile is not waited for.
 pub(super) fn schedule_orphan_reap(shared: &Arc<Shared>) {
     let grace = Duration::from_millis(shared.config.node_grace_ms);
     let shared = shared.clone();
     tokio::spawn(
         async move {
             tokio::time::sleep(grace).await;
+            let waited_since = tokio::time::Instant::now();
+            loop {
+                let resumed: Vec<NodeId> = shared.resumed.lock().iter().copied().collect();
+                let store = shared.store.clone();
+                let waiting = tokio::task::spawn_blocking(move || store.awaiting_reopen(&resumed))
+                    .await
+                    .unwrap_or_default();
+                if waiting.is_empty() {
+                    break;
+                }
+                if waited_since.elapsed() >= grace {
+                    tracing::warn!(
+                        nodes = ?waiting,
+                        "nodes did not re-announce their open files in time; freeing unlinked files nobody else holds"
+                    );
+                    break;
+                }
+                tracing::debug!(nodes = ?waiting, "orphan reap waits for re-announcements");
+                tokio::time::sleep(REOPEN_POLL).await;
+            }
             let store = shared.store.clone();
             match tokio::task::spawn_blocking(move || store.reap_orphans()).await {
                 Ok(Ok(n)) => tracing::debug!(freed = n, "orphan grace ended"),
@@ -446,6 +485,7 @@ pub(super) fn schedule_node_gone(node: NodeId, shared: &Arc<Shared>) {
                 grace_ms = grace.as_millis(),
                 "node did not come back; releasing its opens"
             );
+            shared.resumed.lock().remove(&node);
             let store = shared.store.clone();
             match tokio::task::spawn_blocking(move || store.node_gone(node)).await {
                 Ok(Ok(())) => {}

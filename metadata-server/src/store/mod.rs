@@ -971,6 +971,18 @@ impl MetadataStore for Store {
         Store::reap_orphans(self)
     }
 
+    fn awaiting_reopen(&self, nodes: &[NodeId]) -> Vec<NodeId> {
+        let g = self.inner.lock();
+        if !g.meta.orphan_grace {
+            return Vec::new();
+        }
+        nodes
+            .iter()
+            .filter(|n| !g.meta.reopened.contains(n))
+            .copied()
+            .collect()
+    }
+
     fn node_gone(&self, node: NodeId) -> Result<(), FsError> {
         let mut g = self.inner.lock();
         self.check_usable(&mut g)?;
