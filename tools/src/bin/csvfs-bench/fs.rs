@@ -14,6 +14,10 @@
 //!   `open(O_CREAT)`, rename and unlink, so on one node the lookup and create of one name
 //!   must finish before the next starts in that directory, whatever the thread count.
 //!
+//! Beside each rate, the CPU time the whole machine spent per I/O or per create
+//! (`/proc/stat`, every process): on a shared, noisy machine the cost of an operation is
+//! steadier than its rate, and it shows what the mount adds over the raw LUN.
+//!
 //! `--meta-only` skips fio (and needs no fio); `--fio-only` skips the metadata part.
 //! Needs the `csvfs` binary next to this one.
 
@@ -109,6 +113,34 @@ const QUEUE_DEPTH: u32 = 32;
 struct Figure {
     mib_per_s: f64,
     iops: f64,
+    /// CPU time the whole machine spent per I/O while fio ran, in µs.
+    cpu_us_per_io: f64,
+}
+
+/// Clock ticks per second of `/proc/stat` (USER_HZ: 100 on every Linux architecture).
+const USER_HZ: f64 = 100.0;
+
+/// CPU time the machine has spent busy since boot (every state but idle and iowait), in
+/// seconds, summed over its CPUs.
+fn cpu_busy_secs() -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").context("read /proc/stat")?;
+    let line = stat
+        .lines()
+        .find(|l| l.starts_with("cpu "))
+        .context("no cpu line in /proc/stat")?;
+    let ticks: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|v| v.parse::<f64>().unwrap_or(0.0))
+        .collect();
+    // user nice system idle iowait irq softirq steal ...
+    let busy: f64 = ticks
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4)
+        .map(|(_, t)| t)
+        .sum();
+    Ok(busy / USER_HZ)
 }
 
 /// Everything started, torn down on drop.
@@ -198,6 +230,7 @@ fn fio(
         "--terse-version=3".to_string(),
     ];
     args.extend(target.iter().cloned());
+    let busy_before = cpu_busy_secs()?;
     let out = Command::new("fio")
         .current_dir(dir)
         .args(&args)
@@ -227,9 +260,13 @@ fn fio(
             .and_then(|s| s.parse::<f64>().ok())
             .with_context(|| format!("fio terse field {i} missing in {terse}"))
     };
+    let busy = cpu_busy_secs()? - busy_before;
+    let iops = num(iops_i)?;
+    let ios = iops * seconds as f64;
     Ok(Figure {
         mib_per_s: num(bw_i)? / 1024.0,
-        iops: num(iops_i)?,
+        iops,
+        cpu_us_per_io: if ios > 0.0 { busy * 1e6 / ios } else { 0.0 },
     })
 }
 
@@ -240,6 +277,8 @@ struct MetaRates {
     stat: f64,
     rename: f64,
     unlink: f64,
+    /// CPU time the whole machine spent per create, in µs.
+    create_cpu_us: f64,
 }
 
 /// Where the threads of a metadata phase put their files.
@@ -291,7 +330,8 @@ fn meta_phase(
         }
         dirs.push(per_thread);
     }
-    let run = |op: &'static str| -> anyhow::Result<f64> {
+    let run = |op: &'static str| -> anyhow::Result<(f64, f64)> {
+        let busy_before = cpu_busy_secs()?;
         let start = Instant::now();
         let mut hs = Vec::new();
         for (n, per_thread) in dirs.iter().enumerate() {
@@ -325,13 +365,16 @@ fn meta_phase(
                 .with_context(|| format!("{op} through the mount ({})", layout.label()))?;
         }
         let total = f64::from(files) * roots.len() as f64;
-        Ok(total / start.elapsed().as_secs_f64())
+        let rate = total / start.elapsed().as_secs_f64();
+        Ok((rate, (cpu_busy_secs()? - busy_before) * 1e6 / total))
     };
+    let (create, create_cpu_us) = run("create")?;
     Ok(MetaRates {
-        create: run("create")?,
-        stat: run("stat")?,
-        rename: run("rename")?,
-        unlink: run("unlink")?,
+        create,
+        stat: run("stat")?.0,
+        rename: run("rename")?.0,
+        unlink: run("unlink")?.0,
+        create_cpu_us,
     })
 }
 
@@ -491,23 +534,26 @@ pub fn run(args: &FsArgs) -> anyhow::Result<()> {
         let mut parts = Vec::new();
         for ((w, r), f) in WORKLOADS.iter().zip(&raw).zip(&fs) {
             parts.push(format!(
-                "{}: {{\"raw_mib_s\": {}, \"raw_iops\": {}, \"fs_mib_s\": {}, \"fs_iops\": {}}}",
+                "{}: {{\"raw_mib_s\": {}, \"raw_iops\": {}, \"raw_cpu_us_per_io\": {}, \"fs_mib_s\": {}, \"fs_iops\": {}, \"fs_cpu_us_per_io\": {}}}",
                 json_string(w.key),
                 json_number(r.mib_per_s),
                 json_number(r.iops),
+                json_number(r.cpu_us_per_io),
                 json_number(f.mib_per_s),
-                json_number(f.iops)
+                json_number(f.iops),
+                json_number(f.cpu_us_per_io)
             ));
         }
         for m in &meta {
             for (nodes, r) in [("one_node", m.one), ("three_nodes", m.three)] {
                 parts.push(format!(
-                    "{}: {{\"create\": {}, \"stat\": {}, \"rename\": {}, \"unlink\": {}}}",
+                    "{}: {{\"create\": {}, \"stat\": {}, \"rename\": {}, \"unlink\": {}, \"create_cpu_us\": {}}}",
                     json_string(&format!("meta_{}_{nodes}", m.layout.key())),
                     json_number(r.create),
                     json_number(r.stat),
                     json_number(r.rename),
-                    json_number(r.unlink)
+                    json_number(r.unlink),
+                    json_number(r.create_cpu_us)
                 ));
             }
         }
@@ -521,8 +567,8 @@ pub fn run(args: &FsArgs) -> anyhow::Result<()> {
             file_bytes >> 20
         ));
         line(&format!(
-            "{:<24} {:>22} {:>22} {:>7}",
-            "workload", "raw LUN (fio nbd)", "csvfs mount (fio)", "ratio"
+            "{:<24} {:>22} {:>22} {:>7}   {:>21}",
+            "workload", "raw LUN (fio nbd)", "csvfs mount (fio)", "ratio", "CPU µs/IO raw, mount"
         ));
     }
     for ((w, r), f) in WORKLOADS.iter().zip(&raw).zip(&fs) {
@@ -532,12 +578,17 @@ pub fn run(args: &FsArgs) -> anyhow::Result<()> {
             (r.iops, f.iops, "IOPS")
         };
         line(&format!(
-            "{:<24} {:>16.0} {unit:<5} {:>16.0} {unit:<5} {:>7.2}",
+            "{:<24} {:>16.0} {unit:<5} {:>16.0} {unit:<5} {:>7.2}   {:>10.1} {:>10.1}",
             w.label,
             rv,
             fv,
-            if rv > 0.0 { fv / rv } else { 0.0 }
+            if rv > 0.0 { fv / rv } else { 0.0 },
+            r.cpu_us_per_io,
+            f.cpu_us_per_io
         ));
+    }
+    if !fs.is_empty() {
+        line("(CPU: busy time of the whole machine, every process, from fio's start to its exit, per I/O of its timed run)");
     }
     for m in &meta {
         line(&format!(
@@ -568,6 +619,10 @@ pub fn run(args: &FsArgs) -> anyhow::Result<()> {
             } else {
                 0.0
             }
+        ));
+        line(&format!(
+            "  CPU µs per create (whole machine): one node {:.0}, three nodes at once {:.0}",
+            m.one.create_cpu_us, m.three.create_cpu_us
         ));
     }
     Ok(())
