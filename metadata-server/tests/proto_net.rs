@@ -348,8 +348,8 @@ fn the_orphan_reap_waits_for_a_resumed_node_to_re_announce_up_to_a_second_grace(
     c.call(0, 0, Request::StatFs).unwrap();
 
     // The node resumed but re-announces only after the grace: the reap waits for it.
-    let (srv, t0) = take_over(&store, srv, &c, 1000);
-    std::thread::sleep(Duration::from_millis(1400).saturating_sub(t0.elapsed()));
+    let (srv, t0) = take_over(&store, srv, &c, 2000);
+    std::thread::sleep(Duration::from_millis(2500).saturating_sub(t0.elapsed()));
     assert_eq!(
         store.st.lock().unwrap().reaped,
         None,
