@@ -100,6 +100,20 @@ struct State {
     entries: HashMap<(InodeId, Vec<u8>), EntryCache>,
 }
 
+impl State {
+    /// The node's session while it is connection `conn` (not replaced or closed).
+    fn link(&self, node: NodeId, conn: u64) -> Option<&Link> {
+        let link = self.nodes.get(&node)?.link.as_ref()?;
+        (link.conn == conn).then_some(link)
+    }
+
+    /// [`link`](Self::link), to change.
+    fn link_mut(&mut self, node: NodeId, conn: u64) -> Option<&mut Link> {
+        let link = self.nodes.get_mut(&node)?.link.as_mut()?;
+        (link.conn == conn).then_some(link)
+    }
+}
+
 /// Coherence tracker shared by all connections of one server.
 pub(crate) struct Coherence {
     state: Mutex<State>,
@@ -188,11 +202,7 @@ impl Coherence {
 
     /// True while `conn` is the node's current session (not replaced or closed).
     pub(crate) fn is_current(&self, node: NodeId, conn: u64) -> bool {
-        let st = self.state.lock();
-        st.nodes
-            .get(&node)
-            .and_then(|n| n.link.as_ref())
-            .is_some_and(|l| l.conn == conn)
+        self.state.lock().link(node, conn).is_some()
     }
 
     /// Nodes with a live session.
@@ -210,23 +220,13 @@ impl Coherence {
 
     /// The connection's invalidation sequence now (taken when a request starts).
     pub(crate) fn mark(&self, node: NodeId, conn: u64) -> u64 {
-        let st = self.state.lock();
-        st.nodes
-            .get(&node)
-            .and_then(|n| n.link.as_ref())
-            .filter(|l| l.conn == conn)
-            .map_or(0, |l| l.next_seq)
+        self.state.lock().link(node, conn).map_or(0, |l| l.next_seq)
     }
 
     /// An acknowledgement arrived.
     pub(crate) fn ack(&self, node: NodeId, conn: u64, seq: u64) {
         let mut st = self.state.lock();
-        if let Some(link) = st
-            .nodes
-            .get_mut(&node)
-            .and_then(|n| n.link.as_mut())
-            .filter(|l| l.conn == conn)
-        {
+        if let Some(link) = st.link_mut(node, conn) {
             if let Some(tx) = link.acks.remove(&seq) {
                 let _ = tx.send(());
             }
@@ -269,11 +269,7 @@ impl Coherence {
         };
         let mut guard = self.state.lock();
         let st = &mut *guard;
-        let link = st
-            .nodes
-            .get_mut(&node)
-            .and_then(|n| n.link.as_mut())
-            .filter(|l| l.conn == conn)?;
+        let link = st.link_mut(node, conn)?;
         if !link.tx.queue(reply) {
             return None;
         }
