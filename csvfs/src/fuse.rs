@@ -267,14 +267,29 @@ impl CsvFs {
     where
         F: FnOnce(&Inner) + Send + 'static,
     {
-        let inline = &self.inner.inline;
-        if inline.fetch_add(1, Ordering::AcqRel) < INLINE_MAX {
+        if let Some(_slot) = self.inner.may_wait() {
             run_in_span(&self.inner, op, ino, f);
-            inline.fetch_sub(1, Ordering::AcqRel);
         } else {
-            inline.fetch_sub(1, Ordering::AcqRel);
             spawn_on(&self.pool, self.inner.clone(), op, ino, f);
         }
+    }
+}
+
+/// One of the `INLINE_MAX` event loops allowed to wait; given back on drop.
+struct WaitSlot<'a>(&'a AtomicUsize);
+
+impl Drop for WaitSlot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Inner {
+    /// A slot for this event loop to wait in (for the coordinator or the LUN), or `None`
+    /// when `INLINE_MAX` event loops wait already.
+    fn may_wait(&self) -> Option<WaitSlot<'_>> {
+        let slot = WaitSlot(&self.inline);
+        (self.inline.fetch_add(1, Ordering::AcqRel) < INLINE_MAX).then_some(slot)
     }
 }
 
@@ -313,14 +328,11 @@ impl CsvFs {
     /// Runs `w` on this event loop when one may wait (the data stays the kernel's buffer),
     /// else on a worker with a copy of the data.
     fn write_blocking(&self, w: BlockingWrite, data: &[u8], commit_only: bool, reply: ReplyWrite) {
-        let inline = &self.inner.inline;
-        if inline.fetch_add(1, Ordering::AcqRel) < INLINE_MAX {
+        if let Some(_slot) = self.inner.may_wait() {
             run_in_span(&self.inner, "write", w.ino, |i| {
                 w.run(i, data, commit_only, reply);
             });
-            inline.fetch_sub(1, Ordering::AcqRel);
         } else {
-            inline.fetch_sub(1, Ordering::AcqRel);
             let (ino, data) = (w.ino, data.to_vec());
             spawn_on(&self.pool, self.inner.clone(), "write", ino, move |i| {
                 w.run(i, &data, commit_only, reply);
@@ -715,9 +727,10 @@ impl Filesystem for CsvFs {
         // the LUN fail it, still has the kernel's buffer, so the data is never copied.
         // Otherwise the LUN's completion thread answers, and a copy is kept for the
         // blocking path.
-        let inline = &self.inner.inline;
-        if data.len() >= WAIT_WRITE_MIN_BYTES && inline.fetch_add(1, Ordering::AcqRel) < INLINE_MAX
-        {
+        let slot = (data.len() >= WAIT_WRITE_MIN_BYTES)
+            .then(|| self.inner.may_wait())
+            .flatten();
+        if let Some(slot) = slot {
             let (tx, rx) = mpsc::sync_channel(1);
             self.inner.data.write_async(
                 &file,
@@ -728,15 +741,13 @@ impl Filesystem for CsvFs {
                 }),
             );
             let outcome = rx.recv().ok().flatten();
-            inline.fetch_sub(1, Ordering::AcqRel);
+            // Given back first: the blocking path takes a slot of its own.
+            drop(slot);
             return match outcome {
                 Some(false) => reply.written(len),
                 Some(true) => self.write_blocking(w, &[], true, reply),
                 None => self.write_blocking(w, data, false, reply),
             };
-        }
-        if data.len() >= WAIT_WRITE_MIN_BYTES {
-            inline.fetch_sub(1, Ordering::AcqRel);
         }
         let (pool, inner, copy) = (self.pool.clone(), self.inner.clone(), data.to_vec());
         let done = Box::new(move |outcome: Option<bool>| {
