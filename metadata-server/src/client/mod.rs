@@ -214,6 +214,11 @@ enum Done {
     Then(Then),
 }
 
+/// The failure of a call on a closed client.
+fn closed() -> FsError {
+    FsError::Io("metadata client is closed".into())
+}
+
 impl Done {
     /// Hands over the answer. Never called with the state lock held: a continuation may
     /// take other locks of the node.
@@ -446,8 +451,7 @@ impl MetadataClient {
         self.submit(uid, gid, req, Done::Wait(tx));
         rx.recv().unwrap_or_else(|_| {
             // Errors are not cached: their stamp does not matter.
-            let e = FsError::Io("metadata client is closed".into());
-            (Err(e), self.inner.seen.load(Ordering::Acquire))
+            (Err(closed()), self.inner.seen.load(Ordering::Acquire))
         })
     }
 
@@ -469,7 +473,7 @@ impl MetadataClient {
         // Errors are not cached: their stamp does not matter.
         let fail = |done: Done, e: FsError| done.finish(Err(e), inner.seen.load(Ordering::Acquire));
         if inner.closed.load(Ordering::Acquire) {
-            return fail(done, FsError::Io("metadata client is closed".into()));
+            return fail(done, closed());
         }
         let id = RequestId(inner.next_id.fetch_add(1, Ordering::Relaxed));
         let caller = Caller {
@@ -493,7 +497,7 @@ impl MetadataClient {
             // Checked again under the lock: `close` drains `pending` under it.
             if inner.closed.load(Ordering::Acquire) {
                 drop(st);
-                return fail(done, FsError::Io("metadata client is closed".into()));
+                return fail(done, closed());
             }
             if req.since_version() > st.version {
                 drop(st);
@@ -596,8 +600,7 @@ impl MetadataClient {
             std::mem::take(&mut st.pending)
         };
         for (_, p) in pending {
-            p.done
-                .finish(Err(FsError::Io("metadata client is closed".into())), 0);
+            p.done.finish(Err(closed()), 0);
         }
         if let Some(rt) = self.runtime.lock().take() {
             rt.shutdown_background();
