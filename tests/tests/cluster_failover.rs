@@ -307,14 +307,19 @@ fn cluster_failover() {
             .open(c.mp(id).join("mapped.bin"))
             .unwrap()
     };
-    let on3 = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(c.mp(3).join("mapped.bin"))
-        .unwrap();
-    on3.write_all_at(&buf, 0).unwrap();
-    on3.sync_all().unwrap();
+    // A new file on node `id` holding `data`, fsynced; its handle stays open.
+    let create_synced = |id: u32, name: &str, data: &[u8]| {
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(c.mp(id).join(name))
+            .unwrap();
+        f.write_all_at(data, 0).unwrap();
+        f.sync_all().unwrap();
+        f
+    };
+    let on3 = create_synced(3, "mapped.bin", &buf);
     let on2 = open_rw(2);
     let mut got = vec![0u8; mapped_len];
     on2.read_exact_at(&mut got, 0).unwrap();
@@ -325,14 +330,7 @@ fn cluster_failover() {
     let orphan_len = 4usize << 20;
     let mut orphan = vec![0u8; orphan_len];
     pattern(79, &mut orphan);
-    let held = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(c.mp(2).join("orphan.bin"))
-        .unwrap();
-    held.write_all_at(&orphan, 0).unwrap();
-    held.sync_all().unwrap();
+    let held = create_synced(2, "orphan.bin", &orphan);
     fs::remove_file(c.mp(3).join("orphan.bin")).unwrap();
 
     let killed = Instant::now();

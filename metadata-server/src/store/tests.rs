@@ -789,35 +789,29 @@ fn unlinked_open_file_keeps_clusters_until_last_close() {
         )
         .unwrap();
     }
-    let used = |c: &mut Client, s: &Store| {
-        let Response::StatFs(st) = c.run(s, Request::StatFs).unwrap() else {
-            panic!()
-        };
-        st.total_clusters - st.free_clusters
-    };
-    assert_eq!(used(&mut a, &s), 8);
+    assert_eq!(used_clusters(&mut a, &s), 8);
     a.run(&s, Request::Release { ino: f.ino }).unwrap();
     a.run(&s, Request::Release { ino: f.ino }).unwrap();
-    assert_eq!(used(&mut a, &s), 8, "node 2 still has f open");
+    assert_eq!(used_clusters(&mut a, &s), 8, "node 2 still has f open");
     // Crash: the opens are on disk, so f and g stay until their holders let go.
     drop(s);
     disk.power_cut();
     let s = Store::open(dev.clone(), Epoch(2)).unwrap();
-    assert_eq!(used(&mut a, &s), 8);
+    assert_eq!(used_clusters(&mut a, &s), 8);
     assert_eq!(s.nodes_holding_opens(), vec![NodeId(2)]);
     b.run(&s, Request::Release { ino: f.ino }).unwrap();
-    assert_eq!(used(&mut a, &s), 4);
+    assert_eq!(used_clusters(&mut a, &s), 4);
     assert!(matches!(
         a.run(&s, Request::GetAttr { ino: f.ino }),
         Err(FsError::Stale)
     ));
     s.node_gone(NodeId(2)).unwrap();
-    assert_eq!(used(&mut a, &s), 0);
+    assert_eq!(used_clusters(&mut a, &s), 0);
     assert!(s.nodes_holding_opens().is_empty());
     drop(s);
     disk.power_cut();
     let s = Store::open(dev, Epoch(3)).unwrap();
-    assert_eq!(used(&mut a, &s), 0);
+    assert_eq!(used_clusters(&mut a, &s), 0);
 }
 
 #[test]
