@@ -57,8 +57,12 @@ struct FileState {
     fetched_gen: u64,
     /// Attributes as the coordinator last reported them.
     attr: Attr,
-    /// Written here, not committed.
+    /// Written here into holes or unwritten clusters, not committed: the ranges the
+    /// next commit marks written.
     pending: RangeSet,
+    /// Written here into written clusters since the last commit, which only has to
+    /// bring the coordinator's mtime up to date (no LUN flush, no ranges).
+    times_dirty: bool,
     /// Size this node has written up to and not committed (0 when nothing is pending).
     pending_size_bytes: u64,
     /// End of the last write, to detect sequential writers.
@@ -119,6 +123,7 @@ impl OpenFile {
     pub fn has_pending(&self) -> bool {
         let st = self.state.lock();
         !st.pending.is_empty()
+            || st.times_dirty
             || st.pending_size_bytes > st.attr.size_bytes
             || !st.claimed.is_empty()
     }
@@ -303,6 +308,7 @@ impl DataPath {
                         fetched_gen: 0,
                         attr: attr.clone(),
                         pending: RangeSet::new(),
+                        times_dirty: false,
                         pending_size_bytes: 0,
                         seq_end_bytes: u64::MAX,
                         seq_start_bytes: 0,
@@ -356,7 +362,7 @@ impl DataPath {
                 let mut files = files.lock();
                 let mut st = f.state.lock();
                 st.opens = st.opens.saturating_sub(1);
-                if st.opens == 0 && st.pending.is_empty() {
+                if st.opens == 0 && st.pending.is_empty() && !st.times_dirty {
                     files.remove(&f.ino);
                 }
             }),
@@ -576,7 +582,7 @@ impl DataPath {
             backoff = (backoff * 2).min(CLAIM_BACKOFF_MAX);
         };
         if commit_now {
-            self.commit(uid, gid, file)?;
+            self.commit_with(uid, gid, file, sync)?;
         }
         Ok(reply_len)
     }
@@ -848,30 +854,62 @@ impl DataPath {
     }
 
     /// Commits this node's pending writes of `file`: zeroes the unwritten remainder of
-    /// partially written clusters, flushes the LUN, and sends `Commit`.
+    /// partially written clusters, flushes the LUN, and sends `Commit`. When only
+    /// overwrites of written clusters are pending, the commit dates the file and does not
+    /// flush the LUN (nothing it sends points at new data).
     pub fn commit(&self, uid: u32, gid: u32, file: &OpenFile) -> Result<(), NodeError> {
+        self.commit_with(uid, gid, file, false)
+    }
+
+    /// [`DataPath::commit`]; with `durable`, the LUN is flushed even when only
+    /// overwrites are pending (an O_SYNC write).
+    fn commit_with(
+        &self,
+        uid: u32,
+        gid: u32,
+        file: &OpenFile,
+        durable: bool,
+    ) -> Result<(), NodeError> {
         // Waits for asynchronous writes too: one into a claimed unwritten cluster must land
         // before the commit zeroes that cluster's remainder or hands its claim back.
         let _io = file.exclusive();
-        self.commit_locked(uid, gid, file)
+        self.commit_locked(uid, gid, file, durable)
     }
 
-    fn commit_locked(&self, uid: u32, gid: u32, file: &OpenFile) -> Result<(), NodeError> {
-        let (ranges, size_bytes, zero) = {
+    fn commit_locked(
+        &self,
+        uid: u32,
+        gid: u32,
+        file: &OpenFile,
+        durable: bool,
+    ) -> Result<(), NodeError> {
+        let (ranges, size_bytes, zero, flush) = {
             let mut st = file.state.lock();
             if st.pending.is_empty()
+                && !st.times_dirty
                 && st.pending_size_bytes <= st.attr.size_bytes
                 && st.claimed.is_empty()
             {
                 st.pending_size_bytes = 0;
+                drop(st);
+                if durable {
+                    self.lun.flush().map_err(NodeError::lun("flush"))?;
+                }
                 return Ok(());
             }
             let ranges = std::mem::take(&mut st.pending);
             let size_bytes = st.pending_size_bytes.max(st.attr.size_bytes);
             let zero = self.remainders_to_zero(&st.map, &ranges);
-            (ranges, size_bytes, zero)
+            // New data the commit makes visible (marked written, or below a larger size)
+            // must be on stable storage first; a commit that only dates the file need not.
+            let flush = durable
+                || !ranges.is_empty()
+                || !zero.is_empty()
+                || size_bytes > st.attr.size_bytes;
+            st.times_dirty = false;
+            (ranges, size_bytes, zero, flush)
         };
-        let result = self.send_commit(uid, gid, file, &ranges, size_bytes, &zero);
+        let result = self.send_commit((uid, gid), file, &ranges, size_bytes, &zero, flush);
         let mut st = file.state.lock();
         match result {
             Ok(attr) => {
@@ -896,6 +934,7 @@ impl DataPath {
                     st.pending.insert(s, end);
                 }
                 st.pending_size_bytes = st.pending_size_bytes.max(size_bytes);
+                st.times_dirty = true;
                 Err(e)
             }
         }
@@ -903,19 +942,21 @@ impl DataPath {
 
     fn send_commit(
         &self,
-        uid: u32,
-        gid: u32,
+        (uid, gid): (u32, u32),
         file: &OpenFile,
         ranges: &RangeSet,
         size_bytes: u64,
         zero: &[(u64, u64)],
+        flush: bool,
     ) -> Result<Attr, NodeError> {
         for &(lun_offset_bytes, len_bytes) in zero {
             self.lun
                 .write_zeroes(lun_offset_bytes, len_bytes)
                 .map_err(NodeError::lun("zero cluster remainder"))?;
         }
-        self.lun.flush().map_err(NodeError::lun("flush"))?;
+        if flush {
+            self.lun.flush().map_err(NodeError::lun("flush"))?;
+        }
         let resp = self.meta.call(
             uid,
             gid,
@@ -1010,7 +1051,7 @@ impl DataPath {
         let file = self.get(ino);
         let _io = file.as_ref().map(|f| f.exclusive());
         if let Some(f) = &file {
-            self.commit_locked(uid, gid, f)?;
+            self.commit_locked(uid, gid, f, false)?;
         }
         let resp = self.meta.call(uid, gid, Request::SetAttr { ino, set })?;
         let Response::Attr(attr) = resp else {
@@ -1041,7 +1082,7 @@ impl DataPath {
         let file = self.get(ino);
         let _io = file.as_ref().map(|f| f.exclusive());
         if let Some(f) = &file {
-            self.commit_locked(uid, gid, f)?;
+            self.commit_locked(uid, gid, f, false)?;
         }
         let resp = self.meta.call(
             uid,
@@ -1115,10 +1156,17 @@ impl DataPath {
     }
 }
 
-/// Records a write of `[offset_bytes, end)` now on the LUN as pending; true when enough is
-/// pending to commit now.
+/// Records a write of `[offset_bytes, end)` now on the LUN: as pending, or as an overwrite
+/// that only dates the file; true when enough is pending to commit now.
 fn record_write(st: &mut FileState, cluster_bytes: u64, offset_bytes: u64, end: u64) -> bool {
-    st.pending.insert(offset_bytes, end);
+    // An overwrite of written clusters has nothing for the coordinator to mark: it only
+    // dates the file. Keeping it out of `pending` keeps random overwrites from filling
+    // the set and forcing a commit (and its LUN flush) every few thousand writes.
+    if st.map.is_written(offset_bytes, end) {
+        st.times_dirty = true;
+    } else {
+        st.pending.insert(offset_bytes, end);
+    }
     st.pending_size_bytes = st.pending_size_bytes.max(end).max(st.attr.size_bytes);
     if st.seq_end_bytes != offset_bytes {
         st.seq_start_bytes = offset_bytes;
@@ -1606,6 +1654,61 @@ pub(crate) mod tests {
             );
         }
         dp.release(0, 0, &g).unwrap();
+    }
+
+    #[test]
+    fn overwrites_of_written_clusters_commit_without_a_lun_flush() {
+        let disk = Arc::new(block_client::testing::CrashDisk::new(CL * 64));
+        let store = Arc::new(MemStore::default());
+        {
+            let mut i = store.inner.lock();
+            i.cluster_bytes = CL;
+            i.total_clusters = 64;
+        }
+        store.add_file(InodeId(10));
+        let meta = Arc::new(StoreMeta::new(store.clone()));
+        let dp = DataPath::new(disk.clone(), meta, CL, 2 * CL);
+        let (f, _) = dp.open(0, 0, InodeId(10), true).unwrap();
+        dp.write(0, 0, &f, 0, &vec![1u8; to_usize(4 * CL).unwrap()], false)
+            .unwrap();
+        dp.commit(0, 0, &f).unwrap();
+        let (flushes, commits) = (disk.flushes_seen(), store.inner.lock().commits);
+
+        // More disjoint overwrites than the pending-range limit: none of them is a range
+        // the coordinator must mark, so none forces a commit.
+        let n = u64::try_from(MAX_PENDING_RANGES).unwrap() + 100;
+        assert!(n * 48 < 4 * CL);
+        for i in 0..n {
+            dp.write(0, 0, &f, i * 48, &[2u8; 16], false).unwrap();
+        }
+        assert_eq!(
+            store.inner.lock().commits,
+            commits,
+            "overwrites forced a commit"
+        );
+        assert!(
+            f.has_pending(),
+            "the file's mtime is not brought up to date"
+        );
+        dp.commit(0, 0, &f).unwrap();
+        assert_eq!(store.inner.lock().commits, commits + 1);
+        assert_eq!(
+            disk.flushes_seen(),
+            flushes,
+            "a commit that only dates the file flushed the LUN"
+        );
+        assert!(!f.has_pending());
+
+        // An O_SYNC overwrite is durable when it returns (the file starts at LUN 0).
+        dp.write(0, 0, &f, 100, b"sync", true).unwrap();
+        assert!(disk.flushes_seen() > flushes);
+        assert_eq!(&disk.durable_image()[100..104], b"sync");
+        let mut want = vec![1u8; 144];
+        for at in [0, 48, 96] {
+            want[at..at + 16].fill(2);
+        }
+        want[100..104].copy_from_slice(b"sync");
+        assert_eq!(dp.read(0, 0, &f, 0, 144).unwrap(), want);
     }
 
     #[test]

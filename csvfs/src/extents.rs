@@ -255,6 +255,31 @@ impl ExtentMap {
         }
     }
 
+    /// True when all of `[start, end)` lies in written extents (no hole, nothing
+    /// unwritten). Allocates nothing: it is asked on every write.
+    pub fn is_written(&self, start: u64, end: u64) -> bool {
+        let mut pos = start;
+        let first = self
+            .extents
+            .range(..=start)
+            .next_back()
+            .map_or(start, |(&s, _)| s);
+        for e in self.extents.range(first..end).map(|(_, e)| e) {
+            if pos >= end {
+                break;
+            }
+            let e_end = e.file_offset_bytes.saturating_add(e.len_bytes);
+            if e_end <= pos {
+                continue;
+            }
+            if e.file_offset_bytes > pos || e.unwritten {
+                return false;
+            }
+            pos = e_end;
+        }
+        pos >= end
+    }
+
     /// Splits `[start, end)` into pieces of one backing each, in order, covering the
     /// whole range.
     pub fn pieces(&self, start: u64, end: u64) -> Vec<Piece> {
@@ -386,6 +411,26 @@ mod tests {
                 proptest::prop_assert_eq!(s.len_bytes(), covered);
                 proptest::prop_assert_eq!(s.count_ranges(), ranges.len());
             }
+        }
+
+        /// `is_written` answers what `pieces` says: every piece of the range written.
+        #[test]
+        fn is_written_agrees_with_pieces(
+            extents in proptest::collection::vec(
+                (0u64..256, 1u64..48, proptest::bool::ANY), 0..12),
+            start in 0u64..300,
+            len in 1u64..80,
+        ) {
+            let mut m = ExtentMap::new();
+            for (i, (file, len, unwritten)) in extents.into_iter().enumerate() {
+                m.insert(ext(file, 10_000 * (i as u64 + 1), len, unwritten));
+            }
+            let end = start + len;
+            let from_pieces = m
+                .pieces(start, end)
+                .iter()
+                .all(|p| matches!(p.backing, Backing::Written { .. }));
+            proptest::prop_assert_eq!(m.is_written(start, end), from_pieces);
         }
     }
 
