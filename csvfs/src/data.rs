@@ -582,7 +582,8 @@ impl DataPath {
             backoff = (backoff * 2).min(CLAIM_BACKOFF_MAX);
         };
         if commit_now {
-            self.commit_with(uid, gid, file, sync)?;
+            let _io = file.exclusive();
+            self.commit_locked(uid, gid, file, sync)?;
         }
         Ok(reply_len)
     }
@@ -858,24 +859,14 @@ impl DataPath {
     /// overwrites of written clusters are pending, the commit dates the file and does not
     /// flush the LUN (nothing it sends points at new data).
     pub fn commit(&self, uid: u32, gid: u32, file: &OpenFile) -> Result<(), NodeError> {
-        self.commit_with(uid, gid, file, false)
-    }
-
-    /// [`DataPath::commit`]; with `durable`, the LUN is flushed even when only
-    /// overwrites are pending (an O_SYNC write).
-    fn commit_with(
-        &self,
-        uid: u32,
-        gid: u32,
-        file: &OpenFile,
-        durable: bool,
-    ) -> Result<(), NodeError> {
         // Waits for asynchronous writes too: one into a claimed unwritten cluster must land
         // before the commit zeroes that cluster's remainder or hands its claim back.
         let _io = file.exclusive();
-        self.commit_locked(uid, gid, file, durable)
+        self.commit_locked(uid, gid, file, false)
     }
 
+    /// A commit under `io` held exclusively; with `durable`, the LUN is flushed even when
+    /// only overwrites are pending (an O_SYNC write).
     fn commit_locked(
         &self,
         uid: u32,
