@@ -12,11 +12,11 @@
 //! previously unwritten cluster (the unwritten mark is per cluster, FORMAT.md), flushes
 //! the LUN, then sends `Commit`. Overwrites of written clusters are not pending ranges:
 //! they only make the next commit date the file, and a commit with nothing else to do
-//! does not flush the LUN (fsync and O_SYNC writes still do). So that this zeroing never hits another node's data, a
-//! node writes into an unwritten cluster only while it holds the cluster's claim
-//! (PROTOCOL.md §5.1): `Allocate` hands claims out, one node per cluster, and `Commit`
-//! hands them back; a write into a cluster another node holds commits this node's writes
-//! and asks again until the holder has committed.
+//! does not flush the LUN (fsync and O_SYNC writes still do). So that this zeroing never
+//! hits another node's data, a node writes into an unwritten cluster only while it holds
+//! the cluster's claim (PROTOCOL.md §5.1): `Allocate` hands claims out, one node per
+//! cluster, and `Commit` hands them back; a write into a cluster another node holds
+//! commits this node's writes and asks again until the holder has committed.
 //!
 //! Locking per file: `io` is shared by reads and writes and taken exclusively by commits,
 //! truncates and fallocate, so a commit never races a write into the cluster remainder it
