@@ -26,7 +26,7 @@ use metadata_server::{MetadataStore, Submitted};
 use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -83,6 +83,8 @@ struct MemStore {
     unsynced: AtomicU64,
     max_group: AtomicU64,
     last_lsn: AtomicU64,
+    /// `awaiting_reopen` panics (a store bug the orphan reap must survive).
+    awaiting_panics: AtomicBool,
 }
 
 impl MemStore {
@@ -219,6 +221,10 @@ impl MetadataStore for MemStore {
     }
 
     fn awaiting_reopen(&self, nodes: &[NodeId]) -> Vec<NodeId> {
+        assert!(
+            !self.awaiting_panics.load(Ordering::SeqCst),
+            "awaiting_reopen fails as asked"
+        );
         let st = self.st.lock().unwrap();
         if !st.orphan_grace {
             return Vec::new();
@@ -368,16 +374,36 @@ fn the_orphan_reap_waits_for_a_resumed_node_to_re_announce_up_to_a_second_grace(
 
     // A node that never re-announces holds the reap back one more grace at most.
     let (srv, t0) = take_over(&store, srv, &c, 300);
+    reaped_no_sooner_than(&store, t0, Duration::from_millis(600));
+    drop(srv);
+}
+
+#[test]
+fn a_failing_reopen_check_holds_the_orphan_reap_for_the_second_grace() {
+    let store = Arc::new(MemStore::default());
+    store.awaiting_panics.store(true, Ordering::SeqCst);
+    let srv = start(&store);
+    let (c, _) = connect(1, srv.local_addr());
+    c.call(0, 0, Request::StatFs).unwrap();
+    // The node re-announces at once, but the check that would see it fails: not knowing
+    // who re-announced must not free files that may still be open.
+    let (srv, t0) = take_over(&store, srv, &c, 300);
+    let reopen = Request::Reopen {
+        epoch: c.epoch(),
+        opens: Vec::new(),
+    };
+    c.call(0, 0, reopen).unwrap();
+    reaped_no_sooner_than(&store, t0, Duration::from_millis(600));
+    drop(srv);
+}
+
+/// Waits for the orphan reap and checks it came `at_least` after `t0` or later.
+fn reaped_no_sooner_than(store: &MemStore, t0: Instant, at_least: Duration) {
     wait_until("the reap", Duration::from_secs(5), || {
         store.st.lock().unwrap().reaped.is_some()
     });
     let at = store.st.lock().unwrap().reaped.unwrap();
-    assert!(
-        at >= t0 + Duration::from_millis(600),
-        "reaped after {:?}",
-        at - t0
-    );
-    drop(srv);
+    assert!(at >= t0 + at_least, "reaped after {:?}", at - t0);
 }
 
 fn start(store: &Arc<MemStore>) -> ServerHandle {

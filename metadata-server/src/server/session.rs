@@ -440,10 +440,18 @@ pub(super) fn schedule_orphan_reap(shared: &Arc<Shared>) {
             let waited_since = tokio::time::Instant::now();
             loop {
                 let resumed: Vec<NodeId> = shared.resumed.lock().iter().copied().collect();
-                let store = shared.store.clone();
-                let waiting = tokio::task::spawn_blocking(move || store.awaiting_reopen(&resumed))
-                    .await
-                    .unwrap_or_default();
+                let (store, asked) = (shared.store.clone(), resumed.clone());
+                let waiting =
+                    match tokio::task::spawn_blocking(move || store.awaiting_reopen(&asked)).await
+                    {
+                        Ok(waiting) => waiting,
+                        Err(e) => {
+                            // Not knowing is not "nobody": freeing now could free files
+                            // still open on a resumed node, so wait out the second grace.
+                            tracing::error!(error = %e, "awaiting_reopen panicked; waiting for every resumed node");
+                            resumed
+                        }
+                    };
                 if waiting.is_empty() {
                     break;
                 }
