@@ -229,20 +229,28 @@ fn fio_layout(target: &[String], size_bytes: u64, dir: &Path) -> anyhow::Result<
         "--output-format=terse".to_string(),
     ];
     args.extend(target.iter().cloned());
+    run_fio(&args, dir).map(drop)
+}
+
+/// Runs fio with `args` in `dir` and returns its standard output; fails with its output
+/// when fio does.
+fn run_fio(args: &[String], dir: &Path) -> anyhow::Result<String> {
     let out = Command::new("fio")
         .current_dir(dir)
-        .args(&args)
+        .args(args)
         .stdin(Stdio::null())
         .output()
         .context("run fio (is fio installed?)")?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     if !out.status.success() {
         bail!(
-            "fio layout {args:?} failed ({}): {}",
+            "fio {args:?} failed ({}): {}{}",
             out.status,
+            stdout,
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    Ok(())
+    Ok(stdout)
 }
 
 /// Writes back the LUN file's dirty pages, so the next run starts from a clean page cache.
@@ -273,21 +281,7 @@ fn fio(
     ];
     args.extend(target.iter().cloned());
     let busy_before = cpu_busy_secs()?;
-    let out = Command::new("fio")
-        .current_dir(dir)
-        .args(&args)
-        .stdin(Stdio::null())
-        .output()
-        .context("run fio (is fio installed?)")?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    if !out.status.success() {
-        bail!(
-            "fio {args:?} failed ({}): {}{}",
-            out.status,
-            stdout,
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    let stdout = run_fio(&args, dir)?;
     let terse = stdout
         .lines()
         .find(|l| l.starts_with("3;"))
