@@ -81,6 +81,17 @@ struct FileState {
     opens: u32,
 }
 
+impl FileState {
+    /// True when a commit has something to do: ranges to mark written, times to bring up
+    /// to date, a larger size, or claims to hand back.
+    fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+            || self.times_dirty
+            || self.pending_size_bytes > self.attr.size_bytes
+            || !self.claimed.is_empty()
+    }
+}
+
 /// One inode open on this node, shared by all of its file handles.
 #[derive(Debug)]
 pub struct OpenFile {
@@ -120,14 +131,10 @@ impl OpenFile {
         }
     }
 
-    /// True when this node holds uncommitted writes for the file, or claims that a commit
-    /// would hand back.
+    /// True when this node holds uncommitted writes for the file (new ranges, or
+    /// overwrites that date it), or claims that a commit would hand back.
     pub fn has_pending(&self) -> bool {
-        let st = self.state.lock();
-        !st.pending.is_empty()
-            || st.times_dirty
-            || st.pending_size_bytes > st.attr.size_bytes
-            || !st.claimed.is_empty()
+        self.state.lock().has_pending()
     }
 }
 
@@ -878,11 +885,7 @@ impl DataPath {
     ) -> Result<(), NodeError> {
         let (ranges, size_bytes, zero, flush) = {
             let mut st = file.state.lock();
-            if st.pending.is_empty()
-                && !st.times_dirty
-                && st.pending_size_bytes <= st.attr.size_bytes
-                && st.claimed.is_empty()
-            {
+            if !st.has_pending() {
                 st.pending_size_bytes = 0;
                 drop(st);
                 if durable {
@@ -1247,10 +1250,16 @@ pub(crate) mod tests {
             total_clusters: u64,
             lun: Arc<MemDevice>,
         ) -> MemStore {
-            let s = MemStore {
+            MemStore {
                 lun: Some(lun),
-                ..MemStore::default()
-            };
+                ..MemStore::without_lun(cluster_bytes, total_clusters)
+            }
+        }
+
+        /// A store that does not zero anything on the LUN (no truncate or punch in the
+        /// test that uses it).
+        pub(crate) fn without_lun(cluster_bytes: u64, total_clusters: u64) -> MemStore {
+            let s = MemStore::default();
             {
                 let mut i = s.inner.lock();
                 i.cluster_bytes = cluster_bytes;
@@ -1652,12 +1661,7 @@ pub(crate) mod tests {
     #[test]
     fn overwrites_of_written_clusters_commit_without_a_lun_flush() {
         let disk = Arc::new(block_client::testing::CrashDisk::new(CL * 64));
-        let store = Arc::new(MemStore::default());
-        {
-            let mut i = store.inner.lock();
-            i.cluster_bytes = CL;
-            i.total_clusters = 64;
-        }
+        let store = Arc::new(MemStore::without_lun(CL, 64));
         store.add_file(InodeId(10));
         let meta = Arc::new(StoreMeta::new(store.clone()));
         let dp = DataPath::new(disk.clone(), meta, CL, 2 * CL);
