@@ -1,9 +1,9 @@
 //! [`FileDevice`]: a raw file or a kernel block device (`/dev/sdX` of an iSCSI session,
 //! `/dev/nbdX`) used as the LUN. Positional I/O (`pread`/`pwrite`) so any number of threads
 //! share one descriptor; optional `O_DIRECT` through aligned bounce buffers; `fdatasync` on
-//! flush; FUA writes with `RWF_DSYNC`, which writes back only their own range;
-//! `fallocate` for trim and write-zeroes, with a fallback to
-//! writing zeros (write-zeroes) or doing nothing (trim, whose contents are unspecified).
+//! flush; FUA writes with `RWF_DSYNC`, which writes back only their own range; `fallocate`
+//! for trim and write-zeroes, with a fallback to writing zeros (write-zeroes) or doing
+//! nothing (trim, whose contents are unspecified).
 
 use std::fs::{File, OpenOptions};
 use std::io;

@@ -16,8 +16,9 @@
 //!
 //! Multi-conn is advertised: every connection shares one device, and FLUSH
 //! (`fdatasync`) covers every write completed on any connection. A FUA write is durable
-//! before its reply and syncs only its own range (`RWF_DSYNC`); TRIM punches holes; WRITE_ZEROES uses `fallocate(ZERO_RANGE)`. The exported
-//! file is `flock`ed, so a second server on the same file fails with a clear error.
+//! before its reply and syncs only its own range (`RWF_DSYNC`); TRIM punches holes;
+//! WRITE_ZEROES uses `fallocate(ZERO_RANGE)`. The exported file is `flock`ed, so a second
+//! server on the same file fails with a clear error.
 //! [`ServerHandle::shutdown`] stops accepting, closes connections after their in-flight
 //! requests, flushes the device and removes the Unix socket.
 
