@@ -11,6 +11,7 @@ use crate::proto::{
     Transcript, MAX_HANDSHAKE_FRAME_BYTES, MIN_PROTOCOL_VERSION, NONCE_BYTES, PROTOCOL_VERSION,
 };
 use crate::types::{FsError, NodeId};
+use crate::MetadataStore;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -413,10 +414,19 @@ impl FrameSink for SessionOut {
     }
 }
 
+/// Runs `f` on the store on tokio's blocking pool (a store call may wait for the device);
+/// `Err` when it panicked.
+async fn on_store<T: Send + 'static>(
+    shared: &Shared,
+    f: impl FnOnce(&dyn MetadataStore) -> T + Send + 'static,
+) -> Result<T, tokio::task::JoinError> {
+    let store = shared.store.clone();
+    tokio::task::spawn_blocking(move || f(store.as_ref())).await
+}
+
 /// Tells the store that the previous mount of `node` is gone (its opens are released).
 async fn release_previous_mount(node: NodeId, shared: &Arc<Shared>) {
-    let store = shared.store.clone();
-    match tokio::task::spawn_blocking(move || store.node_gone(node)).await {
+    match on_store(shared, move |s| s.node_gone(node)).await {
         Ok(Ok(())) => tracing::debug!("released the opens of the node's previous mount"),
         Ok(Err(e)) => tracing::error!(
             error = %e,
@@ -440,18 +450,16 @@ pub(super) fn schedule_orphan_reap(shared: &Arc<Shared>) {
             let waited_since = tokio::time::Instant::now();
             loop {
                 let resumed: Vec<NodeId> = shared.resumed.lock().iter().copied().collect();
-                let (store, asked) = (shared.store.clone(), resumed.clone());
-                let waiting =
-                    match tokio::task::spawn_blocking(move || store.awaiting_reopen(&asked)).await
-                    {
-                        Ok(waiting) => waiting,
-                        Err(e) => {
-                            // Not knowing is not "nobody": freeing now could free files
-                            // still open on a resumed node, so wait out the second grace.
-                            tracing::error!(error = %e, "awaiting_reopen panicked; waiting for every resumed node");
-                            resumed
-                        }
-                    };
+                let asked = resumed.clone();
+                let waiting = match on_store(&shared, move |s| s.awaiting_reopen(&asked)).await {
+                    Ok(waiting) => waiting,
+                    Err(e) => {
+                        // Not knowing is not "nobody": freeing now could free files still
+                        // open on a resumed node, so wait out the second grace.
+                        tracing::error!(error = %e, "awaiting_reopen panicked; waiting for every resumed node");
+                        resumed
+                    }
+                };
                 if waiting.is_empty() {
                     break;
                 }
@@ -465,8 +473,7 @@ pub(super) fn schedule_orphan_reap(shared: &Arc<Shared>) {
                 tracing::debug!(nodes = ?waiting, "orphan reap waits for re-announcements");
                 tokio::time::sleep(REOPEN_POLL).await;
             }
-            let store = shared.store.clone();
-            match tokio::task::spawn_blocking(move || store.reap_orphans()).await {
+            match on_store(&shared, |s| s.reap_orphans()).await {
                 Ok(Ok(n)) => tracing::debug!(freed = n, "orphan grace ended"),
                 Ok(Err(e)) => tracing::error!(error = %e, "store could not free orphans"),
                 Err(e) => tracing::error!(error = %e, "reap_orphans panicked"),
@@ -494,8 +501,7 @@ pub(super) fn schedule_node_gone(node: NodeId, shared: &Arc<Shared>) {
                 "node did not come back; releasing its opens"
             );
             shared.resumed.lock().remove(&node);
-            let store = shared.store.clone();
-            match tokio::task::spawn_blocking(move || store.node_gone(node)).await {
+            match on_store(&shared, move |s| s.node_gone(node)).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
                     tracing::error!(error = %e, "store could not release the node's opens")
