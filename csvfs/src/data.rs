@@ -28,7 +28,7 @@ use crate::extents::{Backing, ExtentMap, Piece, RangeSet};
 use crate::meta::{unexpected, Metadata};
 use block_client::{AsyncIo, BlockDevice, BlockError, WriteFlags};
 use metadata_server::proto::{Request, Response};
-use metadata_server::types::{Attr, Extent, FallocMode, FsError, InodeId, SetAttr};
+use metadata_server::types::{Attr, Epoch, Extent, FallocMode, FsError, InodeId, SetAttr};
 use parking_lot::{Condvar, Mutex, RwLock, RwLockWriteGuard};
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -168,6 +168,26 @@ pub struct DataPath {
     /// takeover is then counted twice, which only keeps an unlinked file a little longer;
     /// never fewer than the handles this node really holds). Lock order: `files` first.
     opening: Mutex<HashMap<InodeId, u32>>,
+    /// The last re-announcement of this node's opens to a new coordinator, so that a file
+    /// created and opened across the takeover is counted there too (see
+    /// [`created`](Self::created)). Lock order: before `files`.
+    announce: Mutex<Announce>,
+}
+
+/// What the node last re-announced to a new coordinator ([`DataPath::reopen_snapshot`]).
+#[derive(Debug, Default)]
+struct Announce {
+    /// Invalidation stamp of the takeover the snapshot was taken for. An open answered
+    /// before it (a lower stamp) was counted by the old coordinator only; if it is recorded
+    /// after the snapshot, the snapshot missed it.
+    stamp: u64,
+    /// The new coordinator's epoch.
+    epoch: Epoch,
+    /// The new coordinator counted the snapshot.
+    counted: bool,
+    /// Files the snapshot missed, opened once each at the new coordinator when it has
+    /// counted the snapshot.
+    missed: Vec<InodeId>,
 }
 
 impl std::fmt::Debug for DataPath {
@@ -207,6 +227,7 @@ impl DataPath {
             prealloc_bytes,
             files: Arc::new(Mutex::new(HashMap::new())),
             opening: Mutex::new(HashMap::new()),
+            announce: Mutex::new(Announce::default()),
         }
     }
 
@@ -288,10 +309,93 @@ impl DataPath {
         v
     }
 
+    /// The open handles to re-announce to the coordinator of `epoch`, which took over at
+    /// invalidation stamp `stamp` ([`open_counts`](Self::open_counts)). Files created
+    /// before the takeover and recorded after this snapshot are opened there once the
+    /// snapshot is counted ([`reopen_counted`](Self::reopen_counted)).
+    pub fn reopen_snapshot(&self, stamp: u64, epoch: Epoch) -> Vec<(InodeId, u32)> {
+        let mut a = self.announce.lock();
+        let counts = self.open_counts();
+        if epoch >= a.epoch {
+            // A retry takes a new snapshot: whatever an earlier one missed is in it now.
+            *a = Announce {
+                stamp,
+                epoch,
+                counted: false,
+                missed: Vec::new(),
+            };
+        }
+        counts
+    }
+
+    /// The coordinator of `epoch` counted the snapshot: opens there, once each, the files
+    /// the snapshot missed that are still open here. Returns how many it opened.
+    pub fn reopen_counted(&self, epoch: Epoch) -> usize {
+        let missed = {
+            let mut a = self.announce.lock();
+            if a.epoch != epoch {
+                return 0;
+            }
+            a.counted = true;
+            std::mem::take(&mut a.missed)
+        };
+        let mut opened = 0;
+        for ino in missed {
+            // Released here since (and its release counted): nothing to add.
+            let open = self.get(ino).is_some_and(|f| f.state.lock().opens > 0);
+            if open && self.count_missed_open(ino) {
+                opened += 1;
+            }
+        }
+        opened
+    }
+
+    /// Opens `ino` once more at the coordinator, for a handle a re-announcement missed; the
+    /// answer only confirms the count. False if the coordinator did not count it.
+    fn count_missed_open(&self, ino: InodeId) -> bool {
+        match self.meta.call(0, 0, Request::Open { ino, write: false }) {
+            Ok(_) => {
+                tracing::info!(inode = %ino, "a file opened across the takeover is counted at the new coordinator");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(inode = %ino, error = %e, "could not count a file opened across the takeover");
+                false
+            }
+        }
+    }
+
     /// Records an open of `ino` that the coordinator already counted (the answer to
     /// `Open` or `CreateOpen`): the file's attributes and whole extent map.
     pub fn opened(&self, ino: InodeId, attr: Attr, extents: Vec<Extent>) -> (Arc<OpenFile>, Attr) {
         self.record_open(ino, attr, extents, false)
+    }
+
+    /// [`opened`](Self::opened) for the answer to a `CreateOpen` with invalidation stamp
+    /// `stamp`. A node cannot count a file it is creating among its opens before it knows
+    /// the inode, so a takeover between the old coordinator's answer and this record leaves
+    /// the open out of the node's re-announcement; then it is opened once at the new
+    /// coordinator: at once when that coordinator counted the re-announcement already,
+    /// else right after it does.
+    pub fn created(
+        &self,
+        ino: InodeId,
+        attr: Attr,
+        extents: Vec<Extent>,
+        stamp: u64,
+    ) -> (Arc<OpenFile>, Attr) {
+        let mut a = self.announce.lock();
+        let r = self.record_open(ino, attr, extents, false);
+        if stamp >= a.stamp {
+            return r;
+        }
+        if !a.counted {
+            a.missed.push(ino);
+            return r;
+        }
+        drop(a);
+        self.count_missed_open(ino);
+        r
     }
 
     fn record_open(
@@ -1223,6 +1327,8 @@ pub(crate) mod tests {
         total_clusters: u64,
         files: HashMap<InodeId, (Attr, ExtentMap)>,
         commits: u64,
+        /// `Open` requests run.
+        opens: u64,
     }
 
     pub(crate) fn file_attr(ino: InodeId) -> Attr {
@@ -1320,6 +1426,9 @@ pub(crate) mod tests {
             let mut guard = self.inner.lock();
             let inner = &mut *guard;
             let cl = inner.cluster_bytes;
+            if matches!(req, Request::Open { .. }) {
+                inner.opens += 1;
+            }
             match req {
                 Request::Open { ino, .. } | Request::GetAttr { ino } => {
                     let (a, m) = inner.files.get(ino).ok_or(FsError::NotFound)?;
@@ -1476,6 +1585,48 @@ pub(crate) mod tests {
         let meta = Arc::new(StoreMeta::new(store.clone()));
         let dp = DataPath::new(lun.clone(), meta, CL, 2 * CL);
         (dp, store, lun)
+    }
+
+    #[test]
+    fn a_file_created_across_a_takeover_is_opened_at_the_new_coordinator() {
+        let (dp, store, _lun) = setup();
+        for ino in 11..=18 {
+            store.add_file(InodeId(ino));
+        }
+        let create = |ino: u64, stamp: u64| {
+            dp.created(InodeId(ino), file_attr(InodeId(ino)), Vec::new(), stamp)
+                .0
+        };
+        let opens = || store.inner.lock().opens;
+        create(11, 0);
+        // The coordinator of epoch 2 took over at invalidation stamp 5.
+        let snap = dp.reopen_snapshot(5, Epoch(2));
+        assert_eq!(snap, vec![(InodeId(11), 1)]);
+        // Answered by the old coordinator (stamp 3), recorded after the snapshot: waits
+        // until the snapshot is counted. Answered by the new one (stamp 6): counted there.
+        create(12, 3);
+        create(13, 6);
+        assert_eq!(opens(), 0, "opened before the re-announcement was counted");
+        assert_eq!(dp.reopen_counted(Epoch(3)), 0, "another epoch's count");
+        assert_eq!(dp.reopen_counted(Epoch(2)), 1);
+        assert_eq!(opens(), 1, "the file the snapshot missed was not opened");
+        // Late once the snapshot is counted: opened at once.
+        create(14, 4);
+        assert_eq!(opens(), 2);
+        // A retried snapshot holds what an earlier one missed; a file released before the
+        // snapshot is counted is not opened again.
+        dp.reopen_snapshot(9, Epoch(4));
+        create(15, 7);
+        create(16, 8);
+        let snap = dp.reopen_snapshot(9, Epoch(4));
+        assert!(snap.contains(&(InodeId(15), 1)) && snap.contains(&(InodeId(16), 1)));
+        assert_eq!(dp.reopen_counted(Epoch(4)), 0);
+        dp.reopen_snapshot(12, Epoch(5));
+        create(17, 10);
+        let f18 = create(18, 11);
+        dp.release(0, 0, &f18).unwrap();
+        assert_eq!(dp.reopen_counted(Epoch(5)), 1, "only the file still open");
+        assert_eq!(opens(), 3);
     }
 
     #[test]

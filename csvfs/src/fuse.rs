@@ -1037,7 +1037,7 @@ impl Filesystem for CsvFs {
             let r = (|| {
                 // One request and one journal transaction creates the file (or finds it,
                 // without O_EXCL) and opens it.
-                let resp = i.call(
+                let (resp, stamp) = i.meta.call_stamped(
                     uid,
                     gid,
                     Request::CreateOpen {
@@ -1047,14 +1047,15 @@ impl Filesystem for CsvFs {
                         exclusive,
                         write,
                     },
-                )?;
+                );
+                let resp = resp?;
                 let Response::Mapped { attr, extents } = resp else {
                     return Err(unexpected("create", &resp).into());
                 };
                 if attr.kind != FileKind::File {
                     return Err(NodeError::Fs(FsError::IsDir));
                 }
-                let (file, mut attr) = i.data.opened(attr.ino, attr, extents);
+                let (file, mut attr) = i.data.created(attr.ino, attr, extents, stamp);
                 let fh = i.add_handle(file, flags);
                 if truncate && attr.size_bytes > 0 {
                     let set = SetAttr {

@@ -11,6 +11,14 @@ pub trait Metadata: Send + Sync {
     /// Runs `req` with the credentials of the calling process and waits for the answer.
     fn call(&self, uid: u32, gid: u32, req: Request) -> Result<Response, FsError>;
 
+    /// [`call`](Self::call) answered by the coordinator itself (never from a cache here),
+    /// with the answer's invalidation stamp: how many coordinator invalidations, takeovers
+    /// included, the node had seen before the answer arrived (see
+    /// `MetadataClient::call_stamped`). This default answers with stamp 0.
+    fn call_stamped(&self, uid: u32, gid: u32, req: Request) -> (Result<Response, FsError>, u64) {
+        (self.call(uid, gid, req), 0)
+    }
+
     /// Runs `req` without waiting; `then` gets the answer, perhaps on another thread, and
     /// must be short and must not call this service. This default waits and runs `then`
     /// on the calling thread.

@@ -199,10 +199,14 @@ impl Metadata for ClientMeta {
                 _ => {}
             }
         }
+        self.call_stamped(uid, gid, req).0
+    }
+
+    fn call_stamped(&self, uid: u32, gid: u32, req: Request) -> (Result<Response, FsError>, u64) {
         let lesson = Lesson::of(&req);
         let (result, stamp) = self.client.call_stamped(uid, gid, req);
         self.cache.learn(lesson, &result, stamp);
-        result.map(Response::into_answer)
+        (result.map(Response::into_answer), stamp)
     }
 
     fn call_detached(&self, uid: u32, gid: u32, req: Request, then: Then) {
@@ -224,6 +228,9 @@ struct Handler {
     /// The highest coordinator epoch this node re-announced its opens to (or first connected
     /// to): once per new epoch, however many `Invalidation::All` arrive.
     announced: Arc<AtomicU64>,
+    /// Invalidation stamp of the last takeover (`Invalidation::All`): answers read before
+    /// it came from an earlier coordinator.
+    takeover_stamp: AtomicU64,
 }
 
 impl Handler {
@@ -241,6 +248,7 @@ impl Handler {
         if self.announced.fetch_max(epoch.0, Ordering::SeqCst) >= epoch.0 {
             return;
         }
+        let stamp = self.takeover_stamp.load(Ordering::SeqCst);
         let spawned = std::thread::Builder::new()
             .name("reopen".into())
             .spawn(move || {
@@ -253,11 +261,16 @@ impl Handler {
                     }
                     // Sent with nothing open too: the coordinator waits for every
                     // resumed node's announcement before it frees unlinked files.
-                    let opens = data.open_counts();
+                    let opens = data.reopen_snapshot(stamp, epoch);
                     let files = opens.len();
                     match client.call(0, 0, Request::Reopen { epoch, opens }) {
                         Ok(_) => {
                             info!(%epoch, files, "re-announced open files to the coordinator");
+                            // Created across the takeover and recorded after the snapshot.
+                            let late = data.reopen_counted(epoch);
+                            if late > 0 {
+                                info!(%epoch, files = late, "counted files created across the takeover");
+                            }
                             return;
                         }
                         Err(e) => {
@@ -287,6 +300,9 @@ impl InvalidationHandler for Handler {
     }
 
     fn observe(&self, stamp: u64, inv: &Invalidation) {
+        if matches!(inv, Invalidation::All) {
+            self.takeover_stamp.fetch_max(stamp, Ordering::SeqCst);
+        }
         self.cache.observe(stamp, inv);
     }
 }
@@ -610,6 +626,7 @@ pub fn run(cfg: &MountConfig) -> Result<(), MountError> {
             cache: cache.clone(),
             client: client_slot.clone(),
             announced: announced.clone(),
+            takeover_stamp: AtomicU64::new(0),
         }),
     )
     .map_err(MountError::Connect)?;
