@@ -1,9 +1,13 @@
 //! `csvfs-bench fs`: the file system against its own LUN, in one run.
 //!
-//! One LUN file served over NBD by `csvfs serve-lun` (Unix socket). First fio's nbd engine
-//! measures the raw LUN (the baseline); then the LUN is formatted (in-process mkfs), three
-//! `csvfs mount` nodes mount it, and fio runs the same workloads through node 1's mount
-//! (libaio, O_DIRECT, 32 in flight). Last, metadata rates: create, stat, rename, unlink
+//! Two LUN files of the same host file system, each served over NBD by its own `csvfs
+//! serve-lun` (Unix socket): the raw LUN, which fio's nbd engine measures (the baseline),
+//! and the volume's LUN, formatted (in-process mkfs) and mounted by three `csvfs mount`
+//! nodes, through which fio runs the same workloads on node 1 (libaio, O_DIRECT, 32 in
+//! flight). The two are measured in rounds, each workload on both targets back to back and
+//! the order swapped every round, so that a busy neighbour on a shared machine slows both
+//! sides of a ratio alike; the table gives the median of each side and the median of the
+//! per-round ratios with their range. Last, metadata rates: create, stat, rename, unlink
 //! per second from one node, then from three nodes at once, in two layouts:
 //!
 //! - unique directory per thread (mdtest's `-u`): each thread works in a directory of its
@@ -15,7 +19,7 @@
 //!   must finish before the next starts in that directory, whatever the thread count.
 //!
 //! Both targets are preconditioned alike: written once in full before their timed runs
-//! (a layout pass, 1 MiB writes), and before every timed run the LUN file's dirty pages
+//! (a layout pass, 1 MiB writes), and before every timed run both LUN files' dirty pages
 //! are written back. So each run measures overwrites of blocks the host file system has
 //! already allocated, from a clean page cache: not the host's block allocation, and not
 //! the writeback of the run before it, which otherwise moves the raw sequential write
@@ -51,6 +55,10 @@ pub struct FsArgs {
     /// Seconds per fio measurement. Default: 3 with --quick, else 8.
     #[arg(long)]
     pub seconds: Option<u64>,
+    /// Rounds of fio measurements (each workload on the raw LUN and through the mount, in
+    /// turn); medians are reported. Default: 3.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    pub rounds: u32,
     /// Size of the fio file in MiB. Default: 512 with --quick, else 2048.
     #[arg(long)]
     pub file_mib: Option<u64>,
@@ -153,7 +161,7 @@ fn cpu_busy_secs() -> anyhow::Result<f64> {
 /// Everything started, torn down on drop.
 struct Rig {
     dir: PathBuf,
-    server: Option<Child>,
+    servers: Vec<Child>,
     nodes: Vec<(u32, Child, PathBuf)>,
 }
 
@@ -175,7 +183,7 @@ impl Drop for Rig {
                 let _ = Command::new("umount").arg("-l").arg(&*mp).status();
             }
         }
-        if let Some(mut s) = self.server.take() {
+        for s in &mut self.servers {
             let _ = s.kill();
             let _ = s.wait();
         }
@@ -253,11 +261,88 @@ fn run_fio(args: &[String], dir: &Path) -> anyhow::Result<String> {
     Ok(stdout)
 }
 
-/// Writes back the LUN file's dirty pages, so the next run starts from a clean page cache.
-fn settle(lun: &Path) -> anyhow::Result<()> {
-    File::open(lun)
-        .and_then(|f| f.sync_data())
-        .with_context(|| format!("write back {}", lun.display()))
+/// Writes back the LUN files' dirty pages, so the next run starts from a clean page cache.
+fn settle(luns: &[&Path]) -> anyhow::Result<()> {
+    for lun in luns {
+        File::open(lun)
+            .and_then(|f| f.sync_data())
+            .with_context(|| format!("write back {}", lun.display()))?;
+    }
+    Ok(())
+}
+
+/// Makes a sparse LUN file of `bytes` at `lun`, serves it over NBD on the Unix socket
+/// `sock` with `csvfs serve-lun` (the rig stops it), and returns its URI.
+fn serve(rig: &mut Rig, exe: &Path, lun: &Path, bytes: u64, sock: &Path) -> anyhow::Result<String> {
+    File::create(lun)?.set_len(bytes)?;
+    let name = lun.file_stem().unwrap_or_default().to_string_lossy();
+    let (o, e) = log_file(&rig.dir.join(format!("serve-{name}.log")))?;
+    let server = Command::new(exe)
+        .arg("serve-lun")
+        .arg(lun)
+        .arg("--listen")
+        .arg(format!("unix:{}", sock.display()))
+        .args(["--export", "lun"])
+        .stdout(o)
+        .stderr(e)
+        .spawn()
+        .context("start csvfs serve-lun")?;
+    rig.servers.push(server);
+    wait_until("the LUN server", Duration::from_secs(20), || {
+        Ok(std::os::unix::net::UnixStream::connect(sock).is_ok())
+    })?;
+    Ok(format!("nbd+unix:///lun?socket={}", sock.display()))
+}
+
+/// The middle value of `v` (the upper one of an even count); 0 when empty.
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// One workload's rounds on both targets.
+#[derive(Debug, Default)]
+struct Paired {
+    raw: Vec<Figure>,
+    fs: Vec<Figure>,
+}
+
+impl Paired {
+    /// The rate the workload is judged by: MiB/s for 1 MiB blocks, else IOPS.
+    fn headline(w: &Workload, f: &Figure) -> f64 {
+        if w.block_bytes >= 1 << 20 {
+            f.mib_per_s
+        } else {
+            f.iops
+        }
+    }
+
+    /// Mount over raw LUN of each round.
+    fn ratios(&self, w: &Workload) -> Vec<f64> {
+        self.raw
+            .iter()
+            .zip(&self.fs)
+            .map(|(r, f)| {
+                let b = Self::headline(w, r);
+                if b > 0.0 {
+                    Self::headline(w, f) / b
+                } else {
+                    0.0
+                }
+            })
+            .collect()
+    }
+
+    /// The median of each field over the rounds of one side.
+    fn median_of(v: &[Figure]) -> Figure {
+        let field = |f: fn(&Figure) -> f64| median(&v.iter().map(f).collect::<Vec<_>>());
+        Figure {
+            mib_per_s: field(|f| f.mib_per_s),
+            iops: field(|f| f.iops),
+            cpu_us_per_io: field(|f| f.cpu_us_per_io),
+        }
+    }
 }
 
 /// Runs fio and returns its figure. `target` is the fio arguments naming the target.
@@ -475,41 +560,30 @@ pub fn run(args: &FsArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&dir)?;
     let mut rig = Rig {
         dir: dir.clone(),
-        server: None,
+        servers: Vec::new(),
         nodes: Vec::new(),
     };
-    let lun = dir.join("lun.img");
-    let lun_bytes = (file_bytes * 2).max(8 << 30);
-    File::create(&lun)?.set_len(lun_bytes)?;
     std::fs::write(dir.join("secret"), "csvfs-bench-fs-secret\n")?;
-    let sock = dir.join("lun.sock");
-    let uri = format!("nbd+unix:///lun?socket={}", sock.display());
-    let (o, e) = log_file(&dir.join("serve-lun.log"))?;
-    let server = Command::new(&exe)
-        .arg("serve-lun")
-        .arg(&lun)
-        .arg("--listen")
-        .arg(format!("unix:{}", sock.display()))
-        .args(["--export", "lun"])
-        .stdout(o)
-        .stderr(e)
-        .spawn()
-        .context("start csvfs serve-lun")?;
-    rig.server = Some(server);
-    wait_until("the LUN server", Duration::from_secs(20), || {
-        Ok(std::os::unix::net::UnixStream::connect(&sock).is_ok())
-    })?;
-
-    let mut raw = Vec::new();
-    if !args.meta_only {
-        progress("raw LUN: fio's nbd engine against csvfs serve-lun");
-        let raw_target = vec!["--ioengine=nbd".to_string(), format!("--uri={uri}")];
-        fio_layout(&raw_target, file_bytes, &dir)?;
-        for w in &WORKLOADS {
-            settle(&lun)?;
-            raw.push(fio(&raw_target, w, seconds, file_bytes, &dir)?);
-        }
-    }
+    let lun = dir.join("lun.img");
+    let uri = serve(
+        &mut rig,
+        &exe,
+        &lun,
+        (file_bytes * 2).max(8 << 30),
+        &dir.join("lun.sock"),
+    )?;
+    let raw_lun = dir.join("raw.img");
+    let raw_uri = if args.meta_only {
+        None
+    } else {
+        Some(serve(
+            &mut rig,
+            &exe,
+            &raw_lun,
+            file_bytes,
+            &dir.join("raw.sock"),
+        )?)
+    };
 
     progress("mkfs and three node mounts");
     let dev = block_client::open_device(&uri)?;
@@ -546,19 +620,36 @@ pub fn run(args: &FsArgs) -> anyhow::Result<()> {
     }
     let mp1 = dir.join("node1");
 
-    let mut fs = Vec::new();
-    if !args.meta_only {
-        progress("through the mount: fio libaio O_DIRECT on node 1");
-        let file = mp1.join("bench.img");
+    let mut paired: Vec<Paired> = Vec::new();
+    if let Some(raw_uri) = raw_uri {
+        let raw_target = vec!["--ioengine=nbd".to_string(), format!("--uri={raw_uri}")];
         let fs_target = vec![
             "--ioengine=libaio".to_string(),
             "--direct=1".to_string(),
-            format!("--filename={}", file.display()),
+            format!("--filename={}", mp1.join("bench.img").display()),
         ];
+        progress("layout: both targets written once in full");
+        fio_layout(&raw_target, file_bytes, &dir)?;
         fio_layout(&fs_target, file_bytes, &dir)?;
-        for w in &WORKLOADS {
-            settle(&lun)?;
-            fs.push(fio(&fs_target, w, seconds, file_bytes, &dir)?);
+        paired = WORKLOADS.iter().map(|_| Paired::default()).collect();
+        let luns = [lun.as_path(), raw_lun.as_path()];
+        for round in 0..args.rounds {
+            progress(&format!(
+                "round {} of {}: fio's nbd engine on the raw LUN and fio libaio O_DIRECT through node 1, in turn",
+                round + 1,
+                args.rounds
+            ));
+            for (w, p) in WORKLOADS.iter().zip(&mut paired) {
+                // The order swaps every round: neither side always runs first.
+                for raw_side in [round % 2 == 0, round % 2 != 0] {
+                    settle(&luns)?;
+                    if raw_side {
+                        p.raw.push(fio(&raw_target, w, seconds, file_bytes, &dir)?);
+                    } else {
+                        p.fs.push(fio(&fs_target, w, seconds, file_bytes, &dir)?);
+                    }
+                }
+            }
         }
     }
 
@@ -572,16 +663,24 @@ pub fn run(args: &FsArgs) -> anyhow::Result<()> {
 
     if args.json {
         let mut parts = Vec::new();
-        for ((w, r), f) in WORKLOADS.iter().zip(&raw).zip(&fs) {
+        for (w, p) in WORKLOADS.iter().zip(&paired) {
+            let (r, f) = (Paired::median_of(&p.raw), Paired::median_of(&p.fs));
+            let ratios = p.ratios(w);
+            let lo = ratios.iter().copied().fold(f64::INFINITY, f64::min);
+            let hi = ratios.iter().copied().fold(0.0, f64::max);
             parts.push(format!(
-                "{}: {{\"raw_mib_s\": {}, \"raw_iops\": {}, \"raw_cpu_us_per_io\": {}, \"fs_mib_s\": {}, \"fs_iops\": {}, \"fs_cpu_us_per_io\": {}}}",
+                "{}: {{\"rounds\": {}, \"raw_mib_s\": {}, \"raw_iops\": {}, \"raw_cpu_us_per_io\": {}, \"fs_mib_s\": {}, \"fs_iops\": {}, \"fs_cpu_us_per_io\": {}, \"ratio\": {}, \"ratio_min\": {}, \"ratio_max\": {}}}",
                 json_string(w.key),
+                ratios.len(),
                 json_number(r.mib_per_s),
                 json_number(r.iops),
                 json_number(r.cpu_us_per_io),
                 json_number(f.mib_per_s),
                 json_number(f.iops),
-                json_number(f.cpu_us_per_io)
+                json_number(f.cpu_us_per_io),
+                json_number(median(&ratios)),
+                json_number(lo),
+                json_number(hi)
             ));
         }
         for m in &meta {
@@ -600,34 +699,46 @@ pub fn run(args: &FsArgs) -> anyhow::Result<()> {
         line(&format!("{{{}}}", parts.join(", ")));
         return Ok(());
     }
-    if !fs.is_empty() {
+    if !paired.is_empty() {
         line(&format!(
-            "csvfs-bench fs: {} s per run, {} MiB file, {QUEUE_DEPTH} in flight",
+            "csvfs-bench fs: median of {} round(s) of {} s per run, {} MiB file, {QUEUE_DEPTH} in flight",
+            args.rounds,
             seconds,
             file_bytes >> 20
         ));
         line(&format!(
-            "{:<24} {:>22} {:>22} {:>7}   {:>21}",
-            "workload", "raw LUN (fio nbd)", "csvfs mount (fio)", "ratio", "CPU µs/IO raw, mount"
+            "{:<24} {:>22} {:>22} {:>7} {:>12}   {:>21}",
+            "workload",
+            "raw LUN (fio nbd)",
+            "csvfs mount (fio)",
+            "ratio",
+            "ratio range",
+            "CPU µs/IO raw, mount"
         ));
     }
-    for ((w, r), f) in WORKLOADS.iter().zip(&raw).zip(&fs) {
-        let (rv, fv, unit) = if w.block_bytes >= 1 << 20 {
-            (r.mib_per_s, f.mib_per_s, "MiB/s")
+    for (w, p) in WORKLOADS.iter().zip(&paired) {
+        let (r, f) = (Paired::median_of(&p.raw), Paired::median_of(&p.fs));
+        let unit = if w.block_bytes >= 1 << 20 {
+            "MiB/s"
         } else {
-            (r.iops, f.iops, "IOPS")
+            "IOPS"
         };
+        let ratios = p.ratios(w);
+        let lo = ratios.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = ratios.iter().copied().fold(0.0, f64::max);
         line(&format!(
-            "{:<24} {:>16.0} {unit:<5} {:>16.0} {unit:<5} {:>7.2}   {:>10.1} {:>10.1}",
+            "{:<24} {:>16.0} {unit:<5} {:>16.0} {unit:<5} {:>7.2} {:>12}   {:>10.1} {:>10.1}",
             w.label,
-            rv,
-            fv,
-            if rv > 0.0 { fv / rv } else { 0.0 },
+            Paired::headline(w, &r),
+            Paired::headline(w, &f),
+            median(&ratios),
+            format!("{lo:.2}-{hi:.2}"),
             r.cpu_us_per_io,
             f.cpu_us_per_io
         ));
     }
-    if !fs.is_empty() {
+    if !paired.is_empty() {
+        line("(ratio: median over the rounds of mount / raw LUN measured back to back; rates and CPU: medians of each side)");
         line("(CPU: busy time of the whole machine, every process, from fio's start to its exit, per I/O of its timed run)");
     }
     for m in &meta {
