@@ -42,6 +42,16 @@ mod tests {
         )
     }
 
+    /// A server with default options on a fresh `bytes`-byte memory device, and a client
+    /// with default options connected to it.
+    fn mem_server(name: &str, bytes: u64) -> (ServerHandle, Arc<MemDevice>, NbdClient) {
+        let mem = Arc::new(MemDevice::new(bytes));
+        let listen = ListenAddr::Unix(sock(name));
+        let server = serve_device(mem.clone(), &listen, ServeOptions::default()).unwrap();
+        let c = NbdClient::open(&server.uri(), NbdClientOptions::default()).unwrap();
+        (server, mem, c)
+    }
+
     #[test]
     fn client_and_server_round_trip_over_unix_socket() {
         for structured in [false, true] {
@@ -88,15 +98,7 @@ mod tests {
     fn reused_server_buffers_carry_nothing_between_requests() {
         // The server reuses payload and reply buffers: a small request after a large one
         // must carry only its own bytes, either way.
-        let mem = Arc::new(MemDevice::new(4 << 20));
-        let path = sock("pool");
-        let server = serve_device(
-            mem.clone(),
-            &ListenAddr::Unix(path),
-            ServeOptions::default(),
-        )
-        .unwrap();
-        let c = NbdClient::open(&server.uri(), NbdClientOptions::default()).unwrap();
+        let (server, mem, c) = mem_server("pool", 4 << 20);
         let sizes = [1usize << 20, 4096, 100, 65536, 1, 1 << 20, 7, 300_000, 512];
         for round in 0..3u8 {
             for (i, &n) in sizes.iter().enumerate() {
@@ -243,15 +245,7 @@ mod tests {
 
     #[test]
     fn one_thread_keeps_many_requests_in_flight() {
-        let path = sock("pending");
-        let mem = Arc::new(MemDevice::new(4 << 20));
-        let server = serve_device(
-            mem.clone(),
-            &ListenAddr::Unix(path),
-            ServeOptions::default(),
-        )
-        .unwrap();
-        let c = NbdClient::open(&server.uri(), NbdClientOptions::default()).unwrap();
+        let (_server, _mem, c) = mem_server("pending", 4 << 20);
         let writes: Vec<_> = (0..32u8)
             .map(|i| {
                 c.start_write(vec![i; 4096], u64::from(i) * 4096, WriteFlags::default())
@@ -365,14 +359,8 @@ mod tests {
 
     #[test]
     fn many_threads_share_one_client() {
-        let path = sock("threads");
-        let server = serve_device(
-            Arc::new(MemDevice::new(16 << 20)),
-            &ListenAddr::Unix(path),
-            ServeOptions::default(),
-        )
-        .unwrap();
-        let c = Arc::new(NbdClient::open(&server.uri(), NbdClientOptions::default()).unwrap());
+        let (_server, _mem, c) = mem_server("threads", 16 << 20);
+        let c = Arc::new(c);
         let threads: Vec<_> = (0..8u8)
             .map(|t| {
                 let c = c.clone();
