@@ -199,9 +199,14 @@ impl Listener {
             Listener::Tcp(l) => {
                 let (s, _) = l.accept()?;
                 s.set_nodelay(true)?;
+                super::transport::buffers(&s);
                 Ok(Stream::Tcp(s))
             }
-            Listener::Unix(l, _) => Ok(Stream::Unix(l.accept()?.0)),
+            Listener::Unix(l, _) => {
+                let s = l.accept()?.0;
+                super::transport::buffers(&s);
+                Ok(Stream::Unix(s))
+            }
         }
     }
 }

@@ -243,3 +243,70 @@ pub fn pwrite_nowait(file: &File, buf: &[u8], offset_bytes: u64) -> io::Result<u
     let n = unsafe { libc::pwritev2(file.as_raw_fd(), &iov, 1, off, libc::RWF_NOWAIT) };
     usize::try_from(n).map_err(|_| io::Error::last_os_error())
 }
+
+/// Asks for socket buffers of `bytes` in both directions. With `CAP_NET_ADMIN` (root)
+/// `SO_SNDBUFFORCE` / `SO_RCVBUFFORCE` set them past `net.core.wmem_max` / `rmem_max`;
+/// without it, `SO_SNDBUF` / `SO_RCVBUF` ask and the kernel caps the request at those
+/// limits. An error leaves the socket working with the buffers it had.
+pub fn set_socket_buffers(fd: &impl AsRawFd, bytes: usize) -> io::Result<()> {
+    let val = libc::c_int::try_from(bytes)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "buffer size out of range"))?;
+    for (forced, asked) in [
+        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
+        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
+    ] {
+        if let Err(e) = set_int_option(fd, forced, val) {
+            if e.raw_os_error() != Some(libc::EPERM) {
+                return Err(e);
+            }
+            set_int_option(fd, asked, val)?;
+        }
+    }
+    Ok(())
+}
+
+/// The socket's current buffer sizes as the kernel reports them (`SO_SNDBUF`,
+/// `SO_RCVBUF`; the kernel doubles a request to leave room for its bookkeeping).
+pub fn socket_buffers(fd: &impl AsRawFd) -> io::Result<(usize, usize)> {
+    let get = |opt| -> io::Result<usize> {
+        let mut val: libc::c_int = 0;
+        let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>())
+            .unwrap_or(libc::socklen_t::MAX);
+        // SAFETY: `val` and `len` are live locals for the whole call; `len` holds the size
+        // of `val`, so the kernel writes at most that many bytes into it.
+        let rc = unsafe {
+            libc::getsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                std::ptr::from_mut(&mut val).cast(),
+                &raw mut len,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        usize::try_from(val).map_err(|_| io::Error::other("negative socket buffer size"))
+    };
+    Ok((get(libc::SO_SNDBUF)?, get(libc::SO_RCVBUF)?))
+}
+
+fn set_int_option(fd: &impl AsRawFd, opt: libc::c_int, val: libc::c_int) -> io::Result<()> {
+    // SAFETY: `val` is a live c_int for the whole call and the length passed is its size;
+    // the kernel only reads it. The descriptor is borrowed from a live socket.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            opt,
+            std::ptr::from_ref(&val).cast(),
+            libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>())
+                .unwrap_or(libc::socklen_t::MAX),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
