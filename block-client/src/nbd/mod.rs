@@ -26,7 +26,7 @@ mod tests {
     use crate::{BlockDevice, BlockError, WriteFlags};
     use std::sync::Arc;
 
-    fn sock(name: &str) -> std::path::PathBuf {
+    pub(super) fn sock(name: &str) -> std::path::PathBuf {
         std::env::temp_dir().join(format!("bc-nbd-{}-{name}.sock", std::process::id()))
     }
 

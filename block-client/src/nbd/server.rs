@@ -196,17 +196,8 @@ enum Listener {
 impl Listener {
     fn accept(&self) -> io::Result<Stream> {
         match self {
-            Listener::Tcp(l) => {
-                let (s, _) = l.accept()?;
-                s.set_nodelay(true)?;
-                super::transport::buffers(&s);
-                Ok(Stream::Tcp(s))
-            }
-            Listener::Unix(l, _) => {
-                let s = l.accept()?.0;
-                super::transport::buffers(&s);
-                Ok(Stream::Unix(s))
-            }
+            Listener::Tcp(l) => Stream::tcp(l.accept()?.0),
+            Listener::Unix(l, _) => Ok(Stream::unix(l.accept()?.0)),
         }
     }
 }

@@ -14,12 +14,13 @@ pub const SOCKET_BUFFER_BYTES: usize = 4 << 20;
 
 /// Gives a new connection's socket [`SOCKET_BUFFER_BYTES`] of buffer each way. Where
 /// the kernel refuses, the socket keeps its default buffers and works as before.
-pub(crate) fn buffers(s: &impl std::os::fd::AsRawFd) {
-    match crate::sys::set_socket_buffers(s, SOCKET_BUFFER_BYTES)
-        .and_then(|()| crate::sys::socket_buffers(s))
-    {
-        Ok((send, receive)) => tracing::trace!(send, receive, "socket buffers"),
-        Err(e) => tracing::debug!(error = %e, "socket buffers left at the default"),
+fn buffers(s: &impl std::os::fd::AsRawFd) {
+    if let Err(e) = crate::sys::set_socket_buffers(s, SOCKET_BUFFER_BYTES) {
+        tracing::debug!(error = %e, "socket buffers left at the default");
+    } else if tracing::enabled!(tracing::Level::TRACE) {
+        if let Ok((send, receive)) = crate::sys::socket_buffers(s) {
+            tracing::trace!(send, receive, "socket buffers");
+        }
     }
 }
 
@@ -33,6 +34,21 @@ pub enum Stream {
 }
 
 impl Stream {
+    /// A new TCP connection (connected or accepted), set up as every NBD connection is:
+    /// no Nagle delay, [`SOCKET_BUFFER_BYTES`] of buffer each way.
+    pub(crate) fn tcp(s: TcpStream) -> io::Result<Stream> {
+        s.set_nodelay(true)?;
+        buffers(&s);
+        Ok(Stream::Tcp(s))
+    }
+
+    /// A new Unix-socket connection (connected or accepted), with
+    /// [`SOCKET_BUFFER_BYTES`] of buffer each way.
+    pub(crate) fn unix(s: UnixStream) -> Stream {
+        buffers(&s);
+        Stream::Unix(s)
+    }
+
     /// Connects to `addr`, giving up after `timeout`.
     pub fn connect(addr: &NbdAddr, timeout: Duration) -> io::Result<Stream> {
         match addr {
@@ -41,21 +57,13 @@ impl Stream {
                     io::Error::new(io::ErrorKind::NotFound, "host resolved to no address");
                 for sa in (host.as_str(), *port).to_socket_addrs()? {
                     match TcpStream::connect_timeout(&sa, timeout) {
-                        Ok(s) => {
-                            s.set_nodelay(true)?;
-                            buffers(&s);
-                            return Ok(Stream::Tcp(s));
-                        }
+                        Ok(s) => return Stream::tcp(s),
                         Err(e) => last = e,
                     }
                 }
                 Err(last)
             }
-            NbdAddr::Unix { path } => {
-                let s = UnixStream::connect(path)?;
-                buffers(&s);
-                Ok(Stream::Unix(s))
-            }
+            NbdAddr::Unix { path } => UnixStream::connect(path).map(Stream::unix),
         }
     }
 
@@ -148,10 +156,8 @@ mod tests {
 
     #[test]
     fn connections_get_large_socket_buffers_on_both_ends() {
-        let dir = std::env::temp_dir().join(format!("csvfs-sockbuf-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("s.sock");
+        let path = crate::nbd::tests::sock("sockbuf");
+        let _ = std::fs::remove_file(&path);
         let listener = UnixListener::bind(&path).unwrap();
         let (plain, _) = UnixStream::pair().unwrap();
         let (default_snd, _) = crate::sys::socket_buffers(&plain).unwrap();
@@ -161,11 +167,11 @@ mod tests {
             Duration::from_secs(5),
         )
         .unwrap();
-        let Stream::Unix(client) = client else {
+        // The server's side: what its listener does with an accepted socket.
+        let accepted = Stream::unix(listener.accept().unwrap().0);
+        let (Stream::Unix(client), Stream::Unix(accepted)) = (client, accepted) else {
             panic!("a unix address gave a TCP stream");
         };
-        let (accepted, _) = listener.accept().unwrap();
-        buffers(&accepted);
 
         // The kernel reports twice what was asked. Without CAP_NET_ADMIN the request is
         // capped at net.core.wmem_max, which may be below the ask but never below the
@@ -185,6 +191,6 @@ mod tests {
                 );
             }
         }
-        std::fs::remove_dir_all(&dir).unwrap();
+        std::fs::remove_file(&path).unwrap();
     }
 }
