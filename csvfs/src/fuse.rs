@@ -396,6 +396,9 @@ impl Filesystem for CsvFs {
                 )
                 .and_then(|resp| i.attr_of("lookup", resp));
             match r {
+                // An error, not a negative entry with a lifetime: the kernel looks the name
+                // up again next time. The coordinator counts on it and tells other nodes of
+                // a missing name's creation only through the directory (PROTOCOL.md §6).
                 Err(NodeError::Fs(FsError::NotFound)) => reply.error(Errno::ENOENT),
                 r => i.reply_entry(reply, "lookup", r),
             }
@@ -1214,52 +1217,166 @@ enum KernelInval {
     Entry(InodeId, Vec<u8>),
 }
 
+/// Applies one kernel invalidation (the FUSE notifier in a mount; a stand-in in tests).
+type Apply = Box<dyn Fn(&KernelInval) -> std::io::Result<()> + Send + Sync>;
+
+/// A kernel invalidation for a worker and, when the caller waits, where to say it is done.
+type Queued = (KernelInval, Option<mpsc::SyncSender<()>>);
+
 /// Turns coordinator invalidations into data-path and kernel cache invalidations.
 ///
-/// The kernel applies an entry invalidation under the directory's lock; if a request of
-/// this node holds that lock while it waits for the coordinator, and the coordinator
-/// waits for this invalidation, applying it inline would deadlock. So invalidations go to
-/// one thread, and the caller waits for each at most `INVALIDATION_WAIT` (100 ms).
+/// The kernel applies an entry invalidation under the directory's lock. While this node
+/// changes a name in that directory (create, unlink, rename...), the kernel holds the lock
+/// for the whole request, and the request may be waiting for the coordinator, which may be
+/// waiting for this very invalidation: applying it inline would deadlock, and waiting for
+/// it would stall both changes. So:
+/// - kernel invalidations go to worker threads, entries and inodes to separate ones (an
+///   inode invalidation takes no directory lock and never queues behind an entry one);
+/// - an entry invalidation in a directory this node is changing right now (`changing`) is
+///   acknowledged at once and applied by the kernel when the change releases the lock; so
+///   is one that finds an earlier entry invalidation still waiting for its directory's lock
+///   (the requests of this node queued for that lock go first, and each of them may wait
+///   for the coordinator in turn);
+/// - otherwise the caller waits for it, at most `INVALIDATION_WAIT` (100 ms): the lock may
+///   be held by a request that needs no other node (a lookup, a readdir).
 #[derive(Debug)]
 pub struct Invalidator {
     notifier: Arc<OnceLock<Notifier>>,
     data: OnceLock<Arc<DataPath>>,
-    tx: Mutex<mpsc::Sender<(KernelInval, mpsc::SyncSender<()>)>>,
+    inodes: Mutex<mpsc::Sender<Queued>>,
+    entries: Mutex<mpsc::Sender<Queued>>,
+    /// Entry invalidations handed to their worker and not applied yet.
+    entry_backlog: Arc<AtomicUsize>,
+    /// Directories this node is changing a name in, with the number of such requests.
+    changing: Mutex<HashMap<InodeId, usize>>,
+}
+
+/// Starts a worker thread that applies what it is sent, in order, and counts down
+/// `backlog` for each.
+fn invalidation_worker(
+    name: &str,
+    apply: Arc<Apply>,
+    backlog: Arc<AtomicUsize>,
+) -> std::io::Result<mpsc::Sender<Queued>> {
+    let (tx, rx) = mpsc::channel::<Queued>();
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            for (inv, done) in rx {
+                // ENOENT: the kernel had nothing cached; not a problem.
+                if let Err(e) = apply(&inv) {
+                    if e.raw_os_error() != Some(libc::ENOENT) {
+                        tracing::debug!(?inv, error = %e, "kernel invalidation failed");
+                    }
+                }
+                backlog.fetch_sub(1, Ordering::AcqRel);
+                if let Some(done) = done {
+                    let _ = done.try_send(());
+                }
+            }
+        })?;
+    Ok(tx)
+}
+
+/// The directories whose lock the kernel holds while it waits for the answer to `req`.
+fn locked_dirs(req: &Request) -> Vec<InodeId> {
+    match req {
+        Request::Create { parent, .. }
+        | Request::CreateOpen { parent, .. }
+        | Request::Symlink { parent, .. }
+        | Request::Unlink { parent, .. }
+        | Request::Rmdir { parent, .. } => vec![*parent],
+        Request::Link { new_parent, .. } => vec![*new_parent],
+        Request::Rename {
+            parent, new_parent, ..
+        } => {
+            if parent == new_parent {
+                vec![*parent]
+            } else {
+                vec![*parent, *new_parent]
+            }
+        }
+        _ => Vec::new(),
+    }
+}
+
+/// Marks directories as being changed by this node until dropped.
+#[must_use = "the directories count as changing only while this lives"]
+#[derive(Debug)]
+pub struct Changing<'a> {
+    inv: &'a Invalidator,
+    dirs: Vec<InodeId>,
+}
+
+impl Drop for Changing<'_> {
+    fn drop(&mut self) {
+        if self.dirs.is_empty() {
+            return;
+        }
+        let mut changing = self.inv.changing.lock();
+        for d in &self.dirs {
+            if let Some(n) = changing.get_mut(d) {
+                *n -= 1;
+                if *n == 0 {
+                    changing.remove(d);
+                }
+            }
+        }
+    }
 }
 
 impl Invalidator {
-    /// A new invalidator with its worker thread. Kernel invalidations start once
+    /// A new invalidator with its worker threads. Kernel invalidations start once
     /// [`Invalidator::set_notifier`] is called; until then the kernel has nothing cached.
     pub fn new() -> std::io::Result<Arc<Invalidator>> {
-        let (tx, rx) = mpsc::channel::<(KernelInval, mpsc::SyncSender<()>)>();
         let notifier: Arc<OnceLock<Notifier>> = Arc::new(OnceLock::new());
         let n = notifier.clone();
-        std::thread::Builder::new()
-            .name("invalidate".into())
-            .spawn(move || {
-                for (inv, done) in rx {
-                    if let Some(n) = n.get() {
-                        let r = match &inv {
-                            KernelInval::Inode(ino) => n.inval_inode(INodeNo(ino.0), 0, 0),
-                            KernelInval::Entry(parent, name) => {
-                                n.inval_entry(INodeNo(parent.0), OsStr::from_bytes(name))
-                            }
-                        };
-                        // ENOENT: the kernel had nothing cached; not a problem.
-                        if let Err(e) = r {
-                            if e.raw_os_error() != Some(libc::ENOENT) {
-                                tracing::debug!(?inv, error = %e, "kernel invalidation failed");
-                            }
-                        }
-                    }
-                    let _ = done.try_send(());
+        let apply: Apply = Box::new(move |inv| {
+            let Some(n) = n.get() else {
+                return Ok(());
+            };
+            match inv {
+                KernelInval::Inode(ino) => n.inval_inode(INodeNo(ino.0), 0, 0),
+                KernelInval::Entry(parent, name) => {
+                    n.inval_entry(INodeNo(parent.0), OsStr::from_bytes(name))
                 }
-            })?;
+            }
+        });
+        Self::with_apply(notifier, apply)
+    }
+
+    fn with_apply(notifier: Arc<OnceLock<Notifier>>, apply: Apply) -> std::io::Result<Arc<Self>> {
+        let apply = Arc::new(apply);
+        let entry_backlog = Arc::new(AtomicUsize::new(0));
         Ok(Arc::new(Invalidator {
             notifier,
             data: OnceLock::new(),
-            tx: Mutex::new(tx),
+            inodes: Mutex::new(invalidation_worker(
+                "invalidate",
+                apply.clone(),
+                Arc::new(AtomicUsize::new(0)),
+            )?),
+            entries: Mutex::new(invalidation_worker(
+                "invalidate-name",
+                apply,
+                entry_backlog.clone(),
+            )?),
+            entry_backlog,
+            changing: Mutex::new(HashMap::new()),
         }))
+    }
+
+    /// Marks the directories whose lock the kernel holds for `req` (a change of a name) as
+    /// being changed by this node, until the returned guard is dropped.
+    pub fn changing(&self, req: &Request) -> Changing<'_> {
+        let dirs = locked_dirs(req);
+        if !dirs.is_empty() {
+            let mut changing = self.changing.lock();
+            for d in &dirs {
+                *changing.entry(*d).or_insert(0) += 1;
+            }
+        }
+        Changing { inv: self, dirs }
     }
 
     /// Starts sending kernel invalidations through `notifier`.
@@ -1277,13 +1394,36 @@ impl Invalidator {
         let _ = self.data.set(data);
     }
 
-    fn send(&self, inv: KernelInval) {
-        let (done_tx, done_rx) = mpsc::sync_channel(1);
-        if self.tx.lock().send((inv, done_tx)).is_err() {
+    /// Hands `inv` to its worker; waits until it is applied (at most
+    /// `INVALIDATION_WAIT`) when `wait`.
+    fn send(&self, inv: KernelInval, wait: bool) {
+        let (worker, kind, ino) = match &inv {
+            KernelInval::Inode(ino) => (&self.inodes, "inode", *ino),
+            KernelInval::Entry(parent, _) => {
+                self.entry_backlog.fetch_add(1, Ordering::AcqRel);
+                (&self.entries, "entry in directory", *parent)
+            }
+        };
+        let (done_tx, done_rx) = if wait {
+            let (tx, rx) = mpsc::sync_channel(1);
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
+        if worker.lock().send((inv, done_tx)).is_err() {
             warn!("invalidation thread is gone");
             return;
         }
-        let _ = done_rx.recv_timeout(INVALIDATION_WAIT);
+        if let Some(rx) = done_rx {
+            if rx.recv_timeout(INVALIDATION_WAIT).is_err() {
+                tracing::debug!(
+                    kind,
+                    %ino,
+                    wait_ms = INVALIDATION_WAIT.as_millis(),
+                    "the kernel has not applied an invalidation yet; acknowledging it anyway"
+                );
+            }
+        }
     }
 
     /// The inode's attributes, layout or contents changed elsewhere.
@@ -1291,7 +1431,7 @@ impl Invalidator {
         if let Some(d) = self.data.get() {
             d.invalidate(ino);
         }
-        self.send(KernelInval::Inode(ino));
+        self.send(KernelInval::Inode(ino), true);
     }
 
     /// The coordinator cannot name what went stale: drop every open file's layout and
@@ -1300,15 +1440,19 @@ impl Invalidator {
         if let Some(d) = self.data.get() {
             for f in d.open_files() {
                 d.invalidate(f.ino());
-                self.send(KernelInval::Inode(f.ino()));
+                self.send(KernelInval::Inode(f.ino()), true);
             }
         }
-        self.send(KernelInval::Inode(InodeId::ROOT));
+        self.send(KernelInval::Inode(InodeId::ROOT), true);
     }
 
     /// The name `name` in directory `parent` changed elsewhere.
+    /// Not waited for while this node changes a name in `parent`, or while an earlier one
+    /// waits for the kernel (see the type's docs).
     pub fn entry(&self, parent: InodeId, name: &[u8]) {
-        self.send(KernelInval::Entry(parent, name.to_vec()));
+        let wait = self.entry_backlog.load(Ordering::Acquire) == 0
+            && !self.changing.lock().contains_key(&parent);
+        self.send(KernelInval::Entry(parent, name.to_vec()), wait);
     }
 }
 
@@ -1338,5 +1482,136 @@ mod tests {
         assert_eq!(kind_of_mode(libc::S_IFIFO | 0o644), Some(FileKind::Fifo));
         assert_eq!(kind_of_mode(0o644), Some(FileKind::File));
         assert_eq!(kind_of_mode(libc::S_IFLNK), None);
+    }
+
+    /// What a stand-in kernel applied, and a gate that holds entry invalidations back the
+    /// way the kernel does while the directory's lock is taken.
+    #[derive(Default)]
+    struct FakeKernel {
+        applied: Mutex<Vec<String>>,
+        locked: Mutex<bool>,
+        unlocked: parking_lot::Condvar,
+    }
+
+    fn fake_invalidator() -> (Arc<Invalidator>, Arc<FakeKernel>) {
+        let k = Arc::new(FakeKernel::default());
+        let k2 = k.clone();
+        let apply: Apply = Box::new(move |inv| {
+            let what = match inv {
+                KernelInval::Inode(ino) => format!("inode {}", ino.0),
+                KernelInval::Entry(parent, name) => {
+                    let mut locked = k2.locked.lock();
+                    while *locked {
+                        k2.unlocked.wait(&mut locked);
+                    }
+                    format!("entry {} {}", parent.0, String::from_utf8_lossy(name))
+                }
+            };
+            k2.applied.lock().push(what);
+            Ok(())
+        });
+        let inv = Invalidator::with_apply(Arc::new(OnceLock::new()), apply).unwrap();
+        (inv, k)
+    }
+
+    /// Waits until the fake kernel applied `n` invalidations.
+    fn applied(k: &FakeKernel, n: usize) -> Vec<String> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while k.applied.lock().len() < n {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{:?}",
+                k.applied.lock()
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        k.applied.lock().clone()
+    }
+
+    fn set_lock(k: &FakeKernel, locked: bool) {
+        *k.locked.lock() = locked;
+        k.unlocked.notify_all();
+    }
+
+    #[test]
+    fn entry_invalidations_that_would_wait_for_this_node_are_not_waited_for() {
+        let (inv, k) = fake_invalidator();
+        // This node unlinks in directory 7; the kernel holds 7's lock meanwhile.
+        set_lock(&k, true);
+        let unlink = inv.changing(&Request::Unlink {
+            parent: InodeId(7),
+            name: b"a".to_vec(),
+        });
+        let t = std::time::Instant::now();
+        inv.entry(InodeId(7), b"x");
+        assert!(
+            t.elapsed() < INVALIDATION_WAIT,
+            "waited for a directory lock this node holds"
+        );
+        // An inode invalidation does not queue behind the entry the kernel holds back.
+        inv.inode(InodeId(9));
+        assert_eq!(applied(&k, 1), vec!["inode 9".to_string()]);
+        drop(unlink);
+        assert!(inv.changing.lock().is_empty());
+        // Directory 8 is not being changed here, but the entry before it still waits for a
+        // lock: this one is not waited for either.
+        let t = std::time::Instant::now();
+        inv.entry(InodeId(8), b"y");
+        assert!(t.elapsed() < INVALIDATION_WAIT, "waited behind a held lock");
+        // The lock is released: both entries reach the kernel, in order.
+        set_lock(&k, false);
+        assert_eq!(
+            applied(&k, 3),
+            vec![
+                "inode 9".to_string(),
+                "entry 7 x".to_string(),
+                "entry 8 y".to_string()
+            ]
+        );
+        // Nothing pending and no change here: the caller waits for the kernel, which here
+        // holds the lock for longer than the bound.
+        set_lock(&k, true);
+        let t = std::time::Instant::now();
+        inv.entry(InodeId(8), b"z");
+        assert!(t.elapsed() >= INVALIDATION_WAIT);
+        set_lock(&k, false);
+        assert_eq!(applied(&k, 4).last().map(String::as_str), Some("entry 8 z"));
+        // Applied at once when the kernel can: the caller waits just that long.
+        let t = std::time::Instant::now();
+        inv.entry(InodeId(8), b"w");
+        assert!(t.elapsed() < INVALIDATION_WAIT);
+        assert_eq!(applied(&k, 5).last().map(String::as_str), Some("entry 8 w"));
+    }
+
+    #[test]
+    fn the_kernel_holds_the_directories_a_name_change_names() {
+        let (inv, _k) = fake_invalidator();
+        let rename = |parent: u64, new_parent: u64| Request::Rename {
+            parent: InodeId(parent),
+            name: b"a".to_vec(),
+            new_parent: InodeId(new_parent),
+            new_name: b"b".to_vec(),
+            flags: WireRenameFlags::default(),
+        };
+        assert_eq!(locked_dirs(&rename(3, 4)), vec![InodeId(3), InodeId(4)]);
+        assert_eq!(locked_dirs(&rename(3, 3)), vec![InodeId(3)]);
+        let link = Request::Link {
+            ino: InodeId(5),
+            new_parent: InodeId(6),
+            new_name: b"l".to_vec(),
+        };
+        assert_eq!(locked_dirs(&link), vec![InodeId(6)]);
+        let lookup = Request::Lookup {
+            parent: InodeId(3),
+            name: b"a".to_vec(),
+        };
+        assert!(locked_dirs(&lookup).is_empty());
+        // Two changes in one directory: it stays marked until both are done.
+        let one = inv.changing(&rename(3, 3));
+        let two = inv.changing(&rename(3, 4));
+        drop(one);
+        assert!(inv.changing.lock().contains_key(&InodeId(3)));
+        drop(two);
+        assert!(inv.changing.lock().is_empty());
     }
 }

@@ -182,6 +182,8 @@ pub enum MountError {
 struct ClientMeta {
     client: Arc<MetadataClient>,
     cache: Arc<DirCache>,
+    /// Told which directories a request changes while it waits for the coordinator.
+    kernel: Arc<Invalidator>,
 }
 
 impl Metadata for ClientMeta {
@@ -204,6 +206,7 @@ impl Metadata for ClientMeta {
 
     fn call_stamped(&self, uid: u32, gid: u32, req: Request) -> (Result<Response, FsError>, u64) {
         let lesson = Lesson::of(&req);
+        let _changing = self.kernel.changing(&req);
         let (result, stamp) = self.client.call_stamped(uid, gid, req);
         self.cache.learn(lesson, &result, stamp);
         (result.map(Response::into_answer), stamp)
@@ -636,6 +639,7 @@ pub fn run(cfg: &MountConfig) -> Result<(), MountError> {
     let meta: Arc<dyn Metadata> = Arc::new(ClientMeta {
         client: client.clone(),
         cache,
+        kernel: invalidator.clone(),
     });
     // One round trip before mounting, so a refusing coordinator fails the mount, not the
     // first `ls`.

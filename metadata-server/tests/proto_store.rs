@@ -7,7 +7,7 @@
 // Test helpers outside #[test] functions; a failure there is a test failure.
 #![allow(clippy::unwrap_used)]
 
-use block_client::testing::MemDevice;
+use block_client::testing::{FlakyDisk, MemDevice, OpClass};
 use block_client::BlockDevice;
 use metadata_server::client::{
     ClientConfig, CoordinatorLocator, InvalidationHandler, MetadataClient,
@@ -61,14 +61,19 @@ impl InvalidationHandler for Seen {
 
 fn lun() -> (Arc<dyn BlockDevice>, VolumeId) {
     let dev: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(256 << 20));
+    let volume = format(&dev);
+    (dev, volume)
+}
+
+/// Formats `dev` (8 nodes, 64 KiB clusters); returns the new volume's id.
+fn format(dev: &Arc<dyn BlockDevice>) -> VolumeId {
     let opts = MkfsOptions {
         max_nodes: 8,
         cluster_bytes: 64 << 10,
         ..MkfsOptions::default()
     };
     mkfs(dev.clone(), &opts, &mut |_, _| {}).unwrap();
-    let volume = Superblock::read(dev.as_ref()).unwrap().superblock.volume;
-    (dev, volume)
+    Superblock::read(dev.as_ref()).unwrap().superblock.volume
 }
 
 fn free_addr() -> SocketAddr {
@@ -223,13 +228,73 @@ fn negative_entry_on_one_node_is_invalidated_by_a_create_on_another() {
     };
     assert!(matches!(b.call(0, 0, look.clone()), Err(FsError::NotFound)));
     a.call(0, 0, create(InodeId::ROOT, "disk.img")).unwrap();
-    // Acknowledged to A only after B dropped its negative entry.
-    assert!(seen_b.0.lock().unwrap().contains(&Invalidation::Entry {
-        parent: InodeId::ROOT,
-        name: b"disk.img".to_vec()
-    }));
+    // Acknowledged to A only after B dropped the directory its negative entry belongs to.
+    assert_eq!(
+        *seen_b.0.lock().unwrap(),
+        vec![Invalidation::Inode { ino: InodeId::ROOT }]
+    );
     assert!(seen_a.0.lock().unwrap().is_empty());
     assert!(matches!(b.call(0, 0, look), Ok(Response::Attr(_))));
+}
+
+#[test]
+fn other_nodes_drop_their_copies_while_the_journal_writes_the_change() {
+    let flaky = FlakyDisk::new(MemDevice::new(256 << 20));
+    let lun = flaky.handle();
+    let dev: Arc<dyn BlockDevice> = Arc::new(flaky);
+    let volume = format(&dev);
+    let addr = free_addr();
+    let LeaseRole::Coordinator { epoch } =
+        lease::acquire_or_find(&dev, NodeId(1), addr, 100).unwrap()
+    else {
+        panic!("no lease")
+    };
+    // The real store, so requests take the batched path with its group commit.
+    let store = Arc::new(Store::open(dev.clone(), epoch).unwrap());
+    let _srv = Server::start(
+        store,
+        ServerConfig::new(addr, SECRET.to_vec(), volume, epoch),
+    )
+    .unwrap();
+    let (a, _) = node(&dev, 1);
+    let (b, seen_b) = node(&dev, 2);
+    // B caches the root directory's attributes.
+    b.call(0, 0, Request::GetAttr { ino: InodeId::ROOT })
+        .unwrap();
+    lun.hang(OpClass::Write);
+    let creating = std::thread::spawn(move || a.call(0, 0, create(InodeId::ROOT, "f")));
+    // The journal cannot write the create, yet B is told to drop the root directory.
+    let deadline = Instant::now() + Duration::from_secs(4);
+    while !seen_b
+        .0
+        .lock()
+        .unwrap()
+        .contains(&Invalidation::Inode { ino: InodeId::ROOT })
+    {
+        assert!(
+            Instant::now() < deadline,
+            "B was not invalidated while the journal write hung"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(lun.hung_ops() >= 1, "the journal write is what waits");
+    assert!(
+        !creating.is_finished(),
+        "the create was acknowledged before it was durable"
+    );
+    lun.heal();
+    assert!(matches!(creating.join().unwrap(), Ok(Response::Attr(_))));
+    assert!(matches!(
+        b.call(
+            0,
+            0,
+            Request::Lookup {
+                parent: InodeId::ROOT,
+                name: b"f".to_vec(),
+            }
+        ),
+        Ok(Response::Attr(_))
+    ));
 }
 
 #[test]

@@ -4,9 +4,11 @@
 //! ```text
 //!  session readers ──Job──▶ channel ──▶ executor thread
 //!                                        take what is queued (up to max_in_flight_per_conn)
-//!                                        store.submit_as each (journal records queued)
+//!                                        store.submit_as each (journal records queued),
+//!                                          and its invalidations sent to other nodes
 //!                                        store.wait_durable(highest Lsn): one group commit
-//!                                        invalidations; replies queued per connection
+//!                                          (the other nodes drop their copies meanwhile)
+//!                                        replies queued per connection
 //!                                        one socket write per connection
 //!                                        (replies that wait for other nodes' acks: a task)
 //! ```
@@ -149,6 +151,8 @@ struct Ran {
     job: Job,
     start: u64,
     result: Result<Response, FsError>,
+    /// Invalidations sent for it, whose acks its reply waits for.
+    waits: Vec<super::coherence::AckWait>,
 }
 
 fn run_batch(batch: Vec<Job>, runtime: &tokio::runtime::Handle) {
@@ -157,6 +161,7 @@ fn run_batch(batch: Vec<Job>, runtime: &tokio::runtime::Handle) {
     };
     let mut ran = Vec::with_capacity(batch.len());
     let mut upto = Lsn(0);
+
     for job in batch {
         let _span = job.span.enter();
         if !job.shared.coherence.is_current(job.to.node, job.to.conn) {
@@ -183,8 +188,23 @@ fn run_batch(batch: Vec<Job>, runtime: &tokio::runtime::Handle) {
             }
         };
         upto = upto.max(lsn);
+        // Other nodes drop what this change makes stale while the journal writes it: the
+        // acks and the write overlap instead of adding up. Dropping a cache early is
+        // harmless; if the write fails, the change is answered with the error anyway.
+        let waits = match &result {
+            Ok(resp) => job
+                .shared
+                .coherence
+                .send_invalidations(job.to.node, &job.req, resp),
+            Err(_) => Vec::new(),
+        };
         drop(_span);
-        ran.push(Ran { job, start, result });
+        ran.push(Ran {
+            job,
+            start,
+            result,
+            waits,
+        });
     }
     // One group commit for the whole batch.
     let durable = if upto > Lsn(0) {
@@ -194,7 +214,12 @@ fn run_batch(batch: Vec<Job>, runtime: &tokio::runtime::Handle) {
     };
     let mut sinks: Vec<Arc<dyn FrameSink>> = Vec::new();
     for r in ran {
-        let Ran { job, start, result } = r;
+        let Ran {
+            job,
+            start,
+            result,
+            waits,
+        } = r;
         let Job {
             shared,
             to,
@@ -212,10 +237,6 @@ fn run_batch(batch: Vec<Job>, runtime: &tokio::runtime::Handle) {
             Ok(()) => result,
         };
         let _entered = span.enter();
-        let waits = match &result {
-            Ok(resp) => shared.coherence.send_invalidations(to.node, &req, resp),
-            Err(_) => Vec::new(),
-        };
         if waits.is_empty() {
             if let Some(sink) = to.queue(&shared, start, &req, id, result) {
                 if !sinks
