@@ -3,6 +3,8 @@
 use std::fmt;
 use std::io;
 
+use crate::sys::Pipe;
+
 /// Flags for a write.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct WriteFlags {
@@ -84,6 +86,15 @@ impl BlockError {
 /// for a write). It runs on the device's completion thread, so it must not block.
 pub type Completion = Box<dyn FnOnce(Result<Vec<u8>, BlockError>) + Send>;
 
+/// Where a read into a pipe reports (see [`BlockDevice::submit_read_to_pipe`]): the pipe,
+/// now holding the read's bytes after what it held before, or why it does not. On an error
+/// the pipe is gone (its contents are unknown) and the read did not happen or its data was
+/// dropped: a device error, a lost path, or [`BlockError::Unsupported`] when the data could
+/// not go through the pipe (it filled up, or the server sent the reply in a shape that does
+/// not fit one); the caller reads again with [`BlockDevice::read_at`]. It runs on the
+/// device's completion thread, so it must not block.
+pub type PipeCompletion = Box<dyn FnOnce(Result<Pipe, BlockError>) + Send>;
+
 /// An asynchronous request (see [`BlockDevice::submit`]).
 #[derive(Debug, Clone, Copy)]
 pub enum AsyncIo<'a> {
@@ -162,6 +173,22 @@ pub trait BlockDevice: Send + Sync + fmt::Debug {
         Err(done)
     }
 
+    /// Starts a read of `len_bytes` at `offset_bytes` whose data the device appends to
+    /// `pipe` (spliced from its socket where it can, so the data is not copied through this
+    /// process) and reports to `done`. Returns `pipe` and `done` unused when the device
+    /// cannot do that now (no such path, no live connection, too large); the caller then
+    /// uses [`submit`](Self::submit) or [`read_at`](Self::read_at). The default cannot.
+    fn submit_read_to_pipe(
+        &self,
+        offset_bytes: u64,
+        len_bytes: u32,
+        pipe: Pipe,
+        done: PipeCompletion,
+    ) -> Result<(), (Pipe, PipeCompletion)> {
+        let _ = (offset_bytes, len_bytes);
+        Err((pipe, done))
+    }
+
     /// Hands back the buffer of a read that [`submit`](Self::submit) delivered, once the
     /// caller is done with it, so that the next read reuses it instead of allocating and
     /// zeroing a fresh one. The default drops it.
@@ -222,6 +249,15 @@ impl<T: BlockDevice + ?Sized> BlockDevice for std::sync::Arc<T> {
     }
     fn submit(&self, io: AsyncIo<'_>, done: Completion) -> Result<(), Completion> {
         (**self).submit(io, done)
+    }
+    fn submit_read_to_pipe(
+        &self,
+        offset_bytes: u64,
+        len_bytes: u32,
+        pipe: Pipe,
+        done: PipeCompletion,
+    ) -> Result<(), (Pipe, PipeCompletion)> {
+        (**self).submit_read_to_pipe(offset_bytes, len_bytes, pipe, done)
     }
     fn recycle_buffer(&self, buf: Vec<u8>) {
         (**self).recycle_buffer(buf);

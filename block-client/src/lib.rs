@@ -34,7 +34,8 @@ mod sys;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 
-pub use device::{AsyncIo, BlockDevice, BlockError, Completion, WriteFlags};
+pub use device::{AsyncIo, BlockDevice, BlockError, Completion, PipeCompletion, WriteFlags};
 pub use file::{FileDevice, FileOptions};
 pub use nbd::client::open_device;
 pub use nbd::{NbdClient, NbdClientOptions};
+pub use sys::Pipe;

@@ -26,7 +26,7 @@
 use crate::errno::NodeError;
 use crate::extents::{Backing, ExtentMap, Piece, RangeSet};
 use crate::meta::{unexpected, Metadata};
-use block_client::{AsyncIo, BlockDevice, BlockError, WriteFlags};
+use block_client::{AsyncIo, BlockDevice, BlockError, Pipe, WriteFlags};
 use metadata_server::proto::{Request, Response};
 use metadata_server::types::{Attr, Epoch, Extent, FallocMode, FsError, InodeId, SetAttr};
 use parking_lot::{Condvar, Mutex, RwLock, RwLockWriteGuard};
@@ -150,6 +150,18 @@ pub enum SeekTarget {
 /// Outcome of [`DataPath::read_async`]: the bytes read, or `None` when the read has to be
 /// done on the blocking path ([`DataPath::read`]).
 pub type ReadDone = Box<dyn FnOnce(Option<Vec<u8>>) + Send>;
+
+/// Who answers a read into a pipe ([`DataPath::read_to_pipe`]).
+pub trait PipeReader: Send + 'static {
+    /// What goes into the pipe ahead of the data.
+    type Head: AsRef<[u8]>;
+    /// The bytes ahead of `len` bytes of data, or `None` to decline the pipe.
+    fn head(&self, len: u32) -> Option<Self::Head>;
+    /// The outcome: the pipe, holding the head and then the bytes read, with the number
+    /// of bytes read; or `None` when the read has to be done on the blocking path
+    /// ([`DataPath::read`]) (the pipe is then gone).
+    fn done(self, got: Option<(Pipe, u32)>);
+}
 
 /// Outcome of [`DataPath::write_async`]: `Some(commit_now)` once the write is on the LUN
 /// and recorded, or `None` when it has to be done on the blocking path
@@ -815,6 +827,50 @@ impl DataPath {
         if let Err(refused) = started {
             refused(Err(BlockError::Unsupported {
                 op: "asynchronous read",
+            }));
+        }
+    }
+
+    /// Like [`read_async`](Self::read_async), but the LUN puts the data into `pipe`
+    /// (spliced from its socket: it does not pass through this process) after the bytes
+    /// `to.head` gives for the read's length (cut at end of file). `to.done` gets the
+    /// pipe and that length, or `None` for the blocking path: also when the LUN cannot
+    /// read into a pipe, when the read is not one written extent, or when `head` declines.
+    pub fn read_to_pipe(
+        &self,
+        file: &Arc<OpenFile>,
+        offset_bytes: u64,
+        size_bytes: u32,
+        pipe: Pipe,
+        to: impl PipeReader,
+    ) {
+        let Some((lun_offset_bytes, len)) =
+            self.async_target(file, offset_bytes, u64::from(size_bytes), false)
+        else {
+            return to.done(None);
+        };
+        let head_written = to.head(len).is_some_and(|h| {
+            let h = h.as_ref();
+            // An empty pipe takes a short head whole.
+            pipe.write(h).is_ok_and(|n| n == h.len())
+        });
+        if !head_written {
+            file.async_ended();
+            return to.done(None);
+        }
+        let f = file.clone();
+        let started = self.lun.submit_read_to_pipe(
+            lun_offset_bytes,
+            len,
+            pipe,
+            Box::new(move |r| {
+                f.async_ended();
+                to.done(r.ok().map(|p| (p, len)));
+            }),
+        );
+        if let Err((_, refused)) = started {
+            refused(Err(BlockError::Unsupported {
+                op: "read into a pipe",
             }));
         }
     }

@@ -10,13 +10,18 @@
 //! path: a read or write that lies in one written extent of a file whose layout is fresh is
 //! sent to the LUN by the event loop itself and answered by the LUN's completion thread (no
 //! worker, no waiting thread); anything else, and any such request the LUN fails, goes to a
-//! worker. Regular files are always opened with direct I/O so no node serves a
+//! worker. A fast-path read of `SPLICE_READ_MIN_BYTES` or more is answered without its data
+//! entering this process: the LUN's reply is spliced from the NBD socket into a pipe behind
+//! the FUSE reply header, and the pipe into `/dev/fuse` (fuser's `ReplyData::splice`, a
+//! patch of ours: csvfs/vendor/fuser/PATCHED.md), so the kernel copies the data once, into
+//! the reader's pages. Regular files are always opened with direct I/O so no node serves a
 //! file from its page cache, and parallel direct writes and asynchronous direct I/O are
 //! enabled so many requests of one file are in flight at once.
 
-use crate::data::{DataPath, OpenFile, SeekTarget};
+use crate::data::{DataPath, OpenFile, PipeReader, SeekTarget};
 use crate::errno::{errno_of, NodeError};
 use crate::meta::{unexpected, Metadata};
+use block_client::Pipe;
 use fuser::{
     AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
     INodeNo, InitFlags, KernelConfig, LockOwner, Notifier, OpenAccMode, OpenFlags, RenameFlags,
@@ -50,6 +55,16 @@ const INLINE_MAX: usize = 12;
 /// Writes from this size up wait for the LUN on their event loop (while one may wait) instead
 /// of keeping a copy of their data for the blocking path.
 const WAIT_WRITE_MIN_BYTES: usize = 64 << 10;
+/// Reads from this size up are answered by splicing the LUN's reply through a pipe into
+/// `/dev/fuse` (one copy in the kernel) instead of copying it into this process and out
+/// again; below it the two small copies cost less than the extra system calls.
+const SPLICE_READ_MIN_BYTES: u32 = 64 << 10;
+/// Size asked for each splice pipe: room for the largest read and its reply header, with
+/// slots to spare for socket data that fills a slot with less than a page. Without
+/// CAP_SYS_RESOURCE the kernel gives at most `fs.pipe-max-size` (1 MiB by default).
+const SPLICE_PIPE_BYTES: usize = 4 * MAX_WRITE_BYTES as usize;
+/// Idle splice pipes kept for reuse.
+const SPLICE_PIPES_KEPT: usize = 64;
 /// How long a worker waits for the kernel to apply one invalidation.
 const INVALIDATION_WAIT: Duration = Duration::from_millis(100);
 
@@ -59,6 +74,41 @@ struct Handle {
     file: Arc<OpenFile>,
     /// Opened with O_SYNC or O_DSYNC: every write is committed before it returns.
     sync: bool,
+}
+
+/// A read answered by splicing the LUN's reply into the kernel's (see
+/// [`DataPath::read_to_pipe`]).
+struct SplicedRead {
+    reply: ReplyData,
+    inner: Arc<Inner>,
+    /// Reads on the blocking path and replies, when the pipe does not serve.
+    blocking: Box<dyn FnOnce(ReplyData) + Send>,
+    ino: u64,
+    offset: u64,
+}
+
+impl PipeReader for SplicedRead {
+    type Head = [u8; 16];
+
+    fn head(&self, len: u32) -> Option<[u8; 16]> {
+        self.reply.splice_header(usize::try_from(len).ok()?).ok()
+    }
+
+    fn done(self, got: Option<(Pipe, u32)>) {
+        let Some((pipe, len)) = got else {
+            return (self.blocking)(self.reply);
+        };
+        let total = usize::try_from(len)
+            .unwrap_or(usize::MAX)
+            .saturating_add(16);
+        match self.reply.splice(pipe.read_end(), total) {
+            Ok(()) => self.inner.return_pipe(pipe),
+            Err((reply, e)) => {
+                tracing::debug!(error = %e, inode = self.ino, offset = self.offset, "spliced read reply refused; reading again");
+                (self.blocking)(reply);
+            }
+        }
+    }
 }
 
 /// The state shared by the event loops and the workers.
@@ -73,6 +123,39 @@ struct Inner {
     span: tracing::Span,
     /// Event loops running a request themselves now (at most `INLINE_MAX`).
     inline: AtomicUsize,
+    /// Empty pipes for spliced read replies.
+    pipes: Mutex<Vec<Pipe>>,
+}
+
+impl Inner {
+    /// An empty pipe for a spliced read of `size` bytes, if such a read fits one.
+    fn pipe_for(&self, size: u32) -> Option<Pipe> {
+        if size < SPLICE_READ_MIN_BYTES {
+            return None;
+        }
+        let pipe = match self.pipes.lock().pop() {
+            Some(p) => p,
+            None => match Pipe::new(SPLICE_PIPE_BYTES) {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::debug!(error = %e, "no pipe for a spliced read");
+                    return None;
+                }
+            },
+        };
+        // Socket data usually fills a slot with more than a page (see `capacity_bytes`), and
+        // a read that finds the pipe full is read again on the blocking path.
+        let fits = usize::try_from(size).is_ok_and(|s| s <= pipe.capacity_bytes());
+        fits.then_some(pipe)
+    }
+
+    /// Keeps an emptied pipe for the next spliced read.
+    fn return_pipe(&self, pipe: Pipe) {
+        let mut pipes = self.pipes.lock();
+        if pipes.len() < SPLICE_PIPES_KEPT {
+            pipes.push(pipe);
+        }
+    }
 }
 
 /// The FUSE file system of one node.
@@ -256,6 +339,7 @@ impl CsvFs {
                 blksize_bytes,
                 span,
                 inline: AtomicUsize::new(0),
+                pipes: Mutex::new(Vec::new()),
             }),
             pool,
         }
@@ -672,20 +756,36 @@ impl Filesystem for CsvFs {
             Err(e) => return reply.error(fail("read", &e)),
         };
         // Reads inside written clusters go straight to the LUN from this thread and are
-        // answered by the LUN's completion thread; the rest take a worker.
+        // answered by the LUN's completion thread; the rest take a worker. Large ones have
+        // the LUN's reply spliced into the kernel's reply.
         let (pool, inner) = (self.pool.clone(), self.inner.clone());
         let f = file.clone();
+        let blocking = move |reply: ReplyData| {
+            spawn_on(&pool, inner, "read", ino.0, move |i| {
+                match i.data.read(uid, gid, &f, offset, size) {
+                    Ok(buf) => reply.data(&buf),
+                    Err(e) => reply.error(fail("read", &e)),
+                }
+            });
+        };
+        if let Some(pipe) = self.inner.pipe_for(size) {
+            let to = SplicedRead {
+                reply,
+                inner: self.inner.clone(),
+                blocking: Box::new(blocking),
+                ino: ino.0,
+                offset,
+            };
+            self.inner.data.read_to_pipe(&file, offset, size, pipe, to);
+            return;
+        }
+        let inner = self.inner.clone();
         let done = Box::new(move |got: Option<Vec<u8>>| match got {
             Some(buf) => {
                 reply.data(&buf);
                 inner.data.lun().recycle_buffer(buf);
             }
-            None => spawn_on(&pool, inner, "read", ino.0, move |i| {
-                match i.data.read(uid, gid, &f, offset, size) {
-                    Ok(buf) => reply.data(&buf),
-                    Err(e) => reply.error(fail("read", &e)),
-                }
-            }),
+            None => blocking(reply),
         });
         self.inner.data.read_async(&file, offset, size, done);
     }

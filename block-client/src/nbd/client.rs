@@ -30,7 +30,8 @@
 //! server's errno, and the connection stays usable.
 
 use std::collections::HashMap;
-use std::io::{self, BufReader, Read};
+use std::io::{self, BufRead, BufReader, Read};
+use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Weak};
 use std::thread;
@@ -41,7 +42,7 @@ use parking_lot::{Mutex, RwLock};
 use super::proto::*;
 use super::transport::{write_two, Stream};
 use super::uri::NbdUri;
-use crate::{AsyncIo, BlockDevice, BlockError, Completion, WriteFlags};
+use crate::{AsyncIo, BlockDevice, BlockError, Completion, Pipe, PipeCompletion, WriteFlags};
 
 /// Requests whose payload is at most this size are batched with others into one send.
 const COMBINE_MAX_BYTES: usize = 64 << 10;
@@ -120,6 +121,9 @@ enum ReplyError {
     Errno(u32),
     /// The connection died or timed out.
     Lost(io::Error),
+    /// A read into a pipe whose data did not all go into the pipe (it filled up, or the
+    /// chunks of a structured reply came out of order); its data was dropped.
+    NotInPipe,
 }
 
 type Reply = Result<Vec<u8>, ReplyError>;
@@ -130,6 +134,8 @@ enum Notify {
     Wait(mpsc::SyncSender<Reply>),
     /// A completion, run by whichever thread learns the outcome (usually the reader).
     Call(Box<dyn FnOnce(Reply) + Send>),
+    /// The completion of a read into a pipe ([`Waiter::pipe`]); run like `Call`.
+    Pipe(Box<dyn FnOnce(Result<Pipe, ReplyError>) + Send>),
 }
 
 impl std::fmt::Debug for Notify {
@@ -137,6 +143,7 @@ impl std::fmt::Debug for Notify {
         f.write_str(match self {
             Notify::Wait(_) => "Wait",
             Notify::Call(_) => "Call",
+            Notify::Pipe(_) => "Pipe",
         })
     }
 }
@@ -149,6 +156,96 @@ impl Notify {
                 let _ = tx.send(r);
             }
             Notify::Call(f) => f(r),
+            // A read into a pipe that succeeds ends in `Waiter::end_pipe`, with the pipe.
+            Notify::Pipe(f) => f(r.and(Err(ReplyError::NotInPipe))),
+        }
+    }
+}
+
+/// A read whose data goes into a pipe instead of [`Waiter::buf`].
+#[derive(Debug)]
+struct PipeSink {
+    pipe: Pipe,
+    /// Bytes of the read.
+    len: usize,
+    /// Bytes of the read in the pipe so far (in order from the start of the read).
+    filled: usize,
+    /// Some data could not go into the pipe and was dropped: the read ends in
+    /// [`ReplyError::NotInPipe`].
+    spilled: bool,
+}
+
+/// Zeros for the holes of a structured reply to a read into a pipe.
+static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+
+impl PipeSink {
+    /// Moves the next `n` bytes of the stream into the pipe: what the reader has buffered
+    /// already by a copy, the rest spliced from the socket. When the pipe fills up the
+    /// rest is read and dropped, and the sink is spilled.
+    fn take_from(&mut self, rd: &mut BufReader<Stream>, n: usize) -> io::Result<()> {
+        let mut left = n;
+        if !self.spilled {
+            let have = rd.buffer();
+            let k = have.len().min(left);
+            let mut put = 0;
+            while put < k {
+                match self.pipe.write(&have[put..k]) {
+                    Ok(m) => put += m,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(_) => {
+                        self.spilled = true;
+                        break;
+                    }
+                }
+            }
+            rd.consume(put);
+            left -= put;
+            self.filled += put;
+        }
+        // Now the reader's buffer is empty or `left` is 0: the socket is next in line.
+        let mut stalls = 0;
+        while !self.spilled && left > 0 {
+            let sock = rd.get_ref().as_fd();
+            match self.pipe.splice_from(sock, left) {
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(m) => {
+                    left -= m;
+                    self.filled += m;
+                    stalls = 0;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // Either the socket has nothing yet, or the pipe is full. A pipe that
+                    // has a free slot but still takes nothing from a readable socket
+                    // counts as full after a few tries.
+                    stalls += 1;
+                    if !self.pipe.has_room()? || stalls > 8 {
+                        self.spilled = true;
+                    } else {
+                        crate::sys::wait_readable(sock)?;
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if left > 0 {
+            skip(rd, left as u64)?;
+        }
+        Ok(())
+    }
+
+    /// Appends `n` zero bytes (a hole of a structured reply).
+    fn zeros(&mut self, n: usize) {
+        let mut left = n;
+        while !self.spilled && left > 0 {
+            match self.pipe.write(&ZEROS[..left.min(ZEROS.len())]) {
+                Ok(m) => {
+                    left -= m;
+                    self.filled += m;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => self.spilled = true,
+            }
         }
     }
 }
@@ -162,10 +259,39 @@ struct Waiter {
     offset: u64,
     /// Read buffer (reads only; empty otherwise).
     buf: Vec<u8>,
+    /// Where a read into a pipe puts its data (then `buf` is empty).
+    pipe: Option<PipeSink>,
     /// Bytes of the read covered by structured data and hole chunks so far.
     covered: usize,
     /// First error chunk of a structured reply.
     error: Option<u32>,
+}
+
+impl Waiter {
+    /// Ends a read into a pipe whose reply is complete: the completion gets the pipe, or
+    /// the reply's error, or [`ReplyError::NotInPipe`] when data was dropped. A reply that
+    /// did not cover the read is a protocol error (the connection ends).
+    fn end_pipe(mut self) -> io::Result<()> {
+        let Some(sink) = self.pipe.take() else {
+            return Err(protocol_error("a read into a pipe lost its pipe"));
+        };
+        let r = match self.error {
+            Some(e) => Err(ReplyError::Errno(e)),
+            None if self.covered != sink.len => {
+                let why = format!("read reply covered {} of {} bytes", self.covered, sink.len);
+                self.tx
+                    .send(Err(ReplyError::Lost(protocol_error(why.clone()))));
+                return Err(protocol_error(why));
+            }
+            None if sink.spilled || sink.filled != sink.len => Err(ReplyError::NotInPipe),
+            None => Ok(sink.pipe),
+        };
+        match self.tx {
+            Notify::Pipe(f) => f(r),
+            other => other.send(Err(ReplyError::NotInPipe)),
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Default)]
@@ -224,26 +350,27 @@ impl Conn {
         buf: Vec<u8>,
     ) -> Result<mpsc::Receiver<Reply>, ReplyError> {
         let (tx, rx) = mpsc::sync_channel(1);
-        self.register(req, data, buf, Notify::Wait(tx))
-            .map_err(|(e, _)| e)?;
+        self.register(req, data, buf, None, Notify::Wait(tx))
+            .map_err(|(e, _, _)| e)?;
         Ok(rx)
     }
 
-    /// Registers `notify` for one request and sends it; hands `notify` back, unused, when
-    /// the connection is dead already.
+    /// Registers `notify` for one request and sends it; hands `notify` and `pipe` back,
+    /// unused, when the connection is dead already.
     fn register(
         &self,
         req: &Req,
         data: &[u8],
         buf: Vec<u8>,
+        pipe: Option<PipeSink>,
         notify: Notify,
-    ) -> Result<(), (ReplyError, Notify)> {
+    ) -> Result<(), (ReplyError, Notify, Option<PipeSink>)> {
         let cookie = self.next_cookie.fetch_add(1, Ordering::Relaxed);
         {
             let mut st = self.state.lock();
             if let Some(why) = &st.dead {
                 let e = ReplyError::Lost(lost(io::ErrorKind::NotConnected, why.clone()));
-                return Err((e, notify));
+                return Err((e, notify, pipe));
             }
             st.pending.insert(
                 cookie,
@@ -252,6 +379,7 @@ impl Conn {
                     started: Instant::now(),
                     offset: req.offset,
                     buf,
+                    pipe,
                     covered: 0,
                     error: None,
                 },
@@ -348,7 +476,7 @@ impl Conn {
     }
 
     /// Reads replies until the connection fails; runs on the connection's reader thread.
-    fn reader_loop(&self, rd: &mut impl Read) -> io::Result<()> {
+    fn reader_loop(&self, rd: &mut BufReader<Stream>) -> io::Result<()> {
         loop {
             let magic = read_u32(rd)?;
             match magic {
@@ -358,6 +486,18 @@ impl Conn {
                     let mut w = self.take_waiter(cookie)?;
                     if error != 0 {
                         w.tx.send(Err(ReplyError::Errno(error)));
+                        continue;
+                    }
+                    if let Some(sink) = w.pipe.as_mut() {
+                        if self.structured {
+                            return Err(protocol_error(
+                                "simple reply to a read after structured replies were negotiated",
+                            ));
+                        }
+                        let n = sink.len;
+                        sink.take_from(rd, n)?;
+                        w.covered = n;
+                        w.end_pipe()?;
                         continue;
                     }
                     if !w.buf.is_empty() {
@@ -392,6 +532,28 @@ impl Conn {
                                 .ok_or_else(|| protocol_error("data chunk before the request"))?;
                             let n = usize::try_from(n)
                                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                            if let Some(sink) = w.pipe.as_mut() {
+                                if rel.checked_add(n).is_none_or(|end| end > sink.len) {
+                                    return Err(protocol_error("data chunk outside the request"));
+                                }
+                                // Chunks may come in any order; a pipe takes them only in
+                                // order, so one out of order spills the read.
+                                if rel != sink.filled {
+                                    sink.spilled = true;
+                                }
+                                if kind == REPLY_TYPE_OFFSET_DATA {
+                                    sink.take_from(rd, n)?;
+                                } else {
+                                    sink.zeros(n);
+                                }
+                                w.covered += n;
+                                if flags & REPLY_FLAG_DONE != 0 {
+                                    w.end_pipe()?;
+                                } else {
+                                    self.put_waiter(cookie, w);
+                                }
+                                continue;
+                            }
                             let dst = w
                                 .buf
                                 .get_mut(rel..rel.saturating_add(n))
@@ -416,7 +578,9 @@ impl Conn {
                         }
                         _ => skip(rd, u64::from(len))?,
                     }
-                    if flags & REPLY_FLAG_DONE != 0 {
+                    if flags & REPLY_FLAG_DONE != 0 && w.pipe.is_some() {
+                        w.end_pipe()?;
+                    } else if flags & REPLY_FLAG_DONE != 0 {
                         let r = match w.error {
                             Some(e) => Err(ReplyError::Errno(e)),
                             // The buffer is recycled: every byte must have come from the reply.
@@ -906,6 +1070,7 @@ impl NbdClient {
                 Some(Ok(buf))
             }
             Err(ReplyError::Errno(e)) => Some(Err(device_error(req, e))),
+            Err(ReplyError::NotInPipe) => Some(Err(not_in_pipe())),
             Err(ReplyError::Lost(source)) => {
                 self.note_lost(conn);
                 let deadline = started + Duration::from_millis(sh.options.reconnect_timeout_ms);
@@ -1061,17 +1226,69 @@ impl NbdClient {
                 }
                 Err(ReplyError::Errno(e)) => Err(device_error(&req, e)),
                 Err(ReplyError::Lost(source)) => Err(BlockError::PathLost { op: req.op, source }),
+                Err(ReplyError::NotInPipe) => Err(not_in_pipe()),
             });
         }));
         let buf = self.read_buffer(&req);
-        match conn.register(&req, data, buf, notify) {
+        match conn.register(&req, data, buf, None, notify) {
             Ok(()) => Ok(()),
             // Dead since it was picked: the completion says so, the caller retries.
-            Err((e, notify)) => {
+            Err((e, notify, _)) => {
                 notify.send(Err(e));
                 Ok(())
             }
         }
+    }
+
+    /// Sends a read whose data goes into `pipe` (see [`BlockDevice::submit_read_to_pipe`]).
+    fn start_pipe_read(
+        &self,
+        req: Req,
+        pipe: Pipe,
+        done: PipeCompletion,
+    ) -> Result<(), (Pipe, PipeCompletion)> {
+        let Ok(len) = usize::try_from(req.len) else {
+            return Err((pipe, done));
+        };
+        if req.len > self.shared.info.max_block_bytes
+            || self
+                .check_range(req.op, req.offset, u64::from(req.len))
+                .is_err()
+        {
+            return Err((pipe, done));
+        }
+        let Some(conn) = self.live_conn() else {
+            return Err((pipe, done));
+        };
+        let notify = Notify::Pipe(Box::new(move |reply: Result<Pipe, ReplyError>| {
+            done(match reply {
+                Ok(pipe) => Ok(pipe),
+                Err(ReplyError::Errno(e)) => Err(device_error(&req, e)),
+                Err(ReplyError::Lost(source)) => Err(BlockError::PathLost { op: req.op, source }),
+                Err(ReplyError::NotInPipe) => Err(not_in_pipe()),
+            });
+        }));
+        let sink = PipeSink {
+            pipe,
+            len,
+            filled: 0,
+            spilled: false,
+        };
+        match conn.register(&req, &[], Vec::new(), Some(sink), notify) {
+            Ok(()) => Ok(()),
+            // Dead since it was picked: the completion says so, the caller retries.
+            Err((e, notify, _)) => {
+                notify.send(Err(e));
+                Ok(())
+            }
+        }
+    }
+}
+
+/// The error of a read into a pipe whose data did not all fit the pipe.
+fn not_in_pipe() -> BlockError {
+    BlockError::Unsupported {
+        op: "read into a pipe",
     }
 }
 
@@ -1140,6 +1357,16 @@ impl BlockDevice for NbdClient {
                 self.start_async(req, buf, done)
             }
         }
+    }
+
+    fn submit_read_to_pipe(
+        &self,
+        offset_bytes: u64,
+        len_bytes: u32,
+        pipe: Pipe,
+        done: PipeCompletion,
+    ) -> Result<(), (Pipe, PipeCompletion)> {
+        self.start_pipe_read(Req::read(offset_bytes, len_bytes), pipe, done)
     }
 
     fn recycle_buffer(&self, buf: Vec<u8>) {

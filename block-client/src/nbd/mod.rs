@@ -382,4 +382,140 @@ mod tests {
         }
         c.flush().unwrap();
     }
+
+    /// Everything in `pipe` now (it is non-blocking: the read has completed).
+    fn drain(pipe: &crate::Pipe) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; 256 << 10];
+        loop {
+            match pipe.read(&mut buf) {
+                Ok(0) => return out,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return out,
+                Err(e) => panic!("read the pipe: {e}"),
+            }
+        }
+    }
+
+    /// A read into `pipe` (after `head`, written first), waited for.
+    fn pipe_read(
+        c: &dyn BlockDevice,
+        pipe: crate::Pipe,
+        head: &[u8],
+        offset: u64,
+        len: u32,
+    ) -> Result<Vec<u8>, BlockError> {
+        assert_eq!(pipe.write(head).unwrap(), head.len());
+        let (tx, rx) = std::sync::mpsc::channel();
+        if c.submit_read_to_pipe(offset, len, pipe, Box::new(move |r| tx.send(r).unwrap()))
+            .is_err()
+        {
+            panic!("the NBD client refused a read into a pipe");
+        }
+        let pipe = rx
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .unwrap()?;
+        Ok(drain(&pipe))
+    }
+
+    #[test]
+    fn reads_into_a_pipe_carry_the_devices_bytes_after_the_callers_head() {
+        for structured in [true, false] {
+            let mem = Arc::new(MemDevice::new(8 << 20));
+            let listen = ListenAddr::Unix(sock(&format!("pipe-{structured}")));
+            let server = serve_device(mem.clone(), &listen, ServeOptions::default()).unwrap();
+            let copts = NbdClientOptions {
+                structured_replies: structured,
+                ..Default::default()
+            };
+            let c = Arc::new(NbdClient::open(&server.uri(), copts).unwrap());
+            let img: Vec<u8> = (0..8u32 << 20)
+                .map(|i| u8::try_from(i.wrapping_mul(2_654_435_761) >> 24).unwrap())
+                .collect();
+            c.write_at(&img, 0, WriteFlags::default()).unwrap();
+            // Buffered reads run beside the pipe reads on the same connections, so replies
+            // of both kinds interleave in each connection's stream.
+            let other = {
+                let (c, img) = (c.clone(), img.clone());
+                std::thread::spawn(move || {
+                    for i in 0..400usize {
+                        let (at, n) = ((i * 7919 * 512) % (7 << 20), 1 + (i * 613) % 70_000);
+                        let mut back = vec![0u8; n];
+                        c.read_at(&mut back, at as u64).unwrap();
+                        assert!(back[..] == img[at..at + n]);
+                    }
+                })
+            };
+            for (i, len) in [1u32, 4096, 65_536, 100_000, 1 << 20, 3, 777_777, 1 << 20]
+                .into_iter()
+                .cycle()
+                .take(40)
+                .enumerate()
+            {
+                let n = usize::try_from(len).unwrap();
+                let at = (i * 1_234_567) % ((8 << 20) - n);
+                let head = [u8::try_from(i).unwrap(); 16];
+                let pipe = crate::Pipe::new(4 << 20).unwrap();
+                let got = pipe_read(c.as_ref(), pipe, &head, at as u64, len).unwrap();
+                assert_eq!(got.len(), 16 + n, "read {i}: length");
+                assert_eq!(got[..16], head, "read {i}: the head comes first, unchanged");
+                assert!(
+                    got[16..] == img[at..at + n],
+                    "read {i} of {len} at {at} (structured {structured}) differs"
+                );
+            }
+            other.join().unwrap();
+            assert_eq!(c.reconnect_count(), 0);
+            drop(c);
+            server.shutdown().unwrap();
+        }
+    }
+
+    #[test]
+    fn a_read_that_overflows_its_pipe_is_dropped_and_the_connection_goes_on() {
+        let (server, mem, c) = mem_server("pipe-small", 4 << 20);
+        let img: Vec<u8> = (0..4u32 << 20).map(|i| (i % 251) as u8).collect();
+        c.write_at(&img, 0, WriteFlags::default()).unwrap();
+        // The smallest pipe the kernel makes holds one page.
+        let tiny = crate::Pipe::new(4096).unwrap();
+        assert!(tiny.capacity_bytes() < 1 << 20);
+        for _ in 0..3 {
+            let tiny = crate::Pipe::new(4096).unwrap();
+            assert!(matches!(
+                pipe_read(&c, tiny, &[], 4096, 1 << 20),
+                Err(BlockError::Unsupported { .. })
+            ));
+            // The dropped data was consumed: what follows on the stream is read right.
+            let mut back = vec![0u8; 300_000];
+            c.read_at(&mut back, 12_345).unwrap();
+            assert!(back[..] == img[12_345..312_345]);
+            let big = crate::Pipe::new(4 << 20).unwrap();
+            let got = pipe_read(&c, big, &[], 3 << 20, 1 << 20).unwrap();
+            assert!(got[..] == img[3 << 20..]);
+        }
+        assert_eq!(c.reconnect_count(), 0);
+        assert_eq!(mem.image()[..], img[..]);
+        drop(tiny);
+        drop(c);
+        server.shutdown().unwrap();
+    }
+
+    #[test]
+    fn a_failed_read_into_a_pipe_reports_the_devices_error() {
+        let (server, h) = flaky_server("pipe-eio", 1 << 20);
+        let c = NbdClient::open(&server.uri(), NbdClientOptions::default()).unwrap();
+        h.fail_nth(OpClass::Read, 1, FailKind::Device(libc::EIO));
+        let pipe = crate::Pipe::new(1 << 20).unwrap();
+        assert!(matches!(
+            pipe_read(&c, pipe, &[], 0, 65_536),
+            Err(BlockError::Device { .. })
+        ));
+        let pipe = crate::Pipe::new(1 << 20).unwrap();
+        assert_eq!(
+            pipe_read(&c, pipe, &[], 0, 65_536).unwrap(),
+            vec![0u8; 65_536]
+        );
+        drop(c);
+        server.shutdown().unwrap();
+    }
 }

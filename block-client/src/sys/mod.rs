@@ -1,11 +1,12 @@
 //! The only unsafe code of the block layer: aligned buffers for `O_DIRECT`, the
-//! `BLKGETSIZE64` ioctl, `fallocate` and `flock`. Everything here is wrapped in safe types
+//! `BLKGETSIZE64` ioctl, `fallocate` and `flock`, socket options, and pipes that socket
+//! data is spliced into. Everything here is wrapped in safe types
 //! and functions; callers outside this module never see a raw pointer.
 
 use std::alloc::{self, Layout};
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 /// A heap buffer whose address and length are multiples of its alignment, for `O_DIRECT`.
 pub struct AlignedBuf {
@@ -308,5 +309,130 @@ fn set_int_option(fd: &impl AsRawFd, opt: libc::c_int, val: libc::c_int) -> io::
         Ok(())
     } else {
         Err(io::Error::last_os_error())
+    }
+}
+
+/// A pipe that a read's data is spliced into (see
+/// [`BlockDevice::submit_read_to_pipe`](crate::BlockDevice::submit_read_to_pipe)). Both
+/// ends are non-blocking: a full pipe gives `WouldBlock` instead of a wait, because the
+/// one thread that fills it is also the one that must go on reading the LUN's replies.
+#[derive(Debug)]
+pub struct Pipe {
+    rd: OwnedFd,
+    wr: OwnedFd,
+    capacity_bytes: usize,
+}
+
+impl Pipe {
+    /// A new pipe of up to `capacity_bytes` (rounded up by the kernel to a power of two of
+    /// pages), or of the largest size the kernel allows below that, which
+    /// [`capacity_bytes`](Self::capacity_bytes) says.
+    pub fn new(capacity_bytes: usize) -> io::Result<Pipe> {
+        let mut fds = [0 as libc::c_int; 2];
+        // SAFETY: `fds` is a live array of two c_ints, which pipe2 fills on success.
+        let rc = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: pipe2 succeeded, so both are new open descriptors owned by nobody else.
+        let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        // Past fs.pipe-max-size (1 MiB by default) the kernel refuses (EPERM) unless the
+        // process has CAP_SYS_RESOURCE; then the largest size it allows is taken.
+        let mut ask = libc::c_int::try_from(capacity_bytes).unwrap_or(libc::c_int::MAX);
+        while ask > 4096 {
+            // SAFETY: F_SETPIPE_SZ takes an int; `wr` is open.
+            if unsafe { libc::fcntl(wr.as_raw_fd(), libc::F_SETPIPE_SZ, ask) } >= 0 {
+                break;
+            }
+            ask /= 2;
+        }
+        // SAFETY: F_GETPIPE_SZ takes no argument and returns an int; `wr` is open.
+        let got = unsafe { libc::fcntl(wr.as_raw_fd(), libc::F_GETPIPE_SZ) };
+        let capacity_bytes = usize::try_from(got).map_err(|_| io::Error::last_os_error())?;
+        Ok(Pipe {
+            rd,
+            wr,
+            capacity_bytes,
+        })
+    }
+
+    /// How many bytes the pipe holds when every one of its slots holds one full page.
+    /// Spliced socket data fills a slot with what one socket buffer fragment holds: often
+    /// several pages (a Unix socket's are up to 32 KiB), sometimes less than one.
+    pub fn capacity_bytes(&self) -> usize {
+        self.capacity_bytes
+    }
+
+    /// The end the pipe's contents are taken from (by splice(2) or [`read`](Self::read)).
+    pub fn read_end(&self) -> BorrowedFd<'_> {
+        self.rd.as_fd()
+    }
+
+    /// Writes what fits of `data` without waiting; `WouldBlock` when the pipe is full.
+    pub fn write(&self, data: &[u8]) -> io::Result<usize> {
+        // SAFETY: `data` is a live slice for the whole call, which the kernel only reads.
+        let n = unsafe { libc::write(self.wr.as_raw_fd(), data.as_ptr().cast(), data.len()) };
+        usize::try_from(n).map_err(|_| io::Error::last_os_error())
+    }
+
+    /// Reads what is there into `buf` without waiting; `WouldBlock` when the pipe is empty.
+    pub fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        // SAFETY: `buf` is a live, writable slice for the whole call and its length bounds
+        // what the kernel writes.
+        let n = unsafe { libc::read(self.rd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        usize::try_from(n).map_err(|_| io::Error::last_os_error())
+    }
+
+    /// Moves up to `len` bytes from the socket `src` into the pipe by reference (the
+    /// socket's pages, not a copy), without waiting: `WouldBlock` when the socket has
+    /// nothing yet or the pipe is full, `Ok(0)` at end of stream.
+    pub(crate) fn splice_from(&self, src: BorrowedFd<'_>, len: usize) -> io::Result<usize> {
+        // SAFETY: both descriptors are open for the call (borrowed and owned); null offsets
+        // are required for a socket and a pipe.
+        let n = unsafe {
+            libc::splice(
+                src.as_raw_fd(),
+                std::ptr::null_mut(),
+                self.wr.as_raw_fd(),
+                std::ptr::null_mut(),
+                len,
+                libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+            )
+        };
+        usize::try_from(n).map_err(|_| io::Error::last_os_error())
+    }
+
+    /// True when at least one more slot is free.
+    pub(crate) fn has_room(&self) -> io::Result<bool> {
+        Ok(poll_one(self.wr.as_fd(), libc::POLLOUT, 0)? & libc::POLLOUT != 0)
+    }
+}
+
+/// Waits until `fd` is readable, at end of stream, or in error.
+pub(crate) fn wait_readable(fd: BorrowedFd<'_>) -> io::Result<()> {
+    poll_one(fd, libc::POLLIN, -1).map(|_| ())
+}
+
+/// poll(2) on one descriptor; returns its `revents` (0 on timeout). Retries on EINTR.
+fn poll_one(
+    fd: BorrowedFd<'_>,
+    events: libc::c_short,
+    timeout_ms: libc::c_int,
+) -> io::Result<libc::c_short> {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events,
+        revents: 0,
+    };
+    loop {
+        // SAFETY: `p` is a live pollfd and the count is 1; the descriptor is borrowed open.
+        let rc = unsafe { libc::poll(&raw mut p, 1, timeout_ms) };
+        if rc >= 0 {
+            return Ok(p.revents);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
     }
 }
