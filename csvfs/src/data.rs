@@ -1685,6 +1685,97 @@ pub(crate) mod tests {
         assert_eq!(opens(), 3);
     }
 
+    /// Records how a read into a pipe ended.
+    struct PipeOutcome {
+        head: bool,
+        tx: std::sync::mpsc::Sender<Option<(Vec<u8>, u32)>>,
+    }
+
+    impl PipeReader for PipeOutcome {
+        type Head = Vec<u8>;
+
+        fn head(&self, len: u32) -> Option<Vec<u8>> {
+            self.head.then(|| format!("head {len:08}").into_bytes())
+        }
+
+        fn done(self, got: Option<(Pipe, u32)>) {
+            let got = got.map(|(pipe, len)| {
+                let mut out = vec![0u8; 4 << 20];
+                let mut n = 0;
+                while let Ok(k) = pipe.read(&mut out[n..]) {
+                    if k == 0 {
+                        break;
+                    }
+                    n += k;
+                }
+                out.truncate(n);
+                (out, len)
+            });
+            self.tx.send(got).unwrap();
+        }
+    }
+
+    fn read_to_pipe(
+        dp: &DataPath,
+        f: &Arc<OpenFile>,
+        offset: u64,
+        size: u32,
+        head: bool,
+    ) -> Option<(Vec<u8>, u32)> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let pipe = Pipe::new(4 << 20).unwrap();
+        dp.read_to_pipe(f, offset, size, pipe, PipeOutcome { head, tx });
+        let got = rx.recv_timeout(Duration::from_secs(20)).unwrap();
+        assert_eq!(*f.in_flight.lock(), 0, "left counted in flight");
+        got
+    }
+
+    #[test]
+    fn reads_into_a_pipe_carry_the_head_and_the_files_bytes_cut_at_end_of_file() {
+        // The LUN reached over NBD, which reads into pipes; the store sees the same device.
+        let (_, store, lun) = setup();
+        let listen = block_client::nbd::ListenAddr::Unix(
+            std::env::temp_dir().join(format!("csvfs-data-pipe-{}.sock", std::process::id())),
+        );
+        let server =
+            block_client::nbd::serve_device(lun.clone(), &listen, Default::default()).unwrap();
+        let nbd = block_client::NbdClient::open(&server.uri(), Default::default()).unwrap();
+        let meta = Arc::new(StoreMeta::new(store.clone()));
+        let dp = DataPath::new(Arc::new(nbd), meta, CL, 2 * CL);
+        let (f, _) = dp.open(0, 0, InodeId(10), true).unwrap();
+        let data: Vec<u8> = (0..3 * CL).map(|i| (i % 249) as u8).collect();
+        let size = to_usize(3 * CL - 1000).unwrap();
+        dp.write(0, 0, &f, 0, &data[..size], true).unwrap();
+        let (got, len) = read_to_pipe(&dp, &f, 4096, 65_536, true).unwrap();
+        assert_eq!(len, 65_536);
+        assert_eq!(&got[..13], b"head 00065536");
+        assert!(got[13..] == data[4096..4096 + 65_536]);
+        // A read past the end of the file is cut there; the head says so.
+        let at = 2 * CL + 10;
+        let (got, len) = read_to_pipe(&dp, &f, at, 1 << 20, true).unwrap();
+        let want = &data[to_usize(at).unwrap()..size];
+        assert_eq!(to_usize(u64::from(len)).unwrap(), want.len());
+        assert_eq!(got[..13], *format!("head {:08}", want.len()).as_bytes());
+        assert!(got[13..] == *want);
+        // A reader that declines the head gets the blocking path.
+        assert!(read_to_pipe(&dp, &f, 0, 65_536, false).is_none());
+        drop(dp);
+        server.shutdown().unwrap();
+    }
+
+    #[test]
+    fn a_read_into_a_pipe_the_lun_cannot_take_goes_to_the_blocking_path() {
+        // A memory LUN has no pipe path: the read is refused, nothing stays in flight, and
+        // a commit (which waits for requests in flight) goes through.
+        let (dp, _store, _lun) = setup();
+        let (f, _) = dp.open(0, 0, InodeId(10), true).unwrap();
+        dp.write(0, 0, &f, 0, &vec![5u8; to_usize(CL).unwrap()], true)
+            .unwrap();
+        assert!(read_to_pipe(&dp, &f, 0, 65_536, true).is_none());
+        dp.write(0, 0, &f, 0, b"again", false).unwrap();
+        dp.commit(0, 0, &f).unwrap();
+    }
+
     #[test]
     fn write_then_read_back_with_holes_as_zeros() {
         let (dp, _store, _lun) = setup();

@@ -476,84 +476,89 @@ impl Conn {
     }
 
     /// Reads replies until the connection fails; runs on the connection's reader thread.
+    /// A request whose reply was being read when the connection failed hears "lost", like
+    /// every request still waiting (see [`Conn::kill`]): a completion is never dropped.
     fn reader_loop(&self, rd: &mut BufReader<Stream>) -> io::Result<()> {
         loop {
-            let magic = read_u32(rd)?;
-            match magic {
-                SIMPLE_REPLY_MAGIC => {
-                    let error = read_u32(rd)?;
-                    let cookie = read_u64(rd)?;
-                    let mut w = self.take_waiter(cookie)?;
-                    if error != 0 {
-                        w.tx.send(Err(ReplyError::Errno(error)));
-                        continue;
-                    }
-                    if let Some(sink) = w.pipe.as_mut() {
-                        if self.structured {
-                            return Err(protocol_error(
-                                "simple reply to a read after structured replies were negotiated",
-                            ));
-                        }
-                        let n = sink.len;
-                        sink.take_from(rd, n)?;
-                        w.covered = n;
-                        w.end_pipe()?;
-                        continue;
-                    }
-                    if !w.buf.is_empty() {
-                        if self.structured {
-                            return Err(protocol_error(
-                                "simple reply to a read after structured replies were negotiated",
-                            ));
-                        }
-                        rd.read_exact(&mut w.buf)?;
-                    }
-                    w.tx.send(Ok(w.buf));
+            let mut in_hand = None;
+            if let Err(e) = self.read_reply(rd, &mut in_hand) {
+                if let Some(w) = in_hand {
+                    let why = format!("receive reply: {e}");
+                    w.tx.send(Err(ReplyError::Lost(lost(e.kind(), why))));
                 }
-                STRUCTURED_REPLY_MAGIC => {
-                    let flags = read_u16(rd)?;
-                    let kind = read_u16(rd)?;
-                    let cookie = read_u64(rd)?;
-                    let len = read_u32(rd)?;
-                    let mut w = self.take_waiter(cookie)?;
-                    match kind {
-                        REPLY_TYPE_NONE => skip(rd, u64::from(len))?,
-                        REPLY_TYPE_OFFSET_DATA | REPLY_TYPE_OFFSET_HOLE => {
-                            let at = read_u64(rd)?;
-                            let n = if kind == REPLY_TYPE_OFFSET_DATA {
-                                len.checked_sub(8)
-                                    .ok_or_else(|| protocol_error("short data chunk"))?
-                            } else {
-                                read_u32(rd)?
-                            };
-                            let rel = at
-                                .checked_sub(w.offset)
-                                .and_then(|r| usize::try_from(r).ok())
-                                .ok_or_else(|| protocol_error("data chunk before the request"))?;
-                            let n = usize::try_from(n)
-                                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-                            if let Some(sink) = w.pipe.as_mut() {
-                                if rel.checked_add(n).is_none_or(|end| end > sink.len) {
-                                    return Err(protocol_error("data chunk outside the request"));
-                                }
-                                // Chunks may come in any order; a pipe takes them only in
-                                // order, so one out of order spills the read.
-                                if rel != sink.filled {
-                                    sink.spilled = true;
-                                }
-                                if kind == REPLY_TYPE_OFFSET_DATA {
-                                    sink.take_from(rd, n)?;
-                                } else {
-                                    sink.zeros(n);
-                                }
-                                w.covered += n;
-                                if flags & REPLY_FLAG_DONE != 0 {
-                                    w.end_pipe()?;
-                                } else {
-                                    self.put_waiter(cookie, w);
-                                }
-                                continue;
+                return Err(e);
+            }
+        }
+    }
+
+    /// Reads one reply (or one chunk of a structured reply). The waiter of the request it
+    /// answers stays in `in_hand` until it is told or put back.
+    fn read_reply(
+        &self,
+        rd: &mut BufReader<Stream>,
+        in_hand: &mut Option<Waiter>,
+    ) -> io::Result<()> {
+        let magic = read_u32(rd)?;
+        match magic {
+            SIMPLE_REPLY_MAGIC => {
+                let error = read_u32(rd)?;
+                let cookie = read_u64(rd)?;
+                let w = in_hand.insert(self.take_waiter(cookie)?);
+                if error == 0 && (w.pipe.is_some() || !w.buf.is_empty()) && self.structured {
+                    return Err(protocol_error(
+                        "simple reply to a read after structured replies were negotiated",
+                    ));
+                }
+                if error != 0 {
+                    return Self::tell(in_hand, Err(ReplyError::Errno(error)));
+                }
+                if let Some(sink) = w.pipe.as_mut() {
+                    let n = sink.len;
+                    sink.take_from(rd, n)?;
+                    w.covered = n;
+                    return Self::end_pipe(in_hand);
+                }
+                rd.read_exact(&mut w.buf)?;
+                let buf = std::mem::take(&mut w.buf);
+                Self::tell(in_hand, Ok(buf))
+            }
+            STRUCTURED_REPLY_MAGIC => {
+                let flags = read_u16(rd)?;
+                let kind = read_u16(rd)?;
+                let cookie = read_u64(rd)?;
+                let len = read_u32(rd)?;
+                let w = in_hand.insert(self.take_waiter(cookie)?);
+                match kind {
+                    REPLY_TYPE_NONE => skip(rd, u64::from(len))?,
+                    REPLY_TYPE_OFFSET_DATA | REPLY_TYPE_OFFSET_HOLE => {
+                        let at = read_u64(rd)?;
+                        let n = if kind == REPLY_TYPE_OFFSET_DATA {
+                            len.checked_sub(8)
+                                .ok_or_else(|| protocol_error("short data chunk"))?
+                        } else {
+                            read_u32(rd)?
+                        };
+                        let rel = at
+                            .checked_sub(w.offset)
+                            .and_then(|r| usize::try_from(r).ok())
+                            .ok_or_else(|| protocol_error("data chunk before the request"))?;
+                        let n = usize::try_from(n)
+                            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                        if let Some(sink) = w.pipe.as_mut() {
+                            if rel.checked_add(n).is_none_or(|end| end > sink.len) {
+                                return Err(protocol_error("data chunk outside the request"));
                             }
+                            // Chunks may come in any order; a pipe takes them only in order,
+                            // so one out of order spills the read.
+                            if rel != sink.filled {
+                                sink.spilled = true;
+                            }
+                            if kind == REPLY_TYPE_OFFSET_DATA {
+                                sink.take_from(rd, n)?;
+                            } else {
+                                sink.zeros(n);
+                            }
+                        } else {
                             let dst = w
                                 .buf
                                 .get_mut(rel..rel.saturating_add(n))
@@ -563,44 +568,60 @@ impl Conn {
                             } else {
                                 dst.fill(0);
                             }
-                            w.covered += n;
                         }
-                        k if k & REPLY_TYPE_ERROR_BIT != 0 => {
-                            let err = read_u32(rd)?;
-                            skip(
-                                rd,
-                                u64::from(
-                                    len.checked_sub(4)
-                                        .ok_or_else(|| protocol_error("short error chunk"))?,
-                                ),
-                            )?;
-                            w.error.get_or_insert(if err == 0 { NBD_EIO } else { err });
-                        }
-                        _ => skip(rd, u64::from(len))?,
+                        w.covered += n;
                     }
-                    if flags & REPLY_FLAG_DONE != 0 && w.pipe.is_some() {
-                        w.end_pipe()?;
-                    } else if flags & REPLY_FLAG_DONE != 0 {
-                        let r = match w.error {
-                            Some(e) => Err(ReplyError::Errno(e)),
-                            // The buffer is recycled: every byte must have come from the reply.
-                            None if w.covered != w.buf.len() => {
-                                return Err(protocol_error(format!(
-                                    "structured read reply covered {} of {} bytes",
-                                    w.covered,
-                                    w.buf.len()
-                                )))
-                            }
-                            None => Ok(std::mem::take(&mut w.buf)),
-                        };
-                        w.tx.send(r);
-                    } else {
+                    k if k & REPLY_TYPE_ERROR_BIT != 0 => {
+                        let err = read_u32(rd)?;
+                        skip(
+                            rd,
+                            u64::from(
+                                len.checked_sub(4)
+                                    .ok_or_else(|| protocol_error("short error chunk"))?,
+                            ),
+                        )?;
+                        w.error.get_or_insert(if err == 0 { NBD_EIO } else { err });
+                    }
+                    _ => skip(rd, u64::from(len))?,
+                }
+                if flags & REPLY_FLAG_DONE == 0 {
+                    if let Some(w) = in_hand.take() {
                         self.put_waiter(cookie, w);
                     }
+                    return Ok(());
                 }
-                other => return Err(protocol_error(format!("bad reply magic {other:#x}"))),
+                if w.pipe.is_some() {
+                    return Self::end_pipe(in_hand);
+                }
+                let r = match w.error {
+                    Some(e) => Err(ReplyError::Errno(e)),
+                    // The buffer is recycled: every byte must have come from the reply.
+                    None if w.covered != w.buf.len() => {
+                        return Err(protocol_error(format!(
+                            "structured read reply covered {} of {} bytes",
+                            w.covered,
+                            w.buf.len()
+                        )))
+                    }
+                    None => Ok(std::mem::take(&mut w.buf)),
+                };
+                Self::tell(in_hand, r)
             }
+            other => Err(protocol_error(format!("bad reply magic {other:#x}"))),
         }
+    }
+
+    /// Tells the waiter in hand its outcome.
+    fn tell(in_hand: &mut Option<Waiter>, r: Reply) -> io::Result<()> {
+        if let Some(w) = in_hand.take() {
+            w.tx.send(r);
+        }
+        Ok(())
+    }
+
+    /// Ends the read into a pipe in hand (see [`Waiter::end_pipe`]).
+    fn end_pipe(in_hand: &mut Option<Waiter>) -> io::Result<()> {
+        in_hand.take().map_or(Ok(()), Waiter::end_pipe)
     }
 }
 

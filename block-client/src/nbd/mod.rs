@@ -518,4 +518,97 @@ mod tests {
         drop(c);
         server.shutdown().unwrap();
     }
+
+    /// A proxy between a client and `server` that forwards everything until `cut` is set;
+    /// from then on it forwards `budget` more bytes from the server and closes both sides.
+    fn cutting_proxy(
+        name: &str,
+        server: std::path::PathBuf,
+        cut: Arc<std::sync::atomic::AtomicBool>,
+        budget: usize,
+    ) -> std::path::PathBuf {
+        use std::io::{Read, Write};
+        use std::os::unix::net::{UnixListener, UnixStream};
+        let path = sock(name);
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).unwrap();
+        std::thread::spawn(move || {
+            let (mut client, _) = listener.accept().unwrap();
+            let mut upstream = UnixStream::connect(&server).unwrap();
+            let (mut c2, mut u2) = (client.try_clone().unwrap(), upstream.try_clone().unwrap());
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut c2, &mut u2);
+            });
+            let mut buf = vec![0u8; 4096];
+            let mut left = budget;
+            loop {
+                let n = match upstream.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                let n = if cut.load(std::sync::atomic::Ordering::SeqCst) {
+                    let k = n.min(left);
+                    left -= k;
+                    k
+                } else {
+                    n
+                };
+                if client.write_all(&buf[..n]).is_err() || left == 0 {
+                    break;
+                }
+            }
+            let _ = client.shutdown(std::net::Shutdown::Both);
+            let _ = upstream.shutdown(std::net::Shutdown::Both);
+        });
+        path
+    }
+
+    #[test]
+    fn a_connection_lost_in_the_middle_of_a_reply_still_ends_that_request() {
+        // Each asynchronous read's completion must run, with "path lost", when the
+        // connection dies while its data is being received: a dropped completion would
+        // leave its caller waiting for good.
+        for pipe in [false, true] {
+            let (server, mem, _c) = mem_server(&format!("mid-{pipe}"), 4 << 20);
+            mem.write_at(&vec![7u8; 4 << 20], 0, WriteFlags::default())
+                .unwrap();
+            let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let upstream = sock(&format!("mid-{pipe}"));
+            let proxy = cutting_proxy(&format!("mid-proxy-{pipe}"), upstream, cut.clone(), 100_000);
+            let uri = format!("nbd+unix:///?socket={}", proxy.display());
+            let opts = NbdClientOptions {
+                connections: 1,
+                reconnect_timeout_ms: 0,
+                ..Default::default()
+            };
+            let c = NbdClient::open(&uri, opts).unwrap();
+            cut.store(true, std::sync::atomic::Ordering::SeqCst);
+            let (tx, rx) = std::sync::mpsc::channel::<Result<usize, BlockError>>();
+            if pipe {
+                let p = crate::Pipe::new(4 << 20).unwrap();
+                let done = Box::new(move |r: Result<crate::Pipe, BlockError>| {
+                    tx.send(r.map(|_| 0)).unwrap();
+                });
+                assert!(c.submit_read_to_pipe(0, 1 << 20, p, done).is_ok());
+            } else {
+                let done = Box::new(move |r: Result<Vec<u8>, BlockError>| {
+                    tx.send(r.map(|b| b.len())).unwrap();
+                });
+                let io = crate::AsyncIo::Read {
+                    offset_bytes: 0,
+                    len_bytes: 1 << 20,
+                };
+                assert!(c.submit(io, done).is_ok());
+            }
+            let r = rx
+                .recv_timeout(std::time::Duration::from_secs(20))
+                .expect("the completion ran");
+            assert!(
+                matches!(r, Err(BlockError::PathLost { .. })),
+                "pipe {pipe}: {r:?}"
+            );
+            drop(c);
+            server.shutdown().unwrap();
+        }
+    }
 }
