@@ -8,7 +8,12 @@
 //!
 //! Errors tell "the path to the LUN is gone" ([`BlockError::PathLost`]) from "the device
 //! returned an error" ([`BlockError::Device`]); redirected I/O keys on that difference.
-//! Unsafe code lives only in `sys` (aligned buffers, ioctls, fallocate, flock, signals).
+//! Unsafe code lives only in `sys` (aligned buffers, ioctls, fallocate, flock, signals,
+//! socket options, and the [`Pipe`] a read's data is spliced into).
+//!
+//! A large read can skip this process's memory: [`BlockDevice::submit_read_to_pipe`] has
+//! the NBD client splice the reply's data from its socket into a [`Pipe`] (the node then
+//! splices that pipe into `/dev/fuse`).
 //!
 //! Opening the LUN, whatever it is:
 //!
