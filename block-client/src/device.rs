@@ -173,6 +173,13 @@ pub trait BlockDevice: Send + Sync + fmt::Debug {
         Err(done)
     }
 
+    /// Largest read [`submit_read_to_pipe`](Self::submit_read_to_pipe) takes now; 0 when
+    /// the device has no pipe path (the default). It may fall while the device runs: a
+    /// read that found its pipe full lowers it to what such a pipe holds from this device.
+    fn pipe_read_max_bytes(&self) -> u32 {
+        0
+    }
+
     /// Starts a read of `len_bytes` at `offset_bytes` whose data the device appends to
     /// `pipe` (spliced from its socket where it can, so the data is not copied through this
     /// process) and reports to `done`. Returns `pipe` and `done` unused when the device
@@ -249,6 +256,9 @@ impl<T: BlockDevice + ?Sized> BlockDevice for std::sync::Arc<T> {
     }
     fn submit(&self, io: AsyncIo<'_>, done: Completion) -> Result<(), Completion> {
         (**self).submit(io, done)
+    }
+    fn pipe_read_max_bytes(&self) -> u32 {
+        (**self).pipe_read_max_bytes()
     }
     fn submit_read_to_pipe(
         &self,

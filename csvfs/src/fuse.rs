@@ -130,7 +130,7 @@ struct Inner {
 impl Inner {
     /// An empty pipe for a spliced read of `size` bytes, if such a read fits one.
     fn pipe_for(&self, size: u32) -> Option<Pipe> {
-        if size < SPLICE_READ_MIN_BYTES {
+        if size < SPLICE_READ_MIN_BYTES || size > self.data.lun().pipe_read_max_bytes() {
             return None;
         }
         let pipe = match self.pipes.lock().pop() {

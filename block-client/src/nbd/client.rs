@@ -32,7 +32,7 @@
 use std::collections::HashMap;
 use std::io::{self, BufRead, BufReader, Read};
 use std::os::fd::AsFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Weak};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -121,9 +121,10 @@ enum ReplyError {
     Errno(u32),
     /// The connection died or timed out.
     Lost(io::Error),
-    /// A read into a pipe whose data did not all go into the pipe (it filled up, or the
-    /// chunks of a structured reply came out of order); its data was dropped.
-    NotInPipe,
+    /// A read into a pipe whose data did not all go into the pipe; its data was dropped.
+    /// `fit`: how many bytes went in before the pipe filled up (`None`: it did not fill
+    /// up, the chunks of a structured reply came out of order).
+    NotInPipe { fit: Option<usize> },
 }
 
 type Reply = Result<Vec<u8>, ReplyError>;
@@ -157,7 +158,7 @@ impl Notify {
             }
             Notify::Call(f) => f(r),
             // A read into a pipe that succeeds ends in `Waiter::end_pipe`, with the pipe.
-            Notify::Pipe(f) => f(r.and(Err(ReplyError::NotInPipe))),
+            Notify::Pipe(f) => f(r.and(Err(ReplyError::NotInPipe { fit: None }))),
         }
     }
 }
@@ -173,6 +174,8 @@ struct PipeSink {
     /// Some data could not go into the pipe and was dropped: the read ends in
     /// [`ReplyError::NotInPipe`].
     spilled: bool,
+    /// Bytes in the pipe when it filled up, if it did.
+    full_at: Option<usize>,
 }
 
 /// Zeros for the holes of a structured reply to a read into a pipe.
@@ -193,7 +196,7 @@ impl PipeSink {
                     Ok(m) => put += m,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(_) => {
-                        self.spilled = true;
+                        self.full(put);
                         break;
                     }
                 }
@@ -220,7 +223,7 @@ impl PipeSink {
                     // counts as full after a few tries.
                     stalls += 1;
                     if !self.pipe.has_room()? || stalls > 8 {
-                        self.spilled = true;
+                        self.full(0);
                     } else {
                         crate::sys::wait_readable(sock)?;
                     }
@@ -244,9 +247,15 @@ impl PipeSink {
                     self.filled += m;
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => self.spilled = true,
+                Err(_) => self.full(0),
             }
         }
+    }
+
+    /// The pipe is full with `pending` more bytes not yet counted in `filled`.
+    fn full(&mut self, pending: usize) {
+        self.spilled = true;
+        self.full_at.get_or_insert(self.filled + pending);
     }
 }
 
@@ -283,12 +292,14 @@ impl Waiter {
                     .send(Err(ReplyError::Lost(protocol_error(why.clone()))));
                 return Err(protocol_error(why));
             }
-            None if sink.spilled || sink.filled != sink.len => Err(ReplyError::NotInPipe),
+            None if sink.spilled || sink.filled != sink.len => {
+                Err(ReplyError::NotInPipe { fit: sink.full_at })
+            }
             None => Ok(sink.pipe),
         };
         match self.tx {
             Notify::Pipe(f) => f(r),
-            other => other.send(Err(ReplyError::NotInPipe)),
+            other => other.send(Err(ReplyError::NotInPipe { fit: None })),
         }
         Ok(())
     }
@@ -838,6 +849,8 @@ struct Shared {
     reconnects: AtomicU64,
     /// Recycled read buffers.
     buffers: Mutex<Vec<Vec<u8>>>,
+    /// Largest read sent into a pipe: lowered when a read finds its pipe full.
+    pipe_fit: Arc<AtomicU32>,
 }
 
 /// A pipelined NBD client; a [`BlockDevice`] usable from many threads at once.
@@ -942,6 +955,7 @@ impl NbdClient {
             slots.push(RwLock::new(Some(c)));
         }
         tracing::debug!(%uri, size_bytes = info.size_bytes, connections = n, structured = info.structured_replies, "nbd export opened");
+        let pipe_fit = Arc::new(AtomicU32::new(info.max_block_bytes));
         Ok(NbdClient {
             shared: Shared {
                 uri,
@@ -955,6 +969,7 @@ impl NbdClient {
                 closed: AtomicBool::new(false),
                 reconnects: AtomicU64::new(0),
                 buffers: Mutex::new(Vec::new()),
+                pipe_fit,
             },
         })
     }
@@ -1091,7 +1106,7 @@ impl NbdClient {
                 Some(Ok(buf))
             }
             Err(ReplyError::Errno(e)) => Some(Err(device_error(req, e))),
-            Err(ReplyError::NotInPipe) => Some(Err(not_in_pipe())),
+            Err(ReplyError::NotInPipe { .. }) => Some(Err(not_in_pipe())),
             Err(ReplyError::Lost(source)) => {
                 self.note_lost(conn);
                 let deadline = started + Duration::from_millis(sh.options.reconnect_timeout_ms);
@@ -1247,7 +1262,7 @@ impl NbdClient {
                 }
                 Err(ReplyError::Errno(e)) => Err(device_error(&req, e)),
                 Err(ReplyError::Lost(source)) => Err(BlockError::PathLost { op: req.op, source }),
-                Err(ReplyError::NotInPipe) => Err(not_in_pipe()),
+                Err(ReplyError::NotInPipe { .. }) => Err(not_in_pipe()),
             });
         }));
         let buf = self.read_buffer(&req);
@@ -1278,15 +1293,30 @@ impl NbdClient {
         {
             return Err((pipe, done));
         }
+        if req.len > self.pipe_read_max_bytes() {
+            return Err((pipe, done));
+        }
         let Some(conn) = self.live_conn() else {
             return Err((pipe, done));
         };
+        let fit_max = self.shared.pipe_fit.clone();
         let notify = Notify::Pipe(Box::new(move |reply: Result<Pipe, ReplyError>| {
             done(match reply {
                 Ok(pipe) => Ok(pipe),
                 Err(ReplyError::Errno(e)) => Err(device_error(&req, e)),
                 Err(ReplyError::Lost(source)) => Err(BlockError::PathLost { op: req.op, source }),
-                Err(ReplyError::NotInPipe) => Err(not_in_pipe()),
+                Err(ReplyError::NotInPipe { fit }) => {
+                    if let Some(fit) = fit {
+                        // This transport fills pipes before this size (its socket buffers
+                        // hold less than a page each): larger reads stop trying, instead of
+                        // being read twice each time.
+                        let limit = u32::try_from(fit / 4 * 3).unwrap_or(u32::MAX);
+                        if fit_max.fetch_min(limit, Ordering::Relaxed) > limit {
+                            tracing::debug!(fit, limit, "reads into a pipe limited");
+                        }
+                    }
+                    Err(not_in_pipe())
+                }
             });
         }));
         let sink = PipeSink {
@@ -1294,6 +1324,7 @@ impl NbdClient {
             len,
             filled: 0,
             spilled: false,
+            full_at: None,
         };
         match conn.register(&req, &[], Vec::new(), Some(sink), notify) {
             Ok(()) => Ok(()),
@@ -1378,6 +1409,10 @@ impl BlockDevice for NbdClient {
                 self.start_async(req, buf, done)
             }
         }
+    }
+
+    fn pipe_read_max_bytes(&self) -> u32 {
+        self.shared.pipe_fit.load(Ordering::Relaxed)
     }
 
     fn submit_read_to_pipe(

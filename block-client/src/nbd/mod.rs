@@ -476,26 +476,30 @@ mod tests {
         let (server, mem, c) = mem_server("pipe-small", 4 << 20);
         let img: Vec<u8> = (0..4u32 << 20).map(|i| (i % 251) as u8).collect();
         c.write_at(&img, 0, WriteFlags::default()).unwrap();
-        // The smallest pipe the kernel makes holds one page.
+        assert!(c.pipe_read_max_bytes() >= 1 << 20);
+        // The smallest pipe the kernel makes has one slot.
         let tiny = crate::Pipe::new(4096).unwrap();
         assert!(tiny.capacity_bytes() < 1 << 20);
-        for _ in 0..3 {
-            let tiny = crate::Pipe::new(4096).unwrap();
-            assert!(matches!(
-                pipe_read(&c, tiny, &[], 4096, 1 << 20),
-                Err(BlockError::Unsupported { .. })
-            ));
-            // The dropped data was consumed: what follows on the stream is read right.
-            let mut back = vec![0u8; 300_000];
-            c.read_at(&mut back, 12_345).unwrap();
-            assert!(back[..] == img[12_345..312_345]);
-            let big = crate::Pipe::new(4 << 20).unwrap();
-            let got = pipe_read(&c, big, &[], 3 << 20, 1 << 20).unwrap();
-            assert!(got[..] == img[3 << 20..]);
-        }
+        assert!(matches!(
+            pipe_read(&c, tiny, &[], 4096, 1 << 20),
+            Err(BlockError::Unsupported { .. })
+        ));
+        // The dropped data was consumed: what follows on the stream is read right.
+        let mut back = vec![0u8; 300_000];
+        c.read_at(&mut back, 12_345).unwrap();
+        assert!(back[..] == img[12_345..312_345]);
+        // Reads into a pipe are now limited below what fitted, so that larger ones are
+        // not read twice every time; those within the limit still work.
+        let limit = c.pipe_read_max_bytes();
+        assert!(limit > 0 && limit < 1 << 20, "limit {limit}");
+        let big = crate::Pipe::new(4 << 20).unwrap();
+        let got = pipe_read(&c, big, &[], 3 << 20, limit).unwrap();
+        assert!(got[..] == img[3 << 20..(3 << 20) + usize::try_from(limit).unwrap()]);
+        let big = crate::Pipe::new(4 << 20).unwrap();
+        let refused = c.submit_read_to_pipe(0, limit + 1, big, Box::new(|_| {}));
+        assert!(refused.is_err(), "a read over the limit was taken");
         assert_eq!(c.reconnect_count(), 0);
         assert_eq!(mem.image()[..], img[..]);
-        drop(tiny);
         drop(c);
         server.shutdown().unwrap();
     }
