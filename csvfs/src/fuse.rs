@@ -57,8 +57,10 @@ const INLINE_MAX: usize = 12;
 const WAIT_WRITE_MIN_BYTES: usize = 64 << 10;
 /// Reads from this size up are answered by splicing the LUN's reply through a pipe into
 /// `/dev/fuse` (one copy in the kernel) instead of copying it into this process and out
-/// again; below it the two small copies cost less than the extra system calls.
-const SPLICE_READ_MIN_BYTES: u32 = 64 << 10;
+/// again. Below it the buffered way is faster (measured: 64 KiB reads 16–39% slower
+/// spliced, 128 KiB 8–10% faster): much of a small reply already sits in the NBD reply
+/// reader's 64 KiB buffer, so splicing it only adds a copy into the pipe and system calls.
+const SPLICE_READ_MIN_BYTES: u32 = 128 << 10;
 /// Size asked for each splice pipe: room for the largest read and its reply header, with
 /// slots to spare for socket data that fills a slot with less than a page. Without
 /// CAP_SYS_RESOURCE the kernel gives at most `fs.pipe-max-size` (1 MiB by default).
