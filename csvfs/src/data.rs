@@ -1699,18 +1699,7 @@ pub(crate) mod tests {
         }
 
         fn done(self, got: Option<(Pipe, u32)>) {
-            let got = got.map(|(pipe, len)| {
-                let mut out = vec![0u8; 4 << 20];
-                let mut n = 0;
-                while let Ok(k) = pipe.read(&mut out[n..]) {
-                    if k == 0 {
-                        break;
-                    }
-                    n += k;
-                }
-                out.truncate(n);
-                (out, len)
-            });
+            let got = got.map(|(pipe, len)| (pipe.read_available().unwrap(), len));
             self.tx.send(got).unwrap();
         }
     }

@@ -146,9 +146,14 @@ impl Inner {
             },
         };
         // Socket data usually fills a slot with more than a page (see `capacity_bytes`), and
-        // a read that finds the pipe full is read again on the blocking path.
-        let fits = usize::try_from(size).is_ok_and(|s| s <= pipe.capacity_bytes());
-        fits.then_some(pipe)
+        // a read that finds the pipe full is read again on the blocking path. A pipe too
+        // small for this read stays in the pool for smaller ones.
+        if usize::try_from(size).is_ok_and(|s| s <= pipe.capacity_bytes()) {
+            Some(pipe)
+        } else {
+            self.return_pipe(pipe);
+            None
+        }
     }
 
     /// Keeps an emptied pipe for the next spliced read.

@@ -515,13 +515,13 @@ impl Conn {
                 let error = read_u32(rd)?;
                 let cookie = read_u64(rd)?;
                 let w = in_hand.insert(self.take_waiter(cookie)?);
-                if error == 0 && (w.pipe.is_some() || !w.buf.is_empty()) && self.structured {
+                if error != 0 {
+                    return Self::tell(in_hand, Err(ReplyError::Errno(error)));
+                }
+                if self.structured && (w.pipe.is_some() || !w.buf.is_empty()) {
                     return Err(protocol_error(
                         "simple reply to a read after structured replies were negotiated",
                     ));
-                }
-                if error != 0 {
-                    return Self::tell(in_hand, Err(ReplyError::Errno(error)));
                 }
                 if let Some(sink) = w.pipe.as_mut() {
                     let n = sink.len;
@@ -1242,14 +1242,7 @@ impl NbdClient {
 
     /// Sends `req` with `done` as its completion (see [`BlockDevice::submit`]).
     fn start_async(&self, req: Req, data: &[u8], done: Completion) -> Result<(), Completion> {
-        if req.len > self.shared.info.max_block_bytes
-            || self
-                .check_range(req.op, req.offset, u64::from(req.len))
-                .is_err()
-        {
-            return Err(done);
-        }
-        let Some(conn) = self.live_conn() else {
+        let Some(conn) = self.async_conn(&req) else {
             return Err(done);
         };
         let seq = self.shared.write_seq.clone();
@@ -1260,20 +1253,26 @@ impl NbdClient {
                     note_acked(&req, &seq, &acked_on);
                     Ok(buf)
                 }
-                Err(ReplyError::Errno(e)) => Err(device_error(&req, e)),
-                Err(ReplyError::Lost(source)) => Err(BlockError::PathLost { op: req.op, source }),
-                Err(ReplyError::NotInPipe { .. }) => Err(not_in_pipe()),
+                Err(e) => Err(async_error(&req, e)),
             });
         }));
         let buf = self.read_buffer(&req);
-        match conn.register(&req, data, buf, None, notify) {
-            Ok(()) => Ok(()),
-            // Dead since it was picked: the completion says so, the caller retries.
-            Err((e, notify, _)) => {
-                notify.send(Err(e));
-                Ok(())
-            }
+        send_async(&conn, &req, data, buf, None, notify);
+        Ok(())
+    }
+
+    /// The connection for an asynchronous request: `None` when the request is too large,
+    /// lies outside the device, or no connection is live (the caller then takes the
+    /// blocking path).
+    fn async_conn(&self, req: &Req) -> Option<Arc<Conn>> {
+        if req.len > self.shared.info.max_block_bytes
+            || self
+                .check_range(req.op, req.offset, u64::from(req.len))
+                .is_err()
+        {
+            return None;
         }
+        self.live_conn()
     }
 
     /// Sends a read whose data goes into `pipe` (see [`BlockDevice::submit_read_to_pipe`]).
@@ -1286,38 +1285,24 @@ impl NbdClient {
         let Ok(len) = usize::try_from(req.len) else {
             return Err((pipe, done));
         };
-        if req.len > self.shared.info.max_block_bytes
-            || self
-                .check_range(req.op, req.offset, u64::from(req.len))
-                .is_err()
-        {
-            return Err((pipe, done));
-        }
         if req.len > self.pipe_read_max_bytes() {
             return Err((pipe, done));
         }
-        let Some(conn) = self.live_conn() else {
+        let Some(conn) = self.async_conn(&req) else {
             return Err((pipe, done));
         };
         let fit_max = self.shared.pipe_fit.clone();
         let notify = Notify::Pipe(Box::new(move |reply: Result<Pipe, ReplyError>| {
-            done(match reply {
-                Ok(pipe) => Ok(pipe),
-                Err(ReplyError::Errno(e)) => Err(device_error(&req, e)),
-                Err(ReplyError::Lost(source)) => Err(BlockError::PathLost { op: req.op, source }),
-                Err(ReplyError::NotInPipe { fit }) => {
-                    if let Some(fit) = fit {
-                        // This transport fills pipes before this size (its socket buffers
-                        // hold less than a page each): larger reads stop trying, instead of
-                        // being read twice each time.
-                        let limit = u32::try_from(fit / 4 * 3).unwrap_or(u32::MAX);
-                        if fit_max.fetch_min(limit, Ordering::Relaxed) > limit {
-                            tracing::debug!(fit, limit, "reads into a pipe limited");
-                        }
-                    }
-                    Err(not_in_pipe())
+            if let Err(ReplyError::NotInPipe { fit: Some(fit) }) = &reply {
+                // This transport fills pipes before this size (its socket buffers hold less
+                // than a page each): larger reads stop trying, instead of being read twice
+                // each time.
+                let limit = u32::try_from(fit / 4 * 3).unwrap_or(u32::MAX);
+                if fit_max.fetch_min(limit, Ordering::Relaxed) > limit {
+                    tracing::debug!(fit, limit, "reads into a pipe limited");
                 }
-            });
+            }
+            done(reply.map_err(|e| async_error(&req, e)));
         }));
         let sink = PipeSink {
             pipe,
@@ -1326,14 +1311,32 @@ impl NbdClient {
             spilled: false,
             full_at: None,
         };
-        match conn.register(&req, &[], Vec::new(), Some(sink), notify) {
-            Ok(()) => Ok(()),
-            // Dead since it was picked: the completion says so, the caller retries.
-            Err((e, notify, _)) => {
-                notify.send(Err(e));
-                Ok(())
-            }
-        }
+        send_async(&conn, &req, &[], Vec::new(), Some(sink), notify);
+        Ok(())
+    }
+}
+
+/// Registers and sends an asynchronous request on `conn`. On a connection that died since
+/// it was picked, the completion hears so at once (the caller retries on the blocking path).
+fn send_async(
+    conn: &Conn,
+    req: &Req,
+    data: &[u8],
+    buf: Vec<u8>,
+    pipe: Option<PipeSink>,
+    notify: Notify,
+) {
+    if let Err((e, notify, _)) = conn.register(req, data, buf, pipe, notify) {
+        notify.send(Err(e));
+    }
+}
+
+/// What an asynchronous request's completion hears for a failed reply.
+fn async_error(req: &Req, e: ReplyError) -> BlockError {
+    match e {
+        ReplyError::Errno(e) => device_error(req, e),
+        ReplyError::Lost(source) => BlockError::PathLost { op: req.op, source },
+        ReplyError::NotInPipe { .. } => not_in_pipe(),
     }
 }
 

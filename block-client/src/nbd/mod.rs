@@ -383,20 +383,6 @@ mod tests {
         c.flush().unwrap();
     }
 
-    /// Everything in `pipe` now (it is non-blocking: the read has completed).
-    fn drain(pipe: &crate::Pipe) -> Vec<u8> {
-        let mut out = Vec::new();
-        let mut buf = vec![0u8; 256 << 10];
-        loop {
-            match pipe.read(&mut buf) {
-                Ok(0) => return out,
-                Ok(n) => out.extend_from_slice(&buf[..n]),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return out,
-                Err(e) => panic!("read the pipe: {e}"),
-            }
-        }
-    }
-
     /// A read into `pipe` (after `head`, written first), waited for.
     fn pipe_read(
         c: &dyn BlockDevice,
@@ -415,7 +401,7 @@ mod tests {
         let pipe = rx
             .recv_timeout(std::time::Duration::from_secs(30))
             .unwrap()?;
-        Ok(drain(&pipe))
+        Ok(pipe.read_available().unwrap())
     }
 
     #[test]

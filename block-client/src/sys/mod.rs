@@ -383,6 +383,21 @@ impl Pipe {
         usize::try_from(n).map_err(|_| io::Error::last_os_error())
     }
 
+    /// Reads everything the pipe holds now, without waiting for more.
+    pub fn read_available(&self) -> io::Result<Vec<u8>> {
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; 256 << 10];
+        loop {
+            match self.read(&mut buf) {
+                Ok(0) => return Ok(out),
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(out),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     /// Moves up to `len` bytes from the socket `src` into the pipe by reference (the
     /// socket's pages, not a copy), without waiting: `WouldBlock` when the socket has
     /// nothing yet or the pipe is full, `Ok(0)` at end of stream.
