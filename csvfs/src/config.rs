@@ -27,6 +27,9 @@ pub struct MountConfigFile {
     pub workers: Option<usize>,
     /// Metadata request timeout in milliseconds. Default: 30000.
     pub request_timeout_ms: Option<u64>,
+    /// Large writes' data spliced from the kernel to the LUN (see `csvfs mount --help`).
+    /// Default: true.
+    pub splice_writes: Option<bool>,
     /// As coordinator, the grace for departed nodes and for re-announced opens, in
     /// milliseconds. Default: 30000.
     pub node_grace_ms: Option<u64>,
@@ -92,6 +95,8 @@ pub struct MountConfig {
     pub workers: usize,
     /// Metadata request timeout in milliseconds.
     pub request_timeout_ms: u64,
+    /// Large writes' data spliced from the kernel to the LUN where pipes allow.
+    pub splice_writes: bool,
     /// As coordinator, the grace for departed nodes and re-announced opens, in milliseconds.
     pub node_grace_ms: u64,
     /// Mountpoint.
@@ -161,6 +166,7 @@ impl MountConfig {
             attr_ttl: Duration::from_millis(args.attr_ttl_ms.or(file.attr_ttl_ms).unwrap_or(1000)),
             prealloc_bytes: args.prealloc_mib.or(file.prealloc_mib).unwrap_or(64) << 20,
             workers: args.workers.or(file.workers).unwrap_or(64),
+            splice_writes: args.splice_writes.or(file.splice_writes).unwrap_or(true),
             request_timeout_ms: args
                 .request_timeout_ms
                 .or(file.request_timeout_ms)

@@ -601,4 +601,132 @@ mod tests {
             server.shutdown().unwrap();
         }
     }
+
+    /// Puts all of `data` into `pipe` (which must have room for it).
+    fn fill_pipe(pipe: &crate::Pipe, data: &[u8]) {
+        let mut at = 0;
+        while at < data.len() {
+            at += pipe.write(&data[at..]).expect("the pipe has room");
+        }
+    }
+
+    /// A write from `pipe` of `len` bytes to `offset`, waited for.
+    fn pipe_write(
+        c: &dyn BlockDevice,
+        pipe: &crate::Pipe,
+        offset: u64,
+        len: u32,
+    ) -> Result<(), BlockError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let done = Box::new(move |r: Result<Vec<u8>, BlockError>| tx.send(r).unwrap());
+        if c.submit_write_from_pipe(pipe.read_end(), len, offset, done)
+            .is_err()
+        {
+            panic!("the NBD client refused a write from a pipe");
+        }
+        rx.recv_timeout(std::time::Duration::from_secs(30))
+            .unwrap()
+            .map(|_| ())
+    }
+
+    #[test]
+    fn writes_from_a_pipe_take_exactly_their_bytes_and_land_on_the_device() {
+        let (server, mem, c) = mem_server("pipe-write", 8 << 20);
+        let c = Arc::new(c);
+        assert!(c.pipe_write_max_bytes() >= 1 << 20);
+        // Buffered writes run beside the pipe writes on the same connections (the upper
+        // half of the device), so requests of both kinds interleave in each stream.
+        let other = {
+            let c = c.clone();
+            std::thread::spawn(move || {
+                for i in 0..300usize {
+                    let n = 1 + (i * 613) % 70_000;
+                    let at = (4 << 20) + (i * 7919 * 512) % ((4 << 20) - n);
+                    let fill = vec![u8::try_from(i % 251).unwrap(); n];
+                    c.write_at(&fill, at as u64, WriteFlags::default()).unwrap();
+                    let mut back = vec![0u8; n];
+                    c.read_at(&mut back, at as u64).unwrap();
+                    assert!(back == fill, "buffered write {i}");
+                }
+            })
+        };
+        let mut model = vec![0u8; 4 << 20];
+        let tail = [0xeeu8; 16];
+        for (i, len) in [
+            1u32,
+            4096,
+            65_536,
+            100_000,
+            1 << 20,
+            3,
+            777_777,
+            (1 << 20) - 16,
+        ]
+        .into_iter()
+        .cycle()
+        .take(32)
+        .enumerate()
+        {
+            let n = usize::try_from(len).unwrap();
+            let at = (i * 1_234_567) % ((4 << 20) - n);
+            let data: Vec<u8> = (0..n)
+                .map(|k| u8::try_from((k * 31 + i * 7) % 253).unwrap())
+                .collect();
+            // What follows the write's bytes in the pipe stays there.
+            let pipe = crate::Pipe::new(1 << 20).unwrap();
+            let tail_n = tail.len().min(pipe.capacity_bytes() - n);
+            fill_pipe(&pipe, &data);
+            fill_pipe(&pipe, &tail[..tail_n]);
+            pipe_write(c.as_ref(), &pipe, at as u64, len).unwrap();
+            assert_eq!(
+                pipe.read_available().unwrap(),
+                tail[..tail_n],
+                "write {i} of {len}: it took exactly its bytes"
+            );
+            model[at..at + n].copy_from_slice(&data);
+        }
+        other.join().unwrap();
+        c.flush().unwrap();
+        assert!(
+            mem.image()[..4 << 20] == model[..],
+            "the device holds the pipe writes"
+        );
+        assert_eq!(c.reconnect_count(), 0);
+        drop(c);
+        server.shutdown().unwrap();
+    }
+
+    #[test]
+    fn a_write_from_a_pipe_whose_connection_dies_reports_the_lost_path() {
+        let (server, _mem, _c) = mem_server("pipe-write-cut", 4 << 20);
+        let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let proxy = cutting_proxy(
+            "pipe-write-cut-proxy",
+            sock("pipe-write-cut"),
+            cut.clone(),
+            1,
+        );
+        let uri = format!("nbd+unix:///?socket={}", proxy.display());
+        let opts = NbdClientOptions {
+            connections: 1,
+            reconnect_timeout_ms: 0,
+            ..Default::default()
+        };
+        let c = NbdClient::open(&uri, opts).unwrap();
+        cut.store(true, std::sync::atomic::Ordering::SeqCst);
+        let pipe = crate::Pipe::new(1 << 20).unwrap();
+        fill_pipe(&pipe, &vec![9u8; 1 << 20]);
+        // The server takes the write, but only a byte of its reply comes: the connection
+        // closes.
+        let r = pipe_write(&c, &pipe, 0, 1 << 20);
+        assert!(matches!(r, Err(BlockError::PathLost { .. })), "{r:?}");
+        // With the connection gone, a new write from a pipe is refused and takes nothing.
+        let pipe = crate::Pipe::new(1 << 20).unwrap();
+        fill_pipe(&pipe, &[5u8; 4096]);
+        let refused = c.submit_write_from_pipe(pipe.read_end(), 4096, 0, Box::new(|_| {}));
+        assert!(refused.is_err(), "a write on a dead connection was taken");
+        assert_eq!(pipe.len().unwrap(), 4096, "the refused write took nothing");
+        drop(c);
+        server.shutdown().unwrap();
+    }
 }

@@ -417,10 +417,167 @@ impl Pipe {
         usize::try_from(n).map_err(|_| io::Error::last_os_error())
     }
 
+    /// Duplicates the next `len` bytes of the pipe `src` into this one, by reference (tee(2):
+    /// no copy, and `src` keeps them). Fails with `WouldBlock` when this pipe has no room
+    /// for all of them, or `src` holds fewer.
+    pub fn tee_from(&self, src: BorrowedFd<'_>, len: usize) -> io::Result<()> {
+        loop {
+            // tee(2) duplicates from the front of `src` every time, so it is one call:
+            // what a short call duplicated is still at the front, and a second call would
+            // duplicate it again.
+            // SAFETY: both descriptors are open for the call (borrowed and owned).
+            let n = unsafe {
+                libc::tee(
+                    src.as_raw_fd(),
+                    self.wr.as_raw_fd(),
+                    len,
+                    libc::SPLICE_F_NONBLOCK,
+                )
+            };
+            match usize::try_from(n) {
+                Ok(n) if n == len => return Ok(()),
+                Ok(_) => return Err(io::ErrorKind::WouldBlock.into()),
+                Err(_) => {
+                    let e = io::Error::last_os_error();
+                    if e.kind() != io::ErrorKind::Interrupted {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Bytes in the pipe now.
+    pub fn len(&self) -> io::Result<usize> {
+        pipe_bytes(self.rd.as_fd())
+    }
+
+    /// True when the pipe holds nothing.
+    pub fn is_empty(&self) -> io::Result<bool> {
+        Ok(self.len()? == 0)
+    }
+
+    /// Drops everything the pipe holds, without copying it (spliced to /dev/null).
+    pub fn discard(&self) -> io::Result<()> {
+        static NULL: std::sync::OnceLock<io::Result<std::fs::File>> = std::sync::OnceLock::new();
+        let null = match NULL.get_or_init(|| std::fs::File::options().write(true).open("/dev/null"))
+        {
+            Ok(f) => f,
+            Err(e) => return Err(io::Error::new(e.kind(), e.to_string())),
+        };
+        loop {
+            let left = self.len()?;
+            if left == 0 {
+                return Ok(());
+            }
+            // SAFETY: both descriptors are open for the call; the pipe needs a null offset,
+            // and /dev/null ignores its own.
+            let n = unsafe {
+                libc::splice(
+                    self.rd.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    null.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    left,
+                    libc::SPLICE_F_NONBLOCK,
+                )
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
+    }
+
     /// True when at least one more slot is free.
     pub(crate) fn has_room(&self) -> io::Result<bool> {
         Ok(poll_one(self.wr.as_fd(), libc::POLLOUT, 0)? & libc::POLLOUT != 0)
     }
+}
+
+/// Bytes in the pipe whose read end is `fd`.
+fn pipe_bytes(fd: BorrowedFd<'_>) -> io::Result<usize> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int to the live `n`; `fd` is borrowed open.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &raw mut n) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    usize::try_from(n).map_err(io::Error::other)
+}
+
+/// Sends `buf` on the socket `fd` whole, telling the kernel more follows at once
+/// (MSG_MORE), so that a request's header and its spliced data leave together.
+pub(crate) fn send_more(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        let rest = &buf[done..];
+        // SAFETY: `rest` is a live slice for the whole call, which the kernel only reads;
+        // `fd` is borrowed open.
+        let n = unsafe {
+            libc::send(
+                fd.as_raw_fd(),
+                rest.as_ptr().cast(),
+                rest.len(),
+                libc::MSG_MORE | libc::MSG_NOSIGNAL,
+            )
+        };
+        match usize::try_from(n) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => done += n,
+            Err(_) => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Moves the next `len` bytes of the pipe `src` to the socket `dst` by reference
+/// (splice(2)), waiting for room in the socket as needed. Fails with `UnexpectedEof` when
+/// the pipe holds fewer; part of the data may have been sent by then.
+pub(crate) fn splice_to_socket(
+    src: BorrowedFd<'_>,
+    dst: BorrowedFd<'_>,
+    len: usize,
+) -> io::Result<()> {
+    let mut left = len;
+    while left > 0 {
+        // SAFETY: both descriptors are borrowed open for the call; null offsets are
+        // required for a pipe and a socket.
+        let n = unsafe {
+            libc::splice(
+                src.as_raw_fd(),
+                std::ptr::null_mut(),
+                dst.as_raw_fd(),
+                std::ptr::null_mut(),
+                left,
+                libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK | libc::SPLICE_F_MORE,
+            )
+        };
+        match usize::try_from(n) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => left -= n,
+            Err(_) => {
+                let e = io::Error::last_os_error();
+                match e.kind() {
+                    io::ErrorKind::Interrupted => {}
+                    io::ErrorKind::WouldBlock => {
+                        if pipe_bytes(src)? == 0 {
+                            return Err(io::ErrorKind::UnexpectedEof.into());
+                        }
+                        poll_one(dst, libc::POLLOUT, -1)?;
+                    }
+                    _ => return Err(e),
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Waits until `fd` is readable, at end of stream, or in error.

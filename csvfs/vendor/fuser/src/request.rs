@@ -36,6 +36,8 @@ pub(crate) struct RequestWithSender<'a> {
     ch: ChannelSender,
     /// Parsed request
     pub(crate) request: ll::AnyRequest<'a>,
+    /// csvfs patch: the data of a write left in the event loop's pipe.
+    pub(crate) spliced: Option<crate::SplicedWrite<'a>>,
 }
 
 impl<'a> RequestWithSender<'a> {
@@ -49,7 +51,11 @@ impl<'a> RequestWithSender<'a> {
             }
         };
 
-        Some(Self { ch, request })
+        Some(Self {
+            ch,
+            request,
+            spliced: None,
+        })
     }
 
     /// Dispatch request to the given filesystem.
@@ -245,6 +251,22 @@ impl<'a> RequestWithSender<'a> {
                     x.lock_owner(),
                     self.reply(),
                 );
+            }
+            // csvfs patch: a write whose data is in the pipe.
+            ll::Operation::Write(x) if self.spliced.is_some() => {
+                if let Some(data) = self.spliced {
+                    filesystem.write_spliced(
+                        self.request_header(),
+                        self.request.nodeid(),
+                        x.file_handle(),
+                        x.offset()?,
+                        data,
+                        x.write_flags(),
+                        x.flags(),
+                        x.lock_owner(),
+                        self.reply(),
+                    );
+                }
             }
             ll::Operation::Write(x) => {
                 filesystem.write(
