@@ -1900,6 +1900,23 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_write_from_a_pipe_whose_lun_went_away_keeps_its_data() {
+        // The LUN server is gone: the write is refused, or its splice into the dead socket
+        // fails, or its reply never comes; each way `done` hears `None` and the data is in
+        // keep for the blocking path, and nothing is left in flight.
+        let (dp, server) = nbd_data_path("csvfs-data-pipe-gone");
+        let (f, _) = dp.open(0, 0, InodeId(10), true).unwrap();
+        dp.write(0, 0, &f, 0, &vec![1u8; to_usize(CL).unwrap()], true)
+            .unwrap();
+        server.shutdown().unwrap();
+        let data: Vec<u8> = (0..65_536u32).map(|i| (i % 253) as u8).collect();
+        let (outcome, _left, kept) = write_from_pipe(&dp, &f, 0, &data).unwrap();
+        assert_eq!(outcome, None);
+        assert!(kept == data, "keep holds the data");
+        assert_eq!(*f.in_flight.lock(), 0, "left counted in flight");
+    }
+
+    #[test]
     fn a_write_from_a_pipe_the_lun_refuses_leaves_its_data_in_keep() {
         // A memory LUN takes no writes from a pipe: `done` hears `None` and finds the data
         // in keep for the blocking path; nothing is left in flight.
