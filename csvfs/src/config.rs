@@ -248,6 +248,22 @@ mod tests {
         assert_eq!(cfg.node, NodeId(3));
         assert_eq!(cfg.lun, "nbd://127.0.0.1:1/lun");
         assert_eq!(cfg.listen.port(), 0);
+        assert!(cfg.splice_writes, "large writes are spliced by default");
+        // splice_writes from the file, and a flag over it.
+        std::fs::write(
+            &path,
+            "lun = \"x\"\nnode_id = 1\nsecret = \"/s\"\nmountpoint = \"/m\"\nsplice_writes = false\n",
+        )
+        .unwrap();
+        let file_only = MountConfig::resolve(&args(&["--config", path.to_str().unwrap()]));
+        assert!(!file_only.unwrap().splice_writes);
+        let flagged = MountConfig::resolve(&args(&[
+            "--config",
+            path.to_str().unwrap(),
+            "--splice-writes",
+            "true",
+        ]));
+        assert!(flagged.unwrap().splice_writes);
         std::fs::write(&path, "lun = \"x\"\nbogus = 1\n").unwrap();
         let err = MountConfig::resolve(&args(&["--config", path.to_str().unwrap()])).unwrap_err();
         assert!(matches!(err, ConfigError::Parse { .. }));
