@@ -2,7 +2,6 @@
 
 use std::fmt;
 use std::io;
-use std::os::fd::BorrowedFd;
 
 use crate::sys::Pipe;
 
@@ -197,33 +196,6 @@ pub trait BlockDevice: Send + Sync + fmt::Debug {
         Err((pipe, done))
     }
 
-    /// Largest write [`submit_write_from_pipe`](Self::submit_write_from_pipe) takes; 0 when
-    /// the device has no pipe path (the default).
-    fn pipe_write_max_bytes(&self) -> u32 {
-        0
-    }
-
-    /// Starts a write of the next `len_bytes` bytes of the pipe whose read end is `src` to
-    /// `offset_bytes`, reported to `done` as [`submit`](Self::submit) reports a write. The
-    /// data goes from the pipe to the device's socket by reference (splice(2)), never
-    /// copied through this process. On `Ok` the device has taken the data out of the pipe,
-    /// all of it or, when its connection failed on the way (then `done` hears of the lost
-    /// path), part of it: a caller that may need the data again keeps a copy first (tee(2)
-    /// into another pipe costs no copy either). Returns `done` unused, with nothing taken
-    /// from the pipe, when the device cannot do that now (no such path, no live connection,
-    /// too large); the caller then uses [`submit`](Self::submit) or
-    /// [`write_at`](Self::write_at). The default cannot.
-    fn submit_write_from_pipe(
-        &self,
-        src: BorrowedFd<'_>,
-        len_bytes: u32,
-        offset_bytes: u64,
-        done: Completion,
-    ) -> Result<(), Completion> {
-        let _ = (src, len_bytes, offset_bytes);
-        Err(done)
-    }
-
     /// Hands back the buffer of a read that [`submit`](Self::submit) delivered, once the
     /// caller is done with it, so that the next read reuses it instead of allocating and
     /// zeroing a fresh one. The default drops it.
@@ -296,18 +268,6 @@ impl<T: BlockDevice + ?Sized> BlockDevice for std::sync::Arc<T> {
         done: PipeCompletion,
     ) -> Result<(), (Pipe, PipeCompletion)> {
         (**self).submit_read_to_pipe(offset_bytes, len_bytes, pipe, done)
-    }
-    fn pipe_write_max_bytes(&self) -> u32 {
-        (**self).pipe_write_max_bytes()
-    }
-    fn submit_write_from_pipe(
-        &self,
-        src: BorrowedFd<'_>,
-        len_bytes: u32,
-        offset_bytes: u64,
-        done: Completion,
-    ) -> Result<(), Completion> {
-        (**self).submit_write_from_pipe(src, len_bytes, offset_bytes, done)
     }
     fn recycle_buffer(&self, buf: Vec<u8>) {
         (**self).recycle_buffer(buf);

@@ -59,12 +59,6 @@ pub struct MountArgs {
     /// Timeout of one metadata request, in milliseconds. Default: 30000.
     #[arg(long)]
     pub request_timeout_ms: Option<u64>,
-    /// Take large writes' data from the kernel by splice(2), as the writer's pages, and
-    /// splice it on to the LUN's socket, instead of copying it twice. Needs pipes of 2 MiB:
-    /// CAP_SYS_RESOURCE or `fs.pipe-max-size` of at least 2097152; without them the node
-    /// copies as before and says so at mount. Default: true.
-    #[arg(long)]
-    pub splice_writes: Option<bool>,
     /// As coordinator: how long a node may stay disconnected before its opens are dropped,
     /// and how long after a takeover unlinked files wait for the nodes to re-announce their
     /// opens, in milliseconds. Default: 30000.

@@ -27,9 +27,6 @@ pub struct MountConfigFile {
     pub workers: Option<usize>,
     /// Metadata request timeout in milliseconds. Default: 30000.
     pub request_timeout_ms: Option<u64>,
-    /// Large writes' data spliced from the kernel to the LUN (see `csvfs mount --help`).
-    /// Default: true.
-    pub splice_writes: Option<bool>,
     /// As coordinator, the grace for departed nodes and for re-announced opens, in
     /// milliseconds. Default: 30000.
     pub node_grace_ms: Option<u64>,
@@ -95,8 +92,6 @@ pub struct MountConfig {
     pub workers: usize,
     /// Metadata request timeout in milliseconds.
     pub request_timeout_ms: u64,
-    /// Large writes' data spliced from the kernel to the LUN where pipes allow.
-    pub splice_writes: bool,
     /// As coordinator, the grace for departed nodes and re-announced opens, in milliseconds.
     pub node_grace_ms: u64,
     /// Mountpoint.
@@ -166,7 +161,6 @@ impl MountConfig {
             attr_ttl: Duration::from_millis(args.attr_ttl_ms.or(file.attr_ttl_ms).unwrap_or(1000)),
             prealloc_bytes: args.prealloc_mib.or(file.prealloc_mib).unwrap_or(64) << 20,
             workers: args.workers.or(file.workers).unwrap_or(64),
-            splice_writes: args.splice_writes.or(file.splice_writes).unwrap_or(true),
             request_timeout_ms: args
                 .request_timeout_ms
                 .or(file.request_timeout_ms)
@@ -248,22 +242,6 @@ mod tests {
         assert_eq!(cfg.node, NodeId(3));
         assert_eq!(cfg.lun, "nbd://127.0.0.1:1/lun");
         assert_eq!(cfg.listen.port(), 0);
-        assert!(cfg.splice_writes, "large writes are spliced by default");
-        // splice_writes from the file, and a flag over it.
-        std::fs::write(
-            &path,
-            "lun = \"x\"\nnode_id = 1\nsecret = \"/s\"\nmountpoint = \"/m\"\nsplice_writes = false\n",
-        )
-        .unwrap();
-        let file_only = MountConfig::resolve(&args(&["--config", path.to_str().unwrap()]));
-        assert!(!file_only.unwrap().splice_writes);
-        let flagged = MountConfig::resolve(&args(&[
-            "--config",
-            path.to_str().unwrap(),
-            "--splice-writes",
-            "true",
-        ]));
-        assert!(flagged.unwrap().splice_writes);
         std::fs::write(&path, "lun = \"x\"\nbogus = 1\n").unwrap();
         let err = MountConfig::resolve(&args(&["--config", path.to_str().unwrap()])).unwrap_err();
         assert!(matches!(err, ConfigError::Parse { .. }));

@@ -31,7 +31,6 @@ use metadata_server::proto::{Request, Response};
 use metadata_server::types::{Attr, Epoch, Extent, FallocMode, FsError, InodeId, SetAttr};
 use parking_lot::{Condvar, Mutex, RwLock, RwLockWriteGuard};
 use std::collections::{BTreeSet, HashMap};
-use std::os::fd::BorrowedFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -892,85 +891,25 @@ impl DataPath {
         let Some((lun_offset_bytes, _)) = self.async_target(file, offset_bytes, len, true) else {
             return done(None);
         };
-        let completion = self.write_completion(file, offset_bytes, len, done);
+        let (f, cl, end) = (file.clone(), self.cluster_bytes, offset_bytes + len);
         let started = self.lun.submit(
             AsyncIo::Write {
                 buf: data,
                 offset_bytes: lun_offset_bytes,
             },
-            completion,
+            Box::new(move |r| {
+                let commit_now = r
+                    .is_ok()
+                    .then(|| record_write(&mut f.state.lock(), cl, offset_bytes, end));
+                f.async_ended();
+                done(commit_now);
+            }),
         );
         if let Err(refused) = started {
             refused(Err(BlockError::Unsupported {
                 op: "asynchronous write",
             }));
         }
-    }
-
-    /// Starts a write as [`write_async`](Self::write_async) does, of the next `len_bytes`
-    /// bytes of the pipe `src`: the LUN takes them from the pipe by reference. They are
-    /// first duplicated into `keep` (tee(2), no copy either), which `done` gets back, with
-    /// `state`, and the outcome: on `None` (the LUN failed or refused the write) the data is
-    /// in `keep` for the blocking path. Returns `keep` and `state` when the write cannot go
-    /// this way; then nothing was taken from `src`. `keep` must be empty.
-    pub fn write_from_pipe<T: Send + 'static>(
-        &self,
-        file: &Arc<OpenFile>,
-        offset_bytes: u64,
-        src: BorrowedFd<'_>,
-        len_bytes: u32,
-        (keep, state): (Pipe, T),
-        done: impl FnOnce(Option<bool>, Pipe, T) + Send + 'static,
-    ) -> Result<(), (Pipe, T)> {
-        let len = u64::from(len_bytes);
-        let Ok(len_usize) = usize::try_from(len_bytes) else {
-            return Err((keep, state));
-        };
-        let Some((lun_offset_bytes, _)) = self.async_target(file, offset_bytes, len, true) else {
-            return Err((keep, state));
-        };
-        if let Err(e) = keep.tee_from(src, len_usize) {
-            tracing::debug!(error = %e, "a write's data does not fit its keep pipe");
-            file.async_ended();
-            // A short tee left part of the data in `keep`; the caller empties it again
-            // before it reuses it.
-            let _ = keep.discard();
-            return Err((keep, state));
-        }
-        let completion = self.write_completion(
-            file,
-            offset_bytes,
-            len,
-            Box::new(move |outcome| done(outcome, keep, state)),
-        );
-        if let Err(refused) =
-            self.lun
-                .submit_write_from_pipe(src, len_bytes, lun_offset_bytes, completion)
-        {
-            refused(Err(BlockError::Unsupported {
-                op: "write from a pipe",
-            }));
-        }
-        Ok(())
-    }
-
-    /// The completion of an asynchronous write of `[offset_bytes, +len)` of `file`: records
-    /// the write, ends it in flight, and tells `done` whether a commit is due.
-    fn write_completion(
-        &self,
-        file: &Arc<OpenFile>,
-        offset_bytes: u64,
-        len: u64,
-        done: WriteDone,
-    ) -> block_client::Completion {
-        let (f, cl, end) = (file.clone(), self.cluster_bytes, offset_bytes + len);
-        Box::new(move |r| {
-            let commit_now = r
-                .is_ok()
-                .then(|| record_write(&mut f.state.lock(), cl, offset_bytes, end));
-            f.async_ended();
-            done(commit_now);
-        })
     }
 
     /// Pieces of `[start, end)` this node may write: allocates what is unmapped and claims
@@ -1780,23 +1719,18 @@ pub(crate) mod tests {
         got
     }
 
-    /// A data path whose LUN is reached over NBD (which reads into and writes from pipes),
-    /// served from the memory device the store sees; the server goes with it.
-    fn nbd_data_path(name: &str) -> (DataPath, block_client::nbd::ServerHandle) {
+    #[test]
+    fn reads_into_a_pipe_carry_the_head_and_the_files_bytes_cut_at_end_of_file() {
+        // The LUN reached over NBD, which reads into pipes; the store sees the same device.
         let (_, store, lun) = setup();
         let listen = block_client::nbd::ListenAddr::Unix(
-            std::env::temp_dir().join(format!("{name}-{}.sock", std::process::id())),
+            std::env::temp_dir().join(format!("csvfs-data-pipe-{}.sock", std::process::id())),
         );
         let server =
             block_client::nbd::serve_device(lun.clone(), &listen, Default::default()).unwrap();
         let nbd = block_client::NbdClient::open(&server.uri(), Default::default()).unwrap();
         let meta = Arc::new(StoreMeta::new(store.clone()));
-        (DataPath::new(Arc::new(nbd), meta, CL, 2 * CL), server)
-    }
-
-    #[test]
-    fn reads_into_a_pipe_carry_the_head_and_the_files_bytes_cut_at_end_of_file() {
-        let (dp, server) = nbd_data_path("csvfs-data-pipe");
+        let dp = DataPath::new(Arc::new(nbd), meta, CL, 2 * CL);
         let (f, _) = dp.open(0, 0, InodeId(10), true).unwrap();
         let data: Vec<u8> = (0..3 * CL).map(|i| (i % 249) as u8).collect();
         let size = to_usize(3 * CL - 1000).unwrap();
@@ -1829,109 +1763,6 @@ pub(crate) mod tests {
         assert!(read_to_pipe(&dp, &f, 0, 65_536, true).is_none());
         dp.write(0, 0, &f, 0, b"again", false).unwrap();
         dp.commit(0, 0, &f).unwrap();
-    }
-
-    /// A write from a pipe holding `data`, with an empty keep pipe: `Ok` with the outcome,
-    /// what stayed in the source and what `done` found in keep; `Err` with what stayed in
-    /// the source and in keep when the write was declined.
-    #[allow(clippy::type_complexity)]
-    fn write_from_pipe(
-        dp: &DataPath,
-        f: &Arc<OpenFile>,
-        offset: u64,
-        data: &[u8],
-    ) -> Result<(Option<bool>, Vec<u8>, Vec<u8>), (Vec<u8>, Vec<u8>)> {
-        let (src, keep) = (Pipe::new(1 << 20).unwrap(), Pipe::new(1 << 20).unwrap());
-        let mut at = 0;
-        while at < data.len() {
-            at += src.write(&data[at..]).unwrap();
-        }
-        let (tx, rx) = std::sync::mpsc::channel();
-        let len = u32::try_from(data.len()).unwrap();
-        let r = dp.write_from_pipe(
-            f,
-            offset,
-            src.read_end(),
-            len,
-            (keep, 7u32),
-            move |o, k, s| {
-                assert_eq!(s, 7, "the state comes back");
-                tx.send((o, k.read_available().unwrap())).unwrap();
-            },
-        );
-        match r {
-            Ok(()) => {
-                let (o, kept) = rx.recv_timeout(Duration::from_secs(30)).unwrap();
-                Ok((o, src.read_available().unwrap(), kept))
-            }
-            Err((keep, s)) => {
-                assert_eq!(s, 7, "the state comes back");
-                Err((
-                    src.read_available().unwrap(),
-                    keep.read_available().unwrap(),
-                ))
-            }
-        }
-    }
-
-    #[test]
-    fn writes_from_a_pipe_reach_the_lun_and_keep_a_copy_until_done() {
-        let (dp, server) = nbd_data_path("csvfs-data-pipe-w");
-        let (f, _) = dp.open(0, 0, InodeId(10), true).unwrap();
-        dp.write(0, 0, &f, 0, &vec![1u8; to_usize(2 * CL).unwrap()], true)
-            .unwrap();
-        // Inside written clusters: the LUN takes the data from the pipe, all of it and
-        // nothing more, and `done` finds the copy in keep.
-        let data: Vec<u8> = (0..100_000u32).map(|i| (i % 241) as u8).collect();
-        let (outcome, left, kept) = write_from_pipe(&dp, &f, 4096, &data).unwrap();
-        assert!(outcome.is_some(), "the write went to the LUN");
-        assert!(left.is_empty(), "the LUN took the data from the pipe");
-        assert!(kept == data, "keep held a copy");
-        let back = dp.read(0, 0, &f, 4096, 100_000).unwrap();
-        assert!(back == data);
-        // Past what is allocated the write is declined: nothing taken, nothing kept, and
-        // nothing left in flight (the commit below waits for requests in flight).
-        let (left, kept) = write_from_pipe(&dp, &f, 5 * CL, &data).unwrap_err();
-        assert!(left == data && kept.is_empty());
-        dp.write(0, 0, &f, 5 * CL, &data, false).unwrap();
-        dp.commit(0, 0, &f).unwrap();
-        drop(dp);
-        server.shutdown().unwrap();
-    }
-
-    #[test]
-    fn a_write_from_a_pipe_whose_lun_went_away_keeps_its_data() {
-        // The LUN server is gone: the write is refused, or its splice into the dead socket
-        // fails, or its reply never comes; each way `done` hears `None` and the data is in
-        // keep for the blocking path, and nothing is left in flight.
-        let (dp, server) = nbd_data_path("csvfs-data-pipe-gone");
-        let (f, _) = dp.open(0, 0, InodeId(10), true).unwrap();
-        dp.write(0, 0, &f, 0, &vec![1u8; to_usize(CL).unwrap()], true)
-            .unwrap();
-        server.shutdown().unwrap();
-        let data: Vec<u8> = (0..65_536u32).map(|i| (i % 253) as u8).collect();
-        let (outcome, _left, kept) = write_from_pipe(&dp, &f, 0, &data).unwrap();
-        assert_eq!(outcome, None);
-        assert!(kept == data, "keep holds the data");
-        assert_eq!(*f.in_flight.lock(), 0, "left counted in flight");
-    }
-
-    #[test]
-    fn a_write_from_a_pipe_the_lun_refuses_leaves_its_data_in_keep() {
-        // A memory LUN takes no writes from a pipe: `done` hears `None` and finds the data
-        // in keep for the blocking path; nothing is left in flight.
-        let (dp, _store, _lun) = setup();
-        let (f, _) = dp.open(0, 0, InodeId(10), true).unwrap();
-        dp.write(0, 0, &f, 0, &vec![5u8; to_usize(CL).unwrap()], true)
-            .unwrap();
-        let data = vec![6u8; 65_536];
-        let (outcome, left, kept) = write_from_pipe(&dp, &f, 0, &data).unwrap();
-        assert_eq!(outcome, None);
-        assert!(left == data, "the refused write took nothing from the pipe");
-        assert!(kept == data, "keep holds the data");
-        dp.write(0, 0, &f, 0, &kept, false).unwrap();
-        dp.commit(0, 0, &f).unwrap();
-        assert!(dp.read(0, 0, &f, 0, 65_536).unwrap() == data);
     }
 
     #[test]

@@ -65,10 +65,6 @@ const SPLICE_READ_MIN_BYTES: u32 = 128 << 10;
 /// slots to spare for socket data that fills a slot with less than a page. Without
 /// CAP_SYS_RESOURCE the kernel gives at most `fs.pipe-max-size` (1 MiB by default).
 const SPLICE_PIPE_BYTES: usize = 4 * MAX_WRITE_BYTES as usize;
-/// Size of each event loop's pipe for spliced requests: a write of `MAX_WRITE_BYTES` takes
-/// a slot per page, one more when the writer's buffer is not page-aligned, and one for the
-/// header, and the kernel fails a request that does not fit (pipe sizes are powers of two).
-pub const REQUEST_PIPE_BYTES: usize = 2 * MAX_WRITE_BYTES as usize;
 /// Idle splice pipes kept for reuse.
 const SPLICE_PIPES_KEPT: usize = 64;
 /// How long a worker waits for the kernel to apply one invalidation.
@@ -139,7 +135,16 @@ impl Inner {
         if size < SPLICE_READ_MIN_BYTES || size > self.data.lun().pipe_read_max_bytes() {
             return None;
         }
-        let pipe = self.pooled_pipe()?;
+        let pipe = match self.pipes.lock().pop() {
+            Some(p) => p,
+            None => match Pipe::new(SPLICE_PIPE_BYTES) {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::debug!(error = %e, "no pipe for a spliced read");
+                    return None;
+                }
+            },
+        };
         // Socket data usually fills a slot with more than a page (see `capacity_bytes`), and
         // a read that finds the pipe full is read again on the blocking path. A pipe too
         // small for this read stays in the pool for smaller ones.
@@ -151,33 +156,7 @@ impl Inner {
         }
     }
 
-    /// An empty pipe from the pool, or a new one.
-    fn pooled_pipe(&self) -> Option<Pipe> {
-        if let Some(p) = self.pipes.lock().pop() {
-            return Some(p);
-        }
-        match Pipe::new(SPLICE_PIPE_BYTES) {
-            Ok(p) => Some(p),
-            Err(e) => {
-                tracing::debug!(error = %e, "no splice pipe");
-                None
-            }
-        }
-    }
-
-    /// An empty pipe that holds a spliced write's `len` bytes of data (a slot per page of
-    /// the writer's buffer, which need not be page-aligned), to keep a copy of it in.
-    fn keep_pipe_for(&self, len: usize) -> Option<Pipe> {
-        let pipe = self.pooled_pipe()?;
-        if len + 4096 <= pipe.capacity_bytes() {
-            Some(pipe)
-        } else {
-            self.return_pipe(pipe);
-            None
-        }
-    }
-
-    /// Keeps an emptied pipe for the next spliced read or write.
+    /// Keeps an emptied pipe for the next spliced read.
     fn return_pipe(&self, pipe: Pipe) {
         let mut pipes = self.pipes.lock();
         if pipes.len() < SPLICE_PIPES_KEPT {
@@ -892,107 +871,6 @@ impl Filesystem for CsvFs {
             });
         });
         self.inner.data.write_async(&file, offset, data, done);
-    }
-
-    fn write_spliced(
-        &self,
-        req: &fuser::Request,
-        ino: INodeNo,
-        fh: FileHandle,
-        offset: u64,
-        data: fuser::SplicedWrite<'_>,
-        write_flags: fuser::WriteFlags,
-        flags: OpenFlags,
-        lock_owner: Option<LockOwner>,
-        reply: ReplyWrite,
-    ) {
-        let (uid, gid) = (req.uid(), req.gid());
-        // Only a large write on the fast path, waited for here, leaves its data in the
-        // pipe for the LUN; every other write reads it out and goes the usual way.
-        let copied = |reply: ReplyWrite| match data.read_to_vec() {
-            Ok(buf) => self.write(
-                req,
-                ino,
-                fh,
-                offset,
-                &buf,
-                write_flags,
-                flags,
-                lock_owner,
-                reply,
-            ),
-            Err(e) => {
-                warn!(error = %e, "write: reading its data from the pipe");
-                reply.error(Errno::EIO);
-            }
-        };
-        let Ok((file, handle_sync)) = self.inner.handle(fh) else {
-            return copied(reply);
-        };
-        let Ok(len) = u32::try_from(data.len()) else {
-            return copied(reply);
-        };
-        let data_len = data.len();
-        if handle_sync
-            || flags.0 & (libc::O_SYNC | libc::O_DSYNC) != 0
-            || data.len() < WAIT_WRITE_MIN_BYTES
-        {
-            return copied(reply);
-        }
-        let Some(keep) = self.inner.keep_pipe_for(data.len()) else {
-            return copied(reply);
-        };
-        let w = BlockingWrite {
-            uid,
-            gid,
-            ino: ino.0,
-            file: file.clone(),
-            offset,
-            len,
-            sync: false,
-        };
-        // Once the LUN has the data, the event loop goes on: the LUN's completion answers,
-        // and hands a write it failed to the blocking path with the data kept aside.
-        let (pool, inner) = (self.pool.clone(), self.inner.clone());
-        let taken = self.inner.data.write_from_pipe(
-            &file,
-            offset,
-            data.pipe(),
-            len,
-            (keep, reply),
-            move |outcome, keep, reply| {
-                let kept = outcome.is_none().then(|| keep.read_available());
-                if keep.discard().is_ok() {
-                    inner.return_pipe(keep);
-                }
-                match (outcome, kept) {
-                    (Some(false), _) => reply.written(len),
-                    (Some(true), _) => spawn_on(&pool, inner, "write", w.ino, move |i| {
-                        w.run(i, &[], true, reply);
-                    }),
-                    (None, Some(Ok(buf))) if buf.len() == data_len => {
-                        spawn_on(&pool, inner, "write", w.ino, move |i| {
-                            w.run(i, &buf, false, reply);
-                        });
-                    }
-                    (None, kept) => {
-                        let why = match kept {
-                            Some(Ok(buf)) => format!("{} of {data_len} bytes", buf.len()),
-                            Some(Err(e)) => e.to_string(),
-                            None => String::new(),
-                        };
-                        warn!(%why, "write: its data could not be read back from its pipe");
-                        reply.error(Errno::EIO);
-                    }
-                }
-            },
-        );
-        if let Err((keep, reply)) = taken {
-            if keep.discard().is_ok() {
-                self.inner.return_pipe(keep);
-            }
-            copied(reply);
-        }
     }
 
     fn flush(

@@ -558,43 +558,6 @@ fn fusermount_present() -> bool {
         .any(|d| d.join("fusermount3").is_file() || d.join("fusermount").is_file())
 }
 
-/// The pipe size for spliced requests when large writes are to be spliced (`wanted`), the
-/// LUN can take a write from a pipe, and the kernel gives pipes that large; `None`, said in
-/// the log, otherwise.
-fn splice_writes(wanted: bool, lun: &dyn BlockDevice) -> Option<usize> {
-    if !wanted {
-        info!("large writes are copied: splice_writes is off");
-        return None;
-    }
-    if lun.pipe_write_max_bytes() < crate::fuse::MAX_WRITE_BYTES {
-        info!("large writes are copied: this LUN takes no writes from a pipe");
-        return None;
-    }
-    let bytes = crate::fuse::REQUEST_PIPE_BYTES;
-    match block_client::Pipe::new(bytes) {
-        Ok(p) if p.capacity_bytes() >= bytes => {
-            info!(
-                pipe_bytes = bytes,
-                "large writes are spliced from the kernel to the LUN"
-            );
-            Some(bytes)
-        }
-        Ok(p) => {
-            info!(
-                pipe_bytes = p.capacity_bytes(),
-                needed = bytes,
-                "large writes are copied: pipes are too small here (raise fs.pipe-max-size \
-                 to {bytes}, or give the node CAP_SYS_RESOURCE)"
-            );
-            None
-        }
-        Err(e) => {
-            info!(error = %e, "large writes are copied: no pipe");
-            None
-        }
-    }
-}
-
 /// Runs a mount in the foreground until it is unmounted or the process is told to stop.
 pub fn run(cfg: &MountConfig) -> Result<(), MountError> {
     let (lun, sb) = open_volume(&cfg.lun)?;
@@ -728,7 +691,6 @@ pub fn run(cfg: &MountConfig) -> Result<(), MountError> {
     fuse_cfg.acl = fuser::SessionACL::All;
     fuse_cfg.n_threads = Some(crate::fuse::FUSE_THREADS);
     fuse_cfg.clone_fd = true;
-    fuse_cfg.splice_pipe_bytes = splice_writes(cfg.splice_writes, &*lun);
     let mut session =
         fuser::Session::new(fs, &cfg.mountpoint, &fuse_cfg).map_err(|source| MountError::Fuse {
             mountpoint: cfg.mountpoint.clone(),

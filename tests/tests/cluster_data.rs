@@ -3,9 +3,8 @@
 #![allow(clippy::unwrap_used)]
 //! The data path across real node processes: a 64 GiB sparse image written at random
 //! offsets on one node and checked on another, two nodes writing disjoint blocks of the
-//! same unwritten clusters at once, large writes whose data the node splices from the
-//! kernel to the LUN, an fsynced file surviving kill -9 of its writer, and a full volume
-//! answering ENOSPC without damage.
+//! same unwritten clusters at once, an fsynced file surviving kill -9 of its writer, and a
+//! full volume answering ENOSPC without damage.
 
 use csvfs::local::is_mounted;
 use csvfs_tests::cluster::{pattern, ClusterSpec, TestCluster};
@@ -34,7 +33,6 @@ fn cluster_data() {
     sparse_64gib_image_written_on_a_checked_on_b(&c);
     two_nodes_write_disjoint_blocks_of_shared_unwritten_clusters(&c);
     fallocate_and_punch_hole_are_seen_everywhere(&c);
-    large_writes_spliced_from_the_kernel_land_whole(&c);
     fsynced_file_survives_kill_of_its_writer(&mut c);
     c.finish();
 }
@@ -207,99 +205,6 @@ fn fallocate_and_punch_hole_are_seen_everywhere(c: &TestCluster) {
         fs::metadata(c.mp(1).join("prealloc.bin")).unwrap().len(),
         5 << 20
     );
-}
-
-/// `len` bytes of a 4096-aligned buffer inside `raw` (for O_DIRECT).
-fn aligned(raw: &mut Vec<u8>, len: usize) -> &mut [u8] {
-    raw.resize(len + 4096, 0);
-    let off = raw.as_ptr().align_offset(4096);
-    &mut raw[off..off + len]
-}
-
-fn large_writes_spliced_from_the_kernel_land_whole(c: &TestCluster) {
-    // Node 1 takes large writes' data from the kernel with splice(2) where the kernel
-    // gives it 2 MiB pipes (the test command raises fs.pipe-max-size for that), and copies
-    // it otherwise; its log says which.
-    let pipe_max: usize = fs::read_to_string("/proc/sys/fs/pipe-max-size")
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    let log = c
-        .local
-        .logs()
-        .into_iter()
-        .find(|p| p.ends_with("node1.log"))
-        .unwrap();
-    let said = fs::read_to_string(&log).unwrap();
-    if pipe_max >= 2 << 20 {
-        assert!(
-            said.contains("large writes are spliced from the kernel to the LUN"),
-            "node 1 does not splice writes; its log:\n{said}"
-        );
-    } else {
-        assert!(said.contains("large writes are copied"), "{said}");
-    }
-    let (a, b) = (c.mp(1).join("spliced"), c.mp(2).join("spliced"));
-    fs::create_dir(&a).unwrap();
-    let size = 24usize << 20;
-    let mut model = vec![0u8; size];
-    pattern(3, &mut model);
-    // Buffered 1 MiB writes: the kernel sends its page-cache pages.
-    {
-        let mut f = File::create(a.join("img")).unwrap();
-        for part in model.chunks(1 << 20) {
-            f.write_all(part).unwrap();
-        }
-        f.sync_all().unwrap();
-    }
-    // O_DIRECT overwrites, now inside written clusters (the fast path): 1 MiB aligned,
-    // 256 KiB, and 1 MiB at an offset that is not cluster-aligned.
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        let f = OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(a.join("img"))
-            .unwrap();
-        let mut raw = Vec::new();
-        for (k, (at, len)) in [
-            (0usize, 1usize << 20),
-            (5 << 20, 256 << 10),
-            ((9 << 20) + 4096 * 3, 1 << 20),
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            let buf = aligned(&mut raw, len);
-            pattern(k as u64 + 11, buf);
-            f.write_all_at(buf, at as u64).unwrap();
-            model[at..at + len].copy_from_slice(buf);
-        }
-        f.sync_all().unwrap();
-    }
-    // Buffered overwrites of written data, not page-aligned.
-    {
-        let f = OpenOptions::new().write(true).open(a.join("img")).unwrap();
-        let at = (13 << 20) + 777;
-        let mut data = vec![0u8; (3 << 20) + 5];
-        pattern(99, &mut data);
-        f.write_all_at(&data, at as u64).unwrap();
-        f.sync_all().unwrap();
-        model[at..at + data.len()].copy_from_slice(&data);
-    }
-    let back = fs::read(b.join("img")).unwrap();
-    assert_eq!(back.len(), size);
-    let first_bad = back.iter().zip(&model).position(|(x, y)| x != y);
-    assert_eq!(
-        first_bad, None,
-        "node 2 reads other bytes than node 1 wrote"
-    );
-    assert!(
-        fs::read(a.join("img")).unwrap() == model,
-        "node 1 reads it back changed"
-    );
-    fs::remove_dir_all(&a).unwrap();
 }
 
 fn fsynced_file_survives_kill_of_its_writer(c: &mut TestCluster) {

@@ -31,7 +31,7 @@
 
 use std::collections::HashMap;
 use std::io::{self, BufRead, BufReader, Read};
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Weak};
 use std::thread;
@@ -376,52 +376,6 @@ impl Conn {
         pipe: Option<PipeSink>,
         notify: Notify,
     ) -> Result<(), (ReplyError, Notify, Option<PipeSink>)> {
-        let cookie = self.add_waiter(req, buf, pipe, notify)?;
-        let header = encode_request(req.flags, req.cmd, cookie, req.offset, req.len);
-        if let Err(e) = self.send(&header, data) {
-            self.kill(&format!("send request: {e}"));
-        }
-        Ok(())
-    }
-
-    /// Registers `notify` for a write whose data is the next `req.len` bytes of the pipe
-    /// `src`, and sends it with the data spliced from the pipe. Hands `notify` back, with
-    /// nothing taken from the pipe, when the connection is dead already.
-    fn register_from_pipe(
-        &self,
-        req: &Req,
-        src: BorrowedFd<'_>,
-        notify: Notify,
-    ) -> Result<(), (ReplyError, Notify)> {
-        let cookie = self
-            .add_waiter(req, Vec::new(), None, notify)
-            .map_err(|(e, n, _)| (e, n))?;
-        let header = encode_request(req.flags, req.cmd, cookie, req.offset, req.len);
-        let sent = (|| {
-            let mut w = self.writer.lock();
-            self.drain_queue(&mut w)?;
-            let len = usize::try_from(req.len).map_err(io::Error::other)?;
-            crate::sys::send_more(w.0.as_fd(), &header)?;
-            crate::sys::splice_to_socket(src, w.0.as_fd(), len)?;
-            drop(w);
-            self.send_queued()
-        })();
-        if let Err(e) = sent {
-            // Part of the request may be on the wire: the stream is out of step.
-            self.kill(&format!("send request: {e}"));
-        }
-        Ok(())
-    }
-
-    /// Adds a waiter for a new request and returns its cookie; hands `notify` and `pipe`
-    /// back, unused, when the connection is dead already.
-    fn add_waiter(
-        &self,
-        req: &Req,
-        buf: Vec<u8>,
-        pipe: Option<PipeSink>,
-        notify: Notify,
-    ) -> Result<u64, (ReplyError, Notify, Option<PipeSink>)> {
         let cookie = self.next_cookie.fetch_add(1, Ordering::Relaxed);
         {
             let mut st = self.state.lock();
@@ -442,7 +396,11 @@ impl Conn {
                 },
             );
         }
-        Ok(cookie)
+        let header = encode_request(req.flags, req.cmd, cookie, req.offset, req.len);
+        if let Err(e) = self.send(&header, data) {
+            self.kill(&format!("send request: {e}"));
+        }
+        Ok(())
     }
 
     /// Waits for the reply of a started request.
@@ -474,11 +432,6 @@ impl Conn {
             q.extend_from_slice(header);
             q.extend_from_slice(data);
         }
-        self.send_queued()
-    }
-
-    /// Sends what is queued unless another caller holds the socket.
-    fn send_queued(&self) -> io::Result<()> {
         // Whoever finds the socket free sends everything queued. A caller that finds it busy
         // leaves its request to the holder, who checks the queue again after unlocking.
         loop {
@@ -1292,17 +1245,9 @@ impl NbdClient {
         let Some(conn) = self.async_conn(&req) else {
             return Err(done);
         };
-        let notify = self.async_notify(req, &conn, done);
-        let buf = self.read_buffer(&req);
-        send_async(&conn, &req, data, buf, None, notify);
-        Ok(())
-    }
-
-    /// What tells an asynchronous request's `done` of its reply on `conn`.
-    fn async_notify(&self, req: Req, conn: &Arc<Conn>, done: Completion) -> Notify {
         let seq = self.shared.write_seq.clone();
         let acked_on = conn.clone();
-        Notify::Call(Box::new(move |reply: Reply| {
+        let notify = Notify::Call(Box::new(move |reply: Reply| {
             done(match reply {
                 Ok(buf) => {
                     note_acked(&req, &seq, &acked_on);
@@ -1310,7 +1255,10 @@ impl NbdClient {
                 }
                 Err(e) => Err(async_error(&req, e)),
             });
-        }))
+        }));
+        let buf = self.read_buffer(&req);
+        send_async(&conn, &req, data, buf, None, notify);
+        Ok(())
     }
 
     /// The connection for an asynchronous request: `None` when the request is too large,
@@ -1478,34 +1426,6 @@ impl BlockDevice for NbdClient {
         done: PipeCompletion,
     ) -> Result<(), (Pipe, PipeCompletion)> {
         self.start_pipe_read(Req::read(offset_bytes, len_bytes), pipe, done)
-    }
-
-    fn pipe_write_max_bytes(&self) -> u32 {
-        self.shared.info.max_block_bytes
-    }
-
-    fn submit_write_from_pipe(
-        &self,
-        src: BorrowedFd<'_>,
-        len_bytes: u32,
-        offset_bytes: u64,
-        done: Completion,
-    ) -> Result<(), Completion> {
-        let req = Req {
-            op: "write",
-            cmd: CMD_WRITE,
-            flags: 0,
-            offset: offset_bytes,
-            len: len_bytes,
-        };
-        let Some(conn) = self.async_conn(&req) else {
-            return Err(done);
-        };
-        let notify = self.async_notify(req, &conn, done);
-        if let Err((e, notify)) = conn.register_from_pipe(&req, src, notify) {
-            notify.send(Err(e));
-        }
-        Ok(())
     }
 
     fn recycle_buffer(&self, buf: Vec<u8>) {

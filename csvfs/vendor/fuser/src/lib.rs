@@ -57,8 +57,6 @@ pub use crate::open_flags::OpenFlags;
 pub use crate::passthrough::BackingId;
 pub use crate::poll_events::PollEvents;
 pub use crate::rename_flags::RenameFlags;
-// csvfs patch: a write's data left in a pipe.
-pub use crate::spliced::SplicedWrite;
 pub use crate::reply::ReplyAttr;
 pub use crate::reply::ReplyBmap;
 pub use crate::reply::ReplyCreate;
@@ -102,8 +100,6 @@ mod reply;
 mod request;
 mod request_param;
 mod session;
-// csvfs patch: requests read with splice(2).
-mod spliced;
 mod time;
 
 /// We generally support async reads
@@ -640,41 +636,6 @@ pub trait Filesystem: Send + Sync + 'static {
             data.len()
         );
         reply.error(Errno::ENOSYS);
-    }
-
-    /// csvfs patch: a write whose data the kernel left in a pipe, as the writer's pages by
-    /// reference (see [`Config::splice_pipe_bytes`]); only large writes come here. The
-    /// arguments are those of [`write`](Self::write). The default reads the data out of
-    /// the pipe and calls [`write`](Self::write) with it.
-    fn write_spliced(
-        &self,
-        req: &Request,
-        ino: INodeNo,
-        fh: FileHandle,
-        offset: u64,
-        data: SplicedWrite<'_>,
-        write_flags: WriteFlags,
-        flags: OpenFlags,
-        lock_owner: Option<LockOwner>,
-        reply: ReplyWrite,
-    ) {
-        match data.read_to_vec() {
-            Ok(buf) => self.write(
-                req,
-                ino,
-                fh,
-                offset,
-                &buf,
-                write_flags,
-                flags,
-                lock_owner,
-                reply,
-            ),
-            Err(e) => {
-                warn!("write: reading the spliced data: {e}");
-                reply.error(Errno::EIO);
-            }
-        }
     }
 
     /// Flush method.

@@ -36,8 +36,6 @@ pub(crate) struct RequestWithSender<'a> {
     ch: ChannelSender,
     /// Parsed request
     pub(crate) request: ll::AnyRequest<'a>,
-    /// csvfs patch: the data of a write left in the event loop's pipe.
-    pub(crate) spliced: Option<crate::SplicedWrite<'a>>,
 }
 
 impl<'a> RequestWithSender<'a> {
@@ -51,11 +49,7 @@ impl<'a> RequestWithSender<'a> {
             }
         };
 
-        Some(Self {
-            ch,
-            request,
-            spliced: None,
-        })
+        Some(Self { ch, request })
     }
 
     /// Dispatch request to the given filesystem.
@@ -251,22 +245,6 @@ impl<'a> RequestWithSender<'a> {
                     x.lock_owner(),
                     self.reply(),
                 );
-            }
-            // csvfs patch: a write whose data is in the pipe.
-            ll::Operation::Write(x) if self.spliced.is_some() => {
-                if let Some(data) = self.spliced {
-                    filesystem.write_spliced(
-                        self.request_header(),
-                        self.request.nodeid(),
-                        x.file_handle(),
-                        x.offset()?,
-                        data,
-                        x.write_flags(),
-                        x.flags(),
-                        x.lock_owner(),
-                        self.reply(),
-                    );
-                }
             }
             ll::Operation::Write(x) => {
                 filesystem.write(

@@ -298,7 +298,6 @@ impl<FS: Filesystem> Session<FS> {
                 ch,
                 allowed,
                 session_owner,
-                splice_pipe_bytes: config.splice_pipe_bytes,
             };
             threads.push(
                 thread::Builder::new()
@@ -519,21 +518,10 @@ pub(crate) struct SessionEventLoop<FS: Filesystem> {
     pub(crate) filesystem: Arc<FilesystemHolder<FS>>,
     pub(crate) allowed: SessionACL,
     pub(crate) session_owner: Uid,
-    /// csvfs patch: see [`Config::splice_pipe_bytes`].
-    pub(crate) splice_pipe_bytes: Option<usize>,
 }
 
 impl<FS: Filesystem> SessionEventLoop<FS> {
     fn event_loop(&self) -> io::Result<()> {
-        // csvfs patch: requests read with splice(2) where the pipe can be sized for them.
-        if let Some(bytes) = self.splice_pipe_bytes {
-            match crate::spliced::RequestPipe::new(bytes) {
-                Ok(pipe) => return self.spliced_event_loop(&pipe),
-                Err(e) => {
-                    warn!("{}: requests are read, not spliced: {e}", self.thread_name);
-                }
-            }
-        }
         // Buffer for receiving requests from the kernel. Only one is allocated and
         // it is reused immediately after dispatching to conserve memory and allocations.
         let mut buf = FuseReadBuf::new();
@@ -562,60 +550,6 @@ impl<FS: Filesystem> SessionEventLoop<FS> {
                 },
                 Err(nix::errno::Errno::ENODEV) => return Ok(()),
                 Err(err) => return Err(err.into()),
-            }
-        }
-    }
-}
-
-impl<FS: Filesystem> SessionEventLoop<FS> {
-    /// csvfs patch: the event loop with requests spliced into `pipe`; a large write's data
-    /// stays there for [`Filesystem::write_spliced`], and whatever it leaves is dropped.
-    ///
-    /// Splicing costs a small request more than reading it (the kernel copies it into a
-    /// new page and the loop reads it out of the pipe). So the loop splices only while
-    /// large writes come: it starts reading, turns to splicing when it reads a large
-    /// write, and turns back after `SPLICE_SMALL_RUN` other requests in a row.
-    fn spliced_event_loop(&self, pipe: &crate::spliced::RequestPipe) -> io::Result<()> {
-        use crate::spliced::{SPLICE_SMALL_RUN, SPLICE_WRITE_MIN_BYTES};
-        let mut buf = FuseReadBuf::new();
-        let buf = buf.as_mut();
-        let mut small_run: Option<usize> = None;
-        loop {
-            let received = if small_run.is_some() {
-                pipe.receive(&self.ch)
-            } else {
-                self.ch.receive_retrying(buf)
-            };
-            let size = match received {
-                Ok(size) => size,
-                Err(nix::errno::Errno::ENODEV) => return Ok(()),
-                Err(err) => return Err(err.into()),
-            };
-            let (head, data_len) = match small_run {
-                Some(_) => pipe.take_request(buf, size)?,
-                None => (size, 0),
-            };
-            small_run = match (small_run, size > SPLICE_WRITE_MIN_BYTES) {
-                (_, true) => Some(0),
-                (Some(n), false) if n + 1 < SPLICE_SMALL_RUN => Some(n + 1),
-                _ => None,
-            };
-            let Some(mut req) = RequestWithSender::new(self.ch.sender(), &buf[..head]) else {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "Invalid request",
-                ));
-            };
-            if data_len > 0 {
-                req.spliced = Some(pipe.data(data_len));
-            }
-            if let Ok(Operation::Destroy(_)) = req.request.operation() {
-                req.reply::<ReplyEmpty>().ok();
-                return Ok(());
-            }
-            req.dispatch(self);
-            if data_len > 0 {
-                pipe.discard_rest()?;
             }
         }
     }

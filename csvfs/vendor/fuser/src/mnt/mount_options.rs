@@ -18,12 +18,6 @@ pub struct Config {
     /// This enables more efficient request processing
     /// when multiple threads are used. Requires Linux 4.5+.
     pub clone_fd: bool,
-    /// csvfs patch: read requests from `/dev/fuse` with splice(2) into a pipe of this many
-    /// bytes per event loop, so that a write's data arrives as the writer's pages by
-    /// reference and reaches [`Filesystem::write_spliced`](crate::Filesystem::write_spliced).
-    /// An event loop whose pipe the kernel will not size so (`fs.pipe-max-size`, unless the
-    /// process has `CAP_SYS_RESOURCE`) reads requests as before. `None` (the default): off.
-    pub splice_pipe_bytes: Option<usize>,
 }
 
 /// Mount options accepted by the FUSE filesystem type
