@@ -90,9 +90,9 @@ struct SplicedRead {
 }
 
 impl PipeReader for SplicedRead {
-    type Head = [u8; 16];
+    type Head = [u8; ReplyData::SPLICE_HEADER_BYTES];
 
-    fn head(&self, len: u32) -> Option<[u8; 16]> {
+    fn head(&self, len: u32) -> Option<Self::Head> {
         self.reply.splice_header(usize::try_from(len).ok()?).ok()
     }
 
@@ -102,7 +102,7 @@ impl PipeReader for SplicedRead {
         };
         let total = usize::try_from(len)
             .unwrap_or(usize::MAX)
-            .saturating_add(16);
+            .saturating_add(ReplyData::SPLICE_HEADER_BYTES);
         match self.reply.splice(pipe.read_end(), total) {
             Ok(()) => self.inner.return_pipe(pipe),
             Err((reply, e)) => {

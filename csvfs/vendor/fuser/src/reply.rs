@@ -219,15 +219,22 @@ impl ReplyData {
         self.reply.send_ll(&ll::ResponseSlice(data));
     }
 
+    /// Bytes of the reply header [`ReplyData::splice_header`] gives (csvfs patch).
+    pub const SPLICE_HEADER_BYTES: usize = size_of::<ll::fuse_abi::fuse_out_header>();
+
     /// The reply header for `len` bytes of data, to be written into a pipe ahead of
     /// the data for [`ReplyData::splice`] (csvfs patch).
-    pub fn splice_header(&self, len: usize) -> std::io::Result<[u8; 16]> {
-        let total = u32::try_from(len + 16)
+    pub fn splice_header(&self, len: usize) -> std::io::Result<[u8; Self::SPLICE_HEADER_BYTES]> {
+        use zerocopy::IntoBytes;
+        let total = u32::try_from(len + Self::SPLICE_HEADER_BYTES)
             .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
-        let mut h = [0u8; 16];
-        h[..4].copy_from_slice(&total.to_ne_bytes());
-        // h[4..8] is the error: 0.
-        h[8..].copy_from_slice(&self.reply.unique.0.to_ne_bytes());
+        let header = ll::fuse_abi::fuse_out_header {
+            len: total,
+            error: 0,
+            unique: self.reply.unique.0,
+        };
+        let mut h = [0u8; Self::SPLICE_HEADER_BYTES];
+        h.copy_from_slice(header.as_bytes());
         Ok(h)
     }
 
