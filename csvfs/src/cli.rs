@@ -64,6 +64,10 @@ pub struct MountArgs {
     /// opens, in milliseconds. Default: 30000.
     #[arg(long)]
     pub node_grace_ms: Option<u64>,
+    /// While this node hosts the coordinator, send its own metadata requests to it inside
+    /// the process rather than over a loopback connection. Default: true.
+    #[arg(long)]
+    pub local_session: Option<bool>,
     /// Where to mount. Required (argument or config).
     pub mountpoint: Option<PathBuf>,
 }

@@ -30,6 +30,9 @@ pub struct MountConfigFile {
     /// As coordinator, the grace for departed nodes and for re-announced opens, in
     /// milliseconds. Default: 30000.
     pub node_grace_ms: Option<u64>,
+    /// While this node hosts the coordinator, its own requests reach it inside the process.
+    /// Default: true.
+    pub local_session: Option<bool>,
     /// Mountpoint. Default: none (required from argument or file).
     pub mountpoint: Option<PathBuf>,
 }
@@ -94,6 +97,8 @@ pub struct MountConfig {
     pub request_timeout_ms: u64,
     /// As coordinator, the grace for departed nodes and re-announced opens, in milliseconds.
     pub node_grace_ms: u64,
+    /// While this node hosts the coordinator, its own requests reach it inside the process.
+    pub local_session: bool,
     /// Mountpoint.
     pub mountpoint: PathBuf,
 }
@@ -166,6 +171,7 @@ impl MountConfig {
                 .or(file.request_timeout_ms)
                 .unwrap_or(30_000),
             node_grace_ms: args.node_grace_ms.or(file.node_grace_ms).unwrap_or(30_000),
+            local_session: args.local_session.or(file.local_session).unwrap_or(true),
             mountpoint,
         };
         cfg.validate()?;
@@ -220,6 +226,29 @@ mod tests {
             crate::cli::Command::Mount(m) => m,
             other => panic!("parsed {other:?}"),
         }
+    }
+
+    #[test]
+    fn local_session_defaults_on_comes_from_the_file_and_a_flag_overrides_it() {
+        let base = ["--lun", "x", "--node-id", "1", "--secret", "/s", "/mnt"];
+        let cfg = MountConfig::resolve(&args(&base)).unwrap();
+        assert!(cfg.local_session);
+        let dir = std::env::temp_dir().join(format!("csvfs-cfg-ls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("m.toml");
+        std::fs::write(&path, "local_session = false\n").unwrap();
+        let p = path.to_str().unwrap();
+        let mut with_file = vec!["--config", p];
+        with_file.extend_from_slice(&base);
+        assert!(
+            !MountConfig::resolve(&args(&with_file))
+                .unwrap()
+                .local_session
+        );
+        let mut flag = vec!["--local-session", "true"];
+        flag.extend_from_slice(&with_file);
+        assert!(MountConfig::resolve(&args(&flag)).unwrap().local_session);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

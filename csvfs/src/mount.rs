@@ -47,7 +47,8 @@ use crate::fuse::{CsvFs, Invalidator};
 use crate::meta::Metadata;
 use block_client::{open_device, BlockDevice, BlockError};
 use metadata_server::client::{
-    ClientConfig, ConnectError, CoordinatorLocator, InvalidationHandler, MetadataClient, Then,
+    ClientConfig, ConnectError, CoordinatorLocator, InvalidationHandler, LocalCoordinator,
+    MetadataClient, Then,
 };
 use metadata_server::format::{Superblock, SuperblockError};
 use metadata_server::lease::{
@@ -422,6 +423,8 @@ struct Candidate {
     /// The server's `node_grace_ms` when this node is coordinator.
     node_grace_ms: u64,
     hosted: parking_lot::Mutex<Option<Hosted>>,
+    /// Where this node's client finds the coordinator it hosts (see `host`).
+    local: Arc<LocalCoordinator>,
 }
 
 impl Candidate {
@@ -462,6 +465,7 @@ impl Candidate {
         drop(reserved);
         let server = Server::start(store.clone(), config).map_err(MountError::StartServer)?;
         let replayed = store.stats().replayed_records;
+        self.local.set(Some(server.local()));
         *self.hosted.lock() = Some(Hosted {
             server,
             keeper,
@@ -485,6 +489,7 @@ impl Candidate {
             }
         };
         if let Some((why, epoch)) = lapsed {
+            self.local.set(None);
             if let Some(h) = self.hosted.lock().take() {
                 h.fence(&why);
             }
@@ -585,6 +590,7 @@ pub fn run(cfg: &MountConfig) -> Result<(), MountError> {
         listen: cfg.listen,
         node_grace_ms: cfg.node_grace_ms,
         hosted: parking_lot::Mutex::new(None),
+        local: LocalCoordinator::new(),
     });
     let (my_addr, reserved) = reserve_addr(cfg.listen)?;
     // A lease with an owner that this node wins was expired: its owner died, maybe with
@@ -623,6 +629,7 @@ pub fn run(cfg: &MountConfig) -> Result<(), MountError> {
             volume: Some(sb.volume),
             locator: CoordinatorLocator::Lease(lun.clone()),
             request_timeout_ms: cfg.request_timeout_ms,
+            local: cfg.local_session.then(|| candidate.local.clone()),
         },
         Arc::new(Handler {
             kernel: invalidator.clone(),
@@ -739,6 +746,7 @@ pub fn run(cfg: &MountConfig) -> Result<(), MountError> {
     }
     client.close();
     pool.shutdown_timeout(Duration::from_secs(2));
+    candidate.local.set(None);
     let hosted = candidate.hosted.lock().take();
     if let Some(h) = hosted {
         h.shutdown();

@@ -121,6 +121,14 @@ pub trait MetadataStore: Send + Sync {
         Vec::new()
     }
 
+    /// Why the store refuses all further work because this node is no longer coordinator
+    /// (its lease lapsed, or a newer coordinator fenced it); `None` while it may serve. The
+    /// server then stops answering and closes every session, so the nodes find the new
+    /// coordinator and send their requests there. The default never refuses.
+    fn fenced(&self) -> Option<String> {
+        None
+    }
+
     /// A node is gone for good (crashed or cut off past its lease): drop its opens, so that
     /// unlinked inodes it held open are freed.
     fn node_gone(&self, node: NodeId) -> Result<(), FsError>;

@@ -1,7 +1,8 @@
 //! Metadata server and client over real TCP on loopback, against an in-memory store that
 //! implements `MetadataStore` here (with its own duplicate-request cache, like the real
 //! store): authentication, versions, bad frames, concurrency, restart with resend,
-//! invalidations, node-gone, unreachable coordinator.
+//! invalidations, node-gone, unreachable coordinator; and local sessions, which the node
+//! that hosts the coordinator uses instead of a socket.
 #![allow(clippy::tests_outside_test_module)]
 // Test helpers outside #[test] functions; a failure there is a test failure.
 #![allow(clippy::unwrap_used)]
@@ -9,7 +10,8 @@
 use block_client::testing::MemDevice;
 use block_client::BlockDevice;
 use metadata_server::client::{
-    ClientConfig, ConnectError, CoordinatorLocator, InvalidationHandler, MetadataClient,
+    ClientConfig, ConnectError, CoordinatorLocator, InvalidationHandler, LocalCoordinator,
+    MetadataClient,
 };
 use metadata_server::format::{mkfs, MkfsOptions, Superblock};
 use metadata_server::lease::{self, LeaseKeeper, LeaseRole};
@@ -85,6 +87,8 @@ struct MemStore {
     last_lsn: AtomicU64,
     /// `awaiting_reopen` panics (a store bug the orphan reap must survive).
     awaiting_panics: AtomicBool,
+    /// Set: the store is fenced and refuses everything, as the real one does.
+    fenced: Mutex<Option<String>>,
 }
 
 impl MemStore {
@@ -122,7 +126,14 @@ impl MetadataStore for MemStore {
         Ok(())
     }
 
+    fn fenced(&self) -> Option<String> {
+        self.fenced.lock().unwrap().clone()
+    }
+
     fn execute(&self, caller: &Caller, req: &Request) -> Result<Response, FsError> {
+        if let Some(why) = self.fenced() {
+            return Err(FsError::Io(format!("store {why}")));
+        }
         self.running.fetch_add(1, Ordering::SeqCst);
         let delay = self.delay_ms.load(Ordering::SeqCst);
         if delay > 0 {
@@ -271,11 +282,7 @@ fn a_detached_call_is_resent_across_a_restart_and_answered_once() {
         rx.recv_timeout(Duration::from_millis(300)).is_err(),
         "the continuation ran twice"
     );
-    let st = store.st.lock().unwrap();
-    let create_id = st.calls.last().copied().unwrap();
-    drop(st);
-    assert!(store.calls_of(create_id.0, create_id.1) >= 2);
-    assert_eq!(store.executed(create_id.0, create_id.1), 1);
+    last_call_ran_once(&store);
 
     // A closed client fails a detached call at once, on the calling thread.
     c.close();
@@ -292,12 +299,36 @@ fn a_detached_call_is_resent_across_a_restart_and_answered_once() {
 /// A coordinator and node 1 connected to it (one call done), with the store then taking
 /// 400 ms per call.
 fn connected_with_slow_store() -> (Arc<MemStore>, ServerHandle, Arc<MetadataClient>) {
+    connected_with_slow_store_via(None)
+}
+
+/// [`connected_with_slow_store`], with node 1 on a local session when `local` is given (it
+/// is pointed at the new server).
+fn connected_with_slow_store_via(
+    local: Option<&Arc<LocalCoordinator>>,
+) -> (Arc<MemStore>, ServerHandle, Arc<MetadataClient>) {
     let store = Arc::new(MemStore::default());
     let srv = start(&store);
-    let (c, _) = connect(1, srv.local_addr());
+    let (c, _) = match local {
+        Some(lc) => {
+            lc.set(Some(srv.local()));
+            connect_local(1, srv.local_addr(), lc)
+        }
+        None => connect(1, srv.local_addr()),
+    };
     c.call(0, 0, create(b"warm")).unwrap();
     store.delay_ms.store(400, Ordering::SeqCst);
     (store, srv, c)
+}
+
+/// The last request that reached the store reached it more than once (sent, then resent
+/// after a restart) and ran once.
+fn last_call_ran_once(store: &MemStore) {
+    let st = store.st.lock().unwrap();
+    let (node, id) = st.calls.last().copied().unwrap();
+    drop(st);
+    assert!(store.calls_of(node, id) >= 2);
+    assert_eq!(store.executed(node, id), 1);
 }
 
 /// Once the store runs a call: stops `srv` before it answers, and starts a new server on
@@ -417,6 +448,14 @@ struct Recorder {
     hold_ms: AtomicU64,
 }
 
+impl Recorder {
+    /// What it has been told so far.
+    fn invalidations(&self) -> Vec<Invalidation> {
+        let seen = self.seen.lock().unwrap();
+        seen.iter().map(|(i, _)| i.clone()).collect()
+    }
+}
+
 impl InvalidationHandler for Recorder {
     fn invalidate(&self, inv: &Invalidation) {
         let hold = self.hold_ms.load(Ordering::SeqCst);
@@ -437,6 +476,7 @@ fn client_cfg(node: u32, addr: SocketAddr) -> ClientConfig {
         volume: Some(VOLUME),
         locator: CoordinatorLocator::Fixed(addr),
         request_timeout_ms: 2000,
+        local: None,
     }
 }
 
@@ -810,20 +850,27 @@ fn sixty_four_concurrent_calls_from_eight_threads_share_one_connection() {
 
 #[test]
 fn restart_resends_with_the_same_request_id_and_runs_once() {
+    restart_resends_and_runs_once(None);
+    // The same for a local session (the node that hosts the coordinator). A reconnect that
+    // comes before the new coordinator is published goes over TCP: either way it runs once.
+    restart_resends_and_runs_once(Some(LocalCoordinator::new()));
+}
+
+fn restart_resends_and_runs_once(local: Option<Arc<LocalCoordinator>>) {
     // The next create is journaled by the store but the coordinator dies before replying.
-    let (store, srv, c) = connected_with_slow_store();
+    let (store, srv, c) = connected_with_slow_store_via(local.as_ref());
+    assert_eq!(c.is_local(), local.is_some());
     let c2 = c.clone();
     let call = std::thread::spawn(move || c2.call(0, 0, create(b"x")));
     let srv = restart_while_running(&store, srv);
+    if let Some(lc) = &local {
+        lc.set(Some(srv.local()));
+    }
     let r = call.join().unwrap();
     assert!(matches!(r, Ok(Response::Attr(_))), "{r:?}");
     // The create's request id reached the store more than once (the original, then the
     // resend; one more if the resend caught the old server while it stopped) and ran once.
-    let st = store.st.lock().unwrap();
-    let create_id = st.calls.last().copied().unwrap();
-    drop(st);
-    assert!(store.calls_of(create_id.0, create_id.1) >= 2);
-    assert_eq!(store.executed(create_id.0, create_id.1), 1);
+    last_call_ran_once(&store);
     let st = store.st.lock().unwrap();
     let distinct: HashSet<_> = st.calls.iter().collect();
     assert_eq!(
@@ -887,13 +934,7 @@ fn invalidations_reach_other_nodes_and_are_acked_before_the_change_is() {
         },
     )
     .unwrap();
-    let seen: Vec<Invalidation> = rec_b
-        .seen
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(i, _)| i.clone())
-        .collect();
+    let seen = rec_b.invalidations();
     assert!(
         seen.contains(&Invalidation::Inode { ino: f.ino }),
         "{seen:?}"
@@ -1082,6 +1123,7 @@ fn lease_locator_finds_the_coordinator_and_follows_it_when_it_moves() {
         volume: None,
         locator: CoordinatorLocator::Lease(dev.clone()),
         request_timeout_ms: 3000,
+        local: None,
     };
     let c = MetadataClient::connect(cfg, Arc::new(Recorder::default())).unwrap();
     assert_eq!(c.coordinator_addr(), addr1);
@@ -1405,4 +1447,234 @@ fn namespace_changes_carry_directory_attributes_from_version_4_only() {
     ));
     let (stamped, _) = client.call_stamped(0, 0, create(b"stamped"));
     assert!(matches!(stamped, Ok(Response::WithAttrs { .. })));
+}
+
+// ----- local sessions: the node that hosts the coordinator, without a socket -----
+
+/// A coordinator, published for local sessions as a hosting process does.
+fn start_hosted() -> (Arc<MemStore>, ServerHandle, Arc<LocalCoordinator>) {
+    let store = Arc::new(MemStore::default());
+    let srv = start(&store);
+    let lc = LocalCoordinator::new();
+    lc.set(Some(srv.local()));
+    (store, srv, lc)
+}
+
+/// Node `node` of the process that hosts `lc`'s coordinator.
+fn connect_local(
+    node: u32,
+    addr: SocketAddr,
+    lc: &Arc<LocalCoordinator>,
+) -> (Arc<MetadataClient>, Arc<Recorder>) {
+    let rec = Arc::new(Recorder::default());
+    let cfg = ClientConfig {
+        local: Some(lc.clone()),
+        ..client_cfg(node, addr)
+    };
+    let c = MetadataClient::connect(cfg, rec.clone()).unwrap();
+    (c, rec)
+}
+
+#[test]
+fn a_local_session_runs_calls_and_exchanges_invalidations_with_tcp_nodes() {
+    let (store, srv, lc) = start_hosted();
+    let (a, rec_a) = connect_local(1, srv.local_addr(), &lc);
+    assert!(a.is_local());
+    assert_eq!(a.epoch(), Epoch(3));
+    assert_eq!(a.coordinator_addr(), srv.local_addr());
+    // A fresh mount released the node's previous opens, as over TCP.
+    assert_eq!(gone_count(&store, 1), 1);
+    let (b, rec_b) = connect(2, srv.local_addr());
+    assert!(!b.is_local());
+    wait_until("both sessions", Duration::from_secs(3), || {
+        srv.connected_nodes() == vec![NodeId(1), NodeId(2)]
+    });
+
+    // Answered (this store runs everything on the executor; proto_store has the real
+    // store's in-place answers), and refused as over TCP.
+    let Ok(Response::Attr(f)) = a.call(0, 0, create(b"f")) else {
+        panic!("create failed")
+    };
+    assert!(matches!(a.call(0, 0, lookup(b"f")), Ok(Response::Attr(x)) if x.ino == f.ino));
+    assert!(matches!(a.call(0, 0, create(b"f")), Err(FsError::Exists)));
+    assert!(matches!(
+        a.call(0, 0, lookup(b"nope")),
+        Err(FsError::NotFound)
+    ));
+
+    // A's change invalidates what B caches, and waits for B's ack.
+    assert!(matches!(b.call(0, 0, lookup(b"g")), Err(FsError::NotFound)));
+    b.call(0, 0, Request::GetAttr { ino: InodeId::ROOT })
+        .unwrap();
+    rec_b.hold_ms.store(150, Ordering::SeqCst);
+    let t0 = Instant::now();
+    a.call(0, 0, create(b"g")).unwrap();
+    assert!(t0.elapsed() >= Duration::from_millis(150));
+    assert!(!rec_b.seen.lock().unwrap().is_empty());
+    rec_b.hold_ms.store(0, Ordering::SeqCst);
+
+    // B's change reaches A through the local session, and A's acks reach the coordinator.
+    assert!(matches!(a.call(0, 0, lookup(b"f")), Ok(Response::Attr(_))));
+    rec_a.hold_ms.store(50, Ordering::SeqCst);
+    let t0 = Instant::now();
+    b.call(
+        0,
+        0,
+        Request::Unlink {
+            parent: InodeId::ROOT,
+            name: b"f".to_vec(),
+        },
+    )
+    .unwrap();
+    // A drops three things (the entry, the root's attributes, the file), 50 ms each; an
+    // ack lost on the way would make B wait out the 500 ms ack timeout.
+    let took = t0.elapsed();
+    assert!(took >= Duration::from_millis(50), "{took:?}");
+    assert!(took < Duration::from_millis(450), "{took:?}");
+    let seen = rec_a.invalidations();
+    assert!(
+        seen.contains(&Invalidation::Entry {
+            parent: InodeId::ROOT,
+            name: b"f".to_vec()
+        }),
+        "{seen:?}"
+    );
+    rec_a.hold_ms.store(0, Ordering::SeqCst);
+
+    // A detached call gets its answer on a local session too.
+    let (tx, rx) = std::sync::mpsc::channel();
+    a.call_detached(0, 0, create(b"h"), Box::new(move |r| tx.send(r).unwrap()));
+    let r = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    assert!(matches!(r, Ok(Response::Attr(_))), "{r:?}");
+
+    // Many threads at once.
+    let threads: Vec<_> = (0..8)
+        .map(|t| {
+            let a = a.clone();
+            std::thread::spawn(move || {
+                for i in 0..50 {
+                    let name = format!("t{t}-{i}");
+                    a.call(0, 0, create(name.as_bytes())).unwrap();
+                    a.call(0, 0, lookup(name.as_bytes())).unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+
+    // Closing the client ends its session: the node is gone after the grace period.
+    a.close();
+    wait_until("node 1 to be gone", Duration::from_secs(3), || {
+        gone_count(&store, 1) == 2
+    });
+    assert_eq!(srv.connected_nodes(), vec![NodeId(2)]);
+}
+
+#[test]
+fn a_local_session_is_refused_for_what_a_tcp_one_is() {
+    let (_store, srv, lc) = start_hosted();
+    let mut cfg = ClientConfig {
+        local: Some(lc.clone()),
+        ..client_cfg(1, srv.local_addr())
+    };
+    cfg.secret = b"not the secret".to_vec();
+    let err = MetadataClient::connect(cfg.clone(), Arc::new(Recorder::default())).unwrap_err();
+    assert!(
+        matches!(err, ConnectError::SecretMismatch { .. }),
+        "{err:?}"
+    );
+    cfg.secret = SECRET.to_vec();
+    cfg.volume = Some(VolumeId([0x22; 16]));
+    let err = MetadataClient::connect(cfg, Arc::new(Recorder::default())).unwrap_err();
+    assert!(
+        matches!(&err, ConnectError::Refused { reason, .. } if reason.contains("wrong volume")),
+        "{err:?}"
+    );
+    assert!(srv.connected_nodes().is_empty());
+}
+
+#[test]
+fn a_node_whose_coordinator_moves_away_goes_on_over_tcp() {
+    let (store, srv, lc) = start_hosted();
+    let addr = srv.local_addr();
+    let (c, _) = connect_local(1, addr, &lc);
+    c.call(0, 0, create(b"a")).unwrap();
+    assert!(c.is_local());
+    let sessions = c.sessions();
+    // This process stops hosting; another serves the volume at the same address.
+    lc.set(None);
+    srv.shutdown();
+    let s: Arc<dyn MetadataStore> = store.clone();
+    let srv = Server::start(s, server_cfg(addr)).unwrap();
+    wait_until("the node to reconnect", Duration::from_secs(5), || {
+        c.is_connected() && c.sessions() > sessions
+    });
+    assert!(!c.is_local());
+    assert!(matches!(c.call(0, 0, lookup(b"a")), Ok(Response::Attr(_))));
+    assert_eq!(srv.connected_nodes(), vec![NodeId(1)]);
+}
+
+#[test]
+fn a_tcp_session_of_the_same_node_replaces_a_local_one_which_comes_back() {
+    let (_store, srv, lc) = start_hosted();
+    let (c, _) = connect_local(1, srv.local_addr(), &lc);
+    let sessions = c.sessions();
+    let (mut raw, v) = raw_handshake(
+        srv.local_addr(),
+        ClientHello {
+            resumed: true,
+            ..hello(1, 1, 2)
+        },
+        SECRET,
+    );
+    assert!(v.is_ok());
+    // The local session was told to end; the client reconnects (locally) and its newer
+    // session closes the raw one in turn.
+    wait_until(
+        "the local session to come back",
+        Duration::from_secs(5),
+        || c.is_connected() && c.sessions() > sessions,
+    );
+    assert!(c.is_local());
+    assert!(closed_by_server(&mut raw));
+    assert!(c.call(0, 0, Request::StatFs).is_ok());
+    assert_eq!(srv.connected_nodes(), vec![NodeId(1)]);
+}
+
+#[test]
+fn a_fenced_coordinator_answers_nothing_and_its_nodes_turn_to_the_next() {
+    let (store, srv, lc) = start_hosted();
+    let addr = srv.local_addr();
+    let (a, _) = connect_local(1, addr, &lc);
+    let (b, _) = connect(2, addr);
+    a.call(0, 0, create(b"before")).unwrap();
+    *store.fenced.lock().unwrap() = Some("fenced: lease lost".into());
+    let (a2, b2) = (a.clone(), b.clone());
+    let ta = std::thread::spawn(move || a2.call(0, 0, create(b"from-a")));
+    let tb = std::thread::spawn(move || b2.call(0, 0, create(b"from-b")));
+    // The fenced server answers neither (an answer would be the store's error): it closes
+    // every session instead.
+    wait_until(
+        "the fenced server to close its sessions",
+        Duration::from_secs(3),
+        || srv.connected_nodes().is_empty() && !a.is_connected() && !b.is_connected(),
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(!ta.is_finished() && !tb.is_finished());
+    // The next coordinator (here: the same address, the store no longer fenced) gets both.
+    srv.shutdown();
+    *store.fenced.lock().unwrap() = None;
+    let s: Arc<dyn MetadataStore> = store.clone();
+    let srv = Server::start(s, server_cfg(addr)).unwrap();
+    lc.set(Some(srv.local()));
+    let ra = ta.join().unwrap();
+    let rb = tb.join().unwrap();
+    assert!(matches!(ra, Ok(Response::Attr(_))), "{ra:?}");
+    assert!(matches!(rb, Ok(Response::Attr(_))), "{rb:?}");
+    assert!(matches!(
+        b.call(0, 0, lookup(b"from-a")),
+        Ok(Response::Attr(_))
+    ));
 }

@@ -10,7 +10,7 @@
 use block_client::testing::{FlakyDisk, MemDevice, OpClass};
 use block_client::BlockDevice;
 use metadata_server::client::{
-    ClientConfig, CoordinatorLocator, InvalidationHandler, MetadataClient,
+    ClientConfig, CoordinatorLocator, InvalidationHandler, LocalCoordinator, MetadataClient,
 };
 use metadata_server::format::{mkfs, MkfsOptions, Superblock};
 use metadata_server::lease::{self, LeaseRole};
@@ -117,6 +117,7 @@ fn node(dev: &Arc<dyn BlockDevice>, n: u32) -> (Arc<MetadataClient>, Arc<Seen>) 
             volume: None,
             locator: CoordinatorLocator::Lease(dev.clone()),
             request_timeout_ms: 5000,
+            local: None,
         },
         seen.clone(),
     )
@@ -335,4 +336,167 @@ fn a_change_journaled_before_a_coordinator_crash_runs_once_after_the_retry() {
         "{names:?}"
     );
     assert!(store2.executed.load(Ordering::SeqCst) >= 1);
+}
+
+#[test]
+fn the_coordinators_own_node_is_answered_in_place_by_the_real_store_and_stays_coherent() {
+    let (dev, volume) = lun();
+    let addr = free_addr();
+    let role = lease::acquire_or_find(&dev, NodeId(1), addr, 100).unwrap();
+    let LeaseRole::Coordinator { epoch } = role else {
+        panic!("{role:?}")
+    };
+    let store = Arc::new(Store::open(dev.clone(), epoch).unwrap());
+    let srv = Server::start(
+        store.clone(),
+        ServerConfig::new(addr, SECRET.to_vec(), volume, epoch),
+    )
+    .unwrap();
+    let lc = LocalCoordinator::new();
+    lc.set(Some(srv.local()));
+    let seen1 = Arc::new(Seen::default());
+    let one = MetadataClient::connect(
+        ClientConfig {
+            node: NodeId(1),
+            secret: SECRET.to_vec(),
+            volume: None,
+            locator: CoordinatorLocator::Lease(dev.clone()),
+            request_timeout_ms: 5000,
+            local: Some(lc.clone()),
+        },
+        seen1.clone(),
+    )
+    .unwrap();
+    assert!(one.is_local());
+    let (two, seen2) = node(&dev, 2);
+    assert!(!two.is_local());
+
+    // Reads and open counts are answered in place, mutations by the executor.
+    let Ok(Response::Attr(f)) = one.call(0, 0, create(InodeId::ROOT, "f")) else {
+        panic!("create")
+    };
+    assert!(
+        matches!(one.call(0, 0, Request::Lookup { parent: InodeId::ROOT, name: b"f".to_vec() }), Ok(Response::Attr(a)) if a.ino == f.ino)
+    );
+    let opened = one.call(
+        0,
+        0,
+        Request::Open {
+            ino: f.ino,
+            write: true,
+        },
+    );
+    assert!(matches!(opened, Ok(Response::Mapped { .. })), "{opened:?}");
+    // A release answered on whichever thread: its continuation takes a lock this thread
+    // does not hold.
+    let done = Arc::new(Mutex::new(Vec::new()));
+    let d = done.clone();
+    one.call_detached(
+        0,
+        0,
+        Request::Release { ino: f.ino },
+        Box::new(move |r| d.lock().unwrap().push(r.is_ok())),
+    );
+    let t0 = Instant::now();
+    while done.lock().unwrap().is_empty() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "release not answered"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(*done.lock().unwrap(), vec![true]);
+
+    // Node 2 caches f; node 1 unlinks it in place of the coordinator: node 2 is told.
+    assert!(two
+        .call(
+            0,
+            0,
+            Request::Lookup {
+                parent: InodeId::ROOT,
+                name: b"f".to_vec()
+            }
+        )
+        .is_ok());
+    one.call(
+        0,
+        0,
+        Request::Unlink {
+            parent: InodeId::ROOT,
+            name: b"f".to_vec(),
+        },
+    )
+    .unwrap();
+    assert!(seen2
+        .0
+        .lock()
+        .unwrap()
+        .contains(&Invalidation::Inode { ino: f.ino }));
+    // And the other way round: node 1 caches g, node 2 removes it.
+    let Ok(Response::Attr(g)) = two.call(0, 0, create(InodeId::ROOT, "g")) else {
+        panic!("create g")
+    };
+    assert!(one.call(0, 0, Request::GetAttr { ino: g.ino }).is_ok());
+    two.call(
+        0,
+        0,
+        Request::Unlink {
+            parent: InodeId::ROOT,
+            name: b"g".to_vec(),
+        },
+    )
+    .unwrap();
+    assert!(seen1
+        .0
+        .lock()
+        .unwrap()
+        .contains(&Invalidation::Inode { ino: g.ino }));
+
+    // Both nodes at once, four threads each, creating, looking up, opening and releasing.
+    let nodes = [one.clone(), two.clone()];
+    let threads: Vec<_> = nodes
+        .iter()
+        .enumerate()
+        .flat_map(|(i, c)| {
+            (0..4).map(move |t| {
+                let c = c.clone();
+                std::thread::spawn(move || {
+                    for k in 0..40 {
+                        let name = format!("n{i}-t{t}-{k}");
+                        let Ok(Response::Attr(a)) = c.call(0, 0, create(InodeId::ROOT, &name))
+                        else {
+                            panic!("create {name}")
+                        };
+                        let l = Request::Lookup {
+                            parent: InodeId::ROOT,
+                            name: name.clone().into_bytes(),
+                        };
+                        assert!(matches!(c.call(0, 0, l), Ok(Response::Attr(b)) if b.ino == a.ino));
+                        c.call(
+                            0,
+                            0,
+                            Request::Open {
+                                ino: a.ino,
+                                write: false,
+                            },
+                        )
+                        .unwrap();
+                        c.call(0, 0, Request::Release { ino: a.ino }).unwrap();
+                    }
+                })
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    for c in [&one, &two] {
+        let names: Vec<_> = list(c, InodeId::ROOT)
+            .into_iter()
+            .filter(|n| n.starts_with(b"n"))
+            .collect();
+        let unique: HashSet<_> = names.iter().collect();
+        assert_eq!(names.len(), 320);
+        assert_eq!(unique.len(), 320);
+    }
 }

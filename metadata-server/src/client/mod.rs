@@ -37,6 +37,7 @@ use crate::proto::{
     PROTOCOL_VERSION,
 };
 use crate::server::io::{read_frame, write_bytes, FrameLink, WireError, READ_BUFFER_BYTES};
+use crate::server::{LocalAck, LocalPeer, LocalRefusal, LocalServer, LocalSession};
 use crate::types::{Epoch, FileKind, FsError, NodeId, RequestId, VolumeId};
 use block_client::BlockDevice;
 use parking_lot::Mutex;
@@ -84,6 +85,37 @@ pub struct ClientConfig {
     /// How long a call (or `connect`) waits for an unreachable coordinator before it fails,
     /// in milliseconds. A reachable coordinator is waited for as long as it answers pings.
     pub request_timeout_ms: u64,
+    /// The coordinator when it runs in this process (the node that hosts it): reached
+    /// without a socket while it is the one the locator names. `None`: always TCP.
+    pub local: Option<Arc<LocalCoordinator>>,
+}
+
+/// Where a node's own process publishes the coordinator it hosts, for its client to reach
+/// it without a socket ([`LocalSession`]). Set while hosting, cleared when it stops.
+#[derive(Debug, Default)]
+pub struct LocalCoordinator {
+    server: Mutex<Option<LocalServer>>,
+}
+
+impl LocalCoordinator {
+    /// Nothing hosted yet.
+    pub fn new() -> Arc<LocalCoordinator> {
+        Arc::new(LocalCoordinator::default())
+    }
+
+    /// The coordinator this process hosts now (`None`: none).
+    pub fn set(&self, server: Option<LocalServer>) {
+        *self.server.lock() = server;
+    }
+
+    /// The hosted coordinator, if it serves at `addr` and runs.
+    fn at(&self, addr: SocketAddr) -> Option<LocalServer> {
+        self.server
+            .lock()
+            .as_ref()
+            .filter(|s| s.addr() == addr && s.is_running())
+            .cloned()
+    }
 }
 
 impl fmt::Debug for ClientConfig {
@@ -94,6 +126,7 @@ impl fmt::Debug for ClientConfig {
             .field("volume", &self.volume)
             .field("locator", &self.locator)
             .field("request_timeout_ms", &self.request_timeout_ms)
+            .field("local", &self.local.is_some())
             .finish()
     }
 }
@@ -104,10 +137,13 @@ pub trait InvalidationHandler: Send + Sync {
     /// Drop the cached state `inv` names.
     fn invalidate(&self, inv: &Invalidation);
 
-    /// Sees `inv` first, on the connection's reader, in the order frames arrive and before
-    /// any later reply is handed to its caller; `stamp` counts the invalidations seen so
-    /// far, this one included (see [`MetadataClient::call_stamped`]). Must not block. The
-    /// default does nothing.
+    /// Sees `inv` first, in the order frames arrive and before any later reply is handed to
+    /// its caller; `stamp` counts the invalidations seen so far, this one included (see
+    /// [`MetadataClient::call_stamped`]). Called on the connection's reader, or, on a local
+    /// session, on the coordinator's thread that sends it (its store executor, or a node
+    /// thread whose request was answered in place). Must be short, must not block and must
+    /// not take a lock that the node holds while it calls this client. The default does
+    /// nothing.
     fn observe(&self, _stamp: u64, _inv: &Invalidation) {}
 }
 
@@ -232,9 +268,18 @@ impl Done {
     }
 }
 
+/// The current session's way to the coordinator.
+#[derive(Clone)]
+enum Conn {
+    /// A TCP connection.
+    Tcp(Arc<FrameLink>),
+    /// The coordinator in this process.
+    Local(Arc<LocalSession>),
+}
+
 struct State {
     pending: BTreeMap<RequestId, Pending>,
-    conn: Option<Arc<FrameLink>>,
+    conn: Option<Conn>,
     disconnected_since: Option<Instant>,
     epoch: Epoch,
     volume: Option<VolumeId>,
@@ -251,7 +296,12 @@ struct State {
 type Reader = BufReader<OwnedReadHalf>;
 
 /// Where to acknowledge an invalidation: its sequence number and the session's link.
-type Ack = (u64, Arc<FrameLink>);
+enum Ack {
+    /// On a TCP session.
+    Tcp(u64, Arc<FrameLink>),
+    /// On a local session.
+    Local(u64, LocalAck),
+}
 
 struct Inner {
     cfg: ClientConfig,
@@ -270,6 +320,15 @@ struct Inner {
 }
 
 impl Inner {
+    /// Hands the answer to request `id` to its caller, stamped with the invalidations seen
+    /// so far.
+    fn answer(&self, id: RequestId, result: Result<Response, FsError>) {
+        let p = self.state.lock().pending.remove(&id);
+        if let Some(p) = p {
+            p.done.finish(result, self.seen.load(Ordering::Acquire));
+        }
+    }
+
     /// Counts `inv` and shows it to the observer, before anything read after it.
     fn observe(&self, inv: &Invalidation) {
         let stamp = self.seen.fetch_add(1, Ordering::AcqRel) + 1;
@@ -293,10 +352,20 @@ impl fmt::Debug for MetadataClient {
     }
 }
 
+/// The transport of a session that was established.
+enum Transport {
+    /// A TCP connection, authenticated.
+    Tcp {
+        rd: OwnedReadHalf,
+        wr: OwnedWriteHalf,
+    },
+    /// A local session, and how it tells that it ended.
+    Local(Arc<LocalSession>, Arc<SessionEnd>),
+}
+
 /// A handshake that succeeded.
 struct Session {
-    rd: OwnedReadHalf,
-    wr: OwnedWriteHalf,
+    transport: Transport,
     addr: SocketAddr,
     epoch: Epoch,
     volume: VolumeId,
@@ -342,8 +411,12 @@ impl MetadataClient {
                 let _enter = span.enter();
                 while let Ok((inv, ack)) = handler_rx.recv() {
                     handler.invalidate(&inv);
-                    if let Some((seq, link)) = ack {
-                        let _ = link.send_frame(&Frame::InvalidateAck { seq }, MAX_FRAME_BYTES);
+                    match ack {
+                        Some(Ack::Tcp(seq, link)) => {
+                            let _ = link.send_frame(&Frame::InvalidateAck { seq }, MAX_FRAME_BYTES);
+                        }
+                        Some(Ack::Local(seq, to)) => to.ack(seq),
+                        None => {}
                     }
                 }
             })
@@ -415,8 +488,8 @@ impl MetadataClient {
                 )))
             }
         };
-        let (rd, link) = install(&inner, session);
-        runtime.spawn(run(inner.clone(), rd, link).instrument(span.clone()));
+        let live = install(&inner, session);
+        runtime.spawn(run(inner.clone(), live).instrument(span.clone()));
         runtime.spawn(reaper(inner.clone()).instrument(span));
         Ok(Arc::new(MetadataClient {
             inner,
@@ -456,8 +529,10 @@ impl MetadataClient {
     }
 
     /// Runs `req` at the coordinator like [`call`](Self::call), without waiting: `then`
-    /// gets the answer (or the failure) on the thread that reads it from the coordinator,
-    /// so it must be short, must not block and must not call this client. A lost
+    /// gets the answer (or the failure) on the thread that reads it from the coordinator;
+    /// on a local session, on the coordinator's thread that answers, which may be this one
+    /// before `call_detached` returns. So it must be short, must not block, must not call
+    /// this client and must not take a lock that the node holds while it calls this client. A lost
     /// connection is re-established and the request re-sent, as for `call`. For requests
     /// whose caller needs no answer, such as `Release`: no thread waits and none is woken.
     pub fn call_detached(&self, uid: u32, gid: u32, req: Request, then: Then) {
@@ -518,8 +593,17 @@ impl MetadataClient {
         };
         // Sent from this thread, outside the state lock. If the session breaks first, the
         // request stays pending and the next session sends it again with the same id.
-        if let Some(link) = link {
-            let _ = link.send_bytes(&bytes);
+        match link {
+            Some(Conn::Tcp(link)) => {
+                let _ = link.send_bytes(&bytes);
+            }
+            Some(Conn::Local(session)) => {
+                // May answer on this thread (its state lock is not held here).
+                if let Frame::Request { caller, req, .. } = frame {
+                    let _ = session.request(caller, req);
+                }
+            }
+            None => {}
         }
     }
 
@@ -565,6 +649,12 @@ impl MetadataClient {
         self.inner.up.load(Ordering::Acquire)
     }
 
+    /// True while the session is a local one: the coordinator runs in this process and is
+    /// reached without a socket ([`ClientConfig::local`]).
+    pub fn is_local(&self) -> bool {
+        matches!(self.inner.state.lock().conn, Some(Conn::Local(_)))
+    }
+
     /// This node.
     pub fn node(&self) -> NodeId {
         self.inner.cfg.node
@@ -594,11 +684,13 @@ impl MetadataClient {
     /// Closes the connection; pending and later calls fail. Also done on drop.
     pub fn close(&self) {
         self.inner.closed.store(true, Ordering::Release);
-        let pending = {
+        let (pending, conn) = {
             let mut st = self.inner.state.lock();
-            st.conn = None;
-            std::mem::take(&mut st.pending)
+            (std::mem::take(&mut st.pending), st.conn.take())
         };
+        if let Some(Conn::Local(session)) = conn {
+            session.close();
+        }
         for (_, p) in pending {
             p.done.finish(Err(closed()), 0);
         }
@@ -641,23 +733,11 @@ async fn locate(inner: &Inner) -> Result<(SocketAddr, Option<Epoch>), ConnectErr
     }
 }
 
-/// One attempt: locate, connect, handshake.
-async fn establish(inner: &Inner, resumed: bool) -> Result<Session, ConnectError> {
+/// One attempt: locate, connect, handshake; or, when the coordinator runs in this process,
+/// a local session.
+async fn establish(inner: &Arc<Inner>, resumed: bool) -> Result<Session, ConnectError> {
     let (addr, lease_epoch) = locate(inner).await?;
     let timeout_ms = inner.cfg.request_timeout_ms;
-    let attempt = Duration::from_millis(timeout_ms.clamp(100, 5000));
-    let unreachable = |source: std::io::Error| ConnectError::Unreachable {
-        target: addr.to_string(),
-        timeout_ms,
-        source,
-    };
-    let stream = match tokio::time::timeout(attempt, TcpStream::connect(addr)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => return Err(unreachable(e)),
-        Err(_) => return Err(unreachable(io_err("connect timed out".into()))),
-    };
-    let _ = stream.set_nodelay(true);
-    let (mut rd, mut wr) = stream.into_split();
     let (seen, volume) = {
         let st = inner.state.lock();
         (st.epoch.max(lease_epoch.unwrap_or(Epoch(0))), st.volume)
@@ -673,6 +753,22 @@ async fn establish(inner: &Inner, resumed: bool) -> Result<Session, ConnectError
         resumed,
         nonce,
     };
+    if let Some(server) = inner.cfg.local.as_ref().and_then(|l| l.at(addr)) {
+        return establish_local(inner, &server, &hello).await;
+    }
+    let attempt = Duration::from_millis(timeout_ms.clamp(100, 5000));
+    let unreachable = |source: std::io::Error| ConnectError::Unreachable {
+        target: addr.to_string(),
+        timeout_ms,
+        source,
+    };
+    let stream = match tokio::time::timeout(attempt, TcpStream::connect(addr)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Err(unreachable(e)),
+        Err(_) => return Err(unreachable(io_err("connect timed out".into()))),
+    };
+    let _ = stream.set_nodelay(true);
+    let (mut rd, mut wr) = stream.into_split();
     let hs = async {
         send(&mut wr, &Frame::ClientHello(hello.clone()), addr).await?;
         let sh = match read_frame(&mut rd, MAX_HANDSHAKE_FRAME_BYTES).await {
@@ -736,14 +832,100 @@ async fn establish(inner: &Inner, resumed: bool) -> Result<Session, ConnectError
         Err(_) => return Err(unreachable(io_err("handshake timed out".into()))),
     };
     Ok(Session {
-        rd,
-        wr,
+        transport: Transport::Tcp { rd, wr },
         addr,
         epoch: sh.epoch,
         volume: sh.volume,
         version: sh.version,
         instance: sh.instance,
     })
+}
+
+/// A local session with the coordinator this process hosts.
+async fn establish_local(
+    inner: &Arc<Inner>,
+    server: &LocalServer,
+    hello: &ClientHello,
+) -> Result<Session, ConnectError> {
+    let addr = server.addr();
+    let end = Arc::new(SessionEnd::default());
+    let peer = Arc::new(Peer {
+        inner: Arc::downgrade(inner),
+        end: end.clone(),
+    });
+    match server.connect(hello, &inner.cfg.secret, peer).await {
+        Ok((session, accepted)) => Ok(Session {
+            transport: Transport::Local(session, end),
+            addr,
+            epoch: accepted.epoch,
+            volume: accepted.volume,
+            version: accepted.version,
+            instance: accepted.instance,
+        }),
+        Err(LocalRefusal::Gone) => Err(ConnectError::Unreachable {
+            target: addr.to_string(),
+            timeout_ms: inner.cfg.request_timeout_ms,
+            source: io_err(LocalRefusal::Gone.to_string()),
+        }),
+        Err(LocalRefusal::Refused(reason)) => Err(ConnectError::Refused { addr, reason }),
+        Err(LocalRefusal::SecretMismatch) => Err(ConnectError::SecretMismatch { addr }),
+    }
+}
+
+/// How a local session tells the client that it ended.
+#[derive(Default)]
+struct SessionEnd {
+    reason: Mutex<Option<String>>,
+    notify: tokio::sync::Notify,
+}
+
+impl SessionEnd {
+    fn end(&self, reason: &str) {
+        self.reason.lock().get_or_insert_with(|| reason.to_string());
+        self.notify.notify_one();
+    }
+
+    async fn wait(&self) -> String {
+        loop {
+            if let Some(r) = self.reason.lock().clone() {
+                return r;
+            }
+            self.notify.notified().await;
+        }
+    }
+}
+
+/// The client's end of a local session: what the TCP reader does with a frame, done on the
+/// thread that delivers it.
+struct Peer {
+    inner: std::sync::Weak<Inner>,
+    end: Arc<SessionEnd>,
+}
+
+impl LocalPeer for Peer {
+    fn deliver(&self, frame: Frame, ack: &LocalAck) {
+        let Some(inner) = self.inner.upgrade() else {
+            return;
+        };
+        match frame {
+            Frame::Reply { id, result } => inner.answer(id, result),
+            Frame::Invalidate { seq, inv } => {
+                inner.observe(&inv);
+                let sent = inner
+                    .handler_tx
+                    .send((inv, Some(Ack::Local(seq, ack.clone()))));
+                if sent.is_err() {
+                    // Nothing would acknowledge invalidations any more: reconnect.
+                    self.end.end("invalidation handler stopped");
+                }
+            }
+            other => tracing::warn!(kind = other.kind(), "unexpected frame on a local session"),
+        }
+    }
+
+    fn ended(&self, reason: &str) {
+        self.end.end(reason);
+    }
 }
 
 fn wire(addr: SocketAddr, e: &WireError) -> ConnectError {
@@ -768,10 +950,17 @@ async fn send(wr: &mut OwnedWriteHalf, f: &Frame, addr: SocketAddr) -> Result<()
     write_bytes(wr, &bytes).await.map_err(|e| wire(addr, &e))
 }
 
+/// A session made current, as its serving loop needs it.
+enum Live {
+    /// The reading half and the link of a TCP session.
+    Tcp(Reader, Arc<FrameLink>),
+    /// A local session, and how it tells that it ended.
+    Local(Arc<SessionEnd>),
+}
+
 /// Makes `s` the current session: records what it learned and re-sends every pending
-/// request with its id. Returns the session's reading half and its link.
-fn install(inner: &Inner, s: Session) -> (Reader, Arc<FrameLink>) {
-    let link = Arc::new(FrameLink::new(s.wr));
+/// request with its id.
+fn install(inner: &Inner, s: Session) -> Live {
     let mut st = inner.state.lock();
     if st.instance != 0 && st.instance != s.instance {
         tracing::info!(addr = %s.addr, epoch = %s.epoch, "connected to a new coordinator instance");
@@ -803,21 +992,52 @@ fn install(inner: &Inner, s: Session) -> (Reader, Arc<FrameLink>) {
         .filter_map(|id| st.pending.remove(id))
         .collect();
     let resent = st.pending.len();
-    for (id, p) in &st.pending {
-        let f = Frame::Request {
-            id: *id,
-            caller: p.caller,
-            req: p.req.clone(),
-        };
-        // A request that fits no frame was failed when it was first sent; a broken link
-        // ends this session, and the next one sends everything pending again.
-        if let Ok(bytes) = encode_frame(&f, MAX_FRAME_BYTES) {
-            let _ = link.send_bytes(&bytes);
+    let (live, local) = match s.transport {
+        Transport::Tcp { rd, wr } => {
+            let link = Arc::new(FrameLink::new(wr));
+            for (id, p) in &st.pending {
+                let f = Frame::Request {
+                    id: *id,
+                    caller: p.caller,
+                    req: p.req.clone(),
+                };
+                // A request that fits no frame was failed when it was first sent; a broken
+                // link ends this session, and the next one sends everything pending again.
+                if let Ok(bytes) = encode_frame(&f, MAX_FRAME_BYTES) {
+                    let _ = link.send_bytes(&bytes);
+                }
+            }
+            st.conn = Some(Conn::Tcp(link.clone()));
+            // Buffered from here on (the handshake read exactly its frames): one read
+            // syscall takes every reply that has arrived, not two per frame.
+            let rd = BufReader::with_capacity(READ_BUFFER_BYTES, rd);
+            (Live::Tcp(rd, link), None)
         }
-    }
-    st.conn = Some(link.clone());
+        Transport::Local(session, end) => {
+            // Sent below, outside the state lock (an answer may come on this thread);
+            // requests submitted from now on are sent by their callers.
+            let again: Vec<(Caller, Request)> = st
+                .pending
+                .values()
+                .map(|p| (p.caller, p.req.clone()))
+                .collect();
+            st.conn = Some(Conn::Local(session.clone()));
+            (Live::Local(end), Some((session, again)))
+        }
+    };
     inner.up.store(true, Ordering::Release);
     drop(st);
+    if let Some((session, again)) = local {
+        if inner.closed.load(Ordering::Acquire) {
+            // Closed while this session was being opened: `close` did not see it.
+            inner.state.lock().conn = None;
+            session.close();
+        } else {
+            for (caller, req) in again {
+                let _ = session.request(caller, req);
+            }
+        }
+    }
     for p in failed {
         let e = FsError::Io(format!(
             "the coordinator's protocol version {} is too old for {}",
@@ -826,23 +1046,28 @@ fn install(inner: &Inner, s: Session) -> (Reader, Arc<FrameLink>) {
         ));
         p.done.finish(Err(e), 0);
     }
-    tracing::info!(addr = %s.addr, epoch = %s.epoch, version = s.version, resent, "connected to coordinator");
-    // Buffered from here on (the handshake read exactly its frames): one read syscall
-    // takes every reply that has arrived, not two per frame.
-    (BufReader::with_capacity(READ_BUFFER_BYTES, s.rd), link)
+    let local = matches!(live, Live::Local(_));
+    tracing::info!(addr = %s.addr, epoch = %s.epoch, version = s.version, resent, local, "connected to coordinator");
+    live
 }
 
 /// Serves sessions forever: the current one, then reconnects.
-async fn run(inner: Arc<Inner>, first_rd: Reader, first_link: Arc<FrameLink>) {
-    let (mut rd, mut link) = (first_rd, first_link);
+async fn run(inner: Arc<Inner>, first: Live) {
+    let mut live = first;
     loop {
-        let reason = serve(&inner, rd, &link).await;
-        {
+        let reason = match live {
+            Live::Tcp(rd, link) => serve(&inner, rd, &link).await,
+            Live::Local(end) => end.wait().await,
+        };
+        let gone = {
             let mut st = inner.state.lock();
             inner.up.store(false, Ordering::Release);
-            st.conn = None;
             st.disconnected_since = Some(Instant::now());
             st.last_error = reason.clone();
+            st.conn.take()
+        };
+        if let Some(Conn::Local(session)) = gone {
+            session.close();
         }
         if inner.closed.load(Ordering::Acquire) {
             return;
@@ -868,7 +1093,7 @@ async fn run(inner: Arc<Inner>, first_rd: Reader, first_link: Arc<FrameLink>) {
                 }
             }
         };
-        (rd, link) = install(&inner, session);
+        live = install(&inner, session);
     }
 }
 
@@ -898,17 +1123,12 @@ async fn serve(inner: &Arc<Inner>, mut rd: Reader, link: &Arc<FrameLink>) -> Str
             Ok(Ok(f)) => f,
         };
         match frame {
-            Frame::Reply { id, result } => {
-                let p = inner.state.lock().pending.remove(&id);
-                if let Some(p) = p {
-                    p.done.finish(result, inner.seen.load(Ordering::Acquire));
-                }
-            }
+            Frame::Reply { id, result } => inner.answer(id, result),
             Frame::Invalidate { seq, inv } => {
                 inner.observe(&inv);
                 if inner
                     .handler_tx
-                    .send((inv, Some((seq, link.clone()))))
+                    .send((inv, Some(Ack::Tcp(seq, link.clone()))))
                     .is_err()
                 {
                     break "invalidation handler stopped".into();

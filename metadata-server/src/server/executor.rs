@@ -36,8 +36,9 @@ pub(super) struct Job {
     pub(super) id: RequestId,
     pub(super) caller: Caller,
     pub(super) req: Request,
-    /// The connection's queue slot, free once the request ran.
-    pub(super) slot: OwnedSemaphorePermit,
+    /// The connection's queue slot, free once the request ran (none for a local session,
+    /// whose callers are the node's own threads).
+    pub(super) slot: Option<OwnedSemaphorePermit>,
     pub(super) span: tracing::Span,
 }
 
@@ -212,6 +213,18 @@ fn run_batch(batch: Vec<Job>, runtime: &tokio::runtime::Handle) {
     } else {
         Ok(())
     };
+    let io_failed = matches!(durable, Err(FsError::Io(_)))
+        || ran.iter().any(|r| matches!(r.result, Err(FsError::Io(_))));
+    if io_failed {
+        if let Some(reason) = store.fenced() {
+            // No longer coordinator: nothing is answered; the nodes send it all again to
+            // the next one.
+            if let Some(r) = ran.first() {
+                r.job.shared.stop_serving(&reason);
+            }
+            return;
+        }
+    }
     let mut sinks: Vec<Arc<dyn FrameSink>> = Vec::new();
     for r in ran {
         let Ran {

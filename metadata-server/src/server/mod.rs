@@ -18,10 +18,18 @@
 //!                        └─ writer: frames from a queue, flushed when the queue is empty
 //!           closed ─▶ node not back within the grace period ─▶ store.node_gone(node)
 //! ```
+//!
+//! The node in the coordinator's own process skips the socket: a local session
+//! (local.rs) hands its requests straight to the in-place path or the executor and gets
+//! replies and invalidations delivered in order, with the same coherence, duplicate-request
+//! and node-gone rules.
 
 mod coherence;
 mod executor;
 pub(crate) mod io;
+mod local;
+
+pub use local::{LocalAccepted, LocalAck, LocalPeer, LocalRefusal, LocalServer, LocalSession};
 mod session;
 
 /// Version from which replies to namespace changes carry `Response::WithAttrs`.
@@ -33,6 +41,7 @@ use coherence::Coherence;
 use std::collections::HashMap;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -169,6 +178,45 @@ pub(crate) struct Shared {
     /// for their `Reopen` (see `session::schedule_orphan_reap`).
     pub(crate) resumed: parking_lot::Mutex<std::collections::BTreeSet<NodeId>>,
     pub(crate) shutdown: watch::Receiver<bool>,
+    /// Flags the shutdown (the handle, or the server itself once its store is fenced).
+    pub(crate) shutdown_tx: watch::Sender<bool>,
+    /// The server's runtime (local sessions start their tasks on it).
+    pub(crate) runtime: tokio::runtime::Handle,
+    /// The next session's connection number (TCP and local sessions share the count).
+    pub(crate) next_conn: AtomicU64,
+    /// Local sessions, ended when the server stops.
+    pub(crate) locals: parking_lot::Mutex<Vec<std::sync::Weak<local::LocalSession>>>,
+}
+
+impl Shared {
+    /// True when `result` failed because the store is fenced (see
+    /// [`MetadataStore::fenced`]): then the server has stopped serving and the request is
+    /// not to be answered.
+    pub(crate) fn refuses<T>(&self, result: &Result<T, crate::types::FsError>) -> bool {
+        if !matches!(result, Err(crate::types::FsError::Io(_))) {
+            return false;
+        }
+        match self.store.fenced() {
+            Some(reason) => {
+                self.stop_serving(&reason);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Stops serving (once): no more connections, every session closed. The nodes locate
+    /// the coordinator again and resend what is pending.
+    pub(crate) fn stop_serving(&self, reason: &str) {
+        if self.shutdown_tx.send_replace(true) {
+            return;
+        }
+        tracing::warn!(
+            reason,
+            "the metadata store is fenced: closing every session so the nodes turn to the new coordinator"
+        );
+        local::end_all(self, "coordinator fenced");
+    }
 }
 
 /// The metadata server. Use [`Server::start`].
@@ -178,7 +226,6 @@ pub struct Server;
 /// A running server; stops it on [`ServerHandle::shutdown`] or when dropped.
 pub struct ServerHandle {
     local_addr: SocketAddr,
-    shutdown_tx: watch::Sender<bool>,
     runtime: Option<tokio::runtime::Runtime>,
     shared: Arc<Shared>,
 }
@@ -248,6 +295,10 @@ impl Server {
             generations: parking_lot::Mutex::new(HashMap::new()),
             resumed: parking_lot::Mutex::new(std::collections::BTreeSet::new()),
             shutdown: shutdown_rx,
+            shutdown_tx,
+            runtime: runtime.handle().clone(),
+            next_conn: AtomicU64::new(1),
+            locals: parking_lot::Mutex::new(Vec::new()),
             config,
         });
         let span = tracing::info_span!(
@@ -268,7 +319,6 @@ impl Server {
         runtime.spawn(accept_loop(listener, shared.clone()).instrument(span));
         Ok(ServerHandle {
             local_addr,
-            shutdown_tx,
             runtime: Some(runtime),
             shared,
         })
@@ -279,6 +329,12 @@ impl ServerHandle {
     /// The address the server listens on (with the real port when 0 was asked for).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The server as a node in this process reaches it without a socket (see
+    /// [`LocalSession`]).
+    pub fn local(&self) -> LocalServer {
+        LocalServer::new(self.local_addr, &self.shared)
     }
 
     /// Nodes that have an authenticated session right now.
@@ -293,7 +349,9 @@ impl ServerHandle {
     }
 
     fn stop(&mut self) {
-        let _ = self.shutdown_tx.send(true);
+        let _ = self.shared.shutdown_tx.send(true);
+        // Before the executor stops: a batch that still runs has nowhere to answer.
+        local::end_all(&self.shared, "server shutting down");
         self.shared.executor.stop();
         if let Some(rt) = self.runtime.take() {
             if tokio::runtime::Handle::try_current().is_ok() {
@@ -318,7 +376,6 @@ const MAX_PENDING_HANDSHAKES: usize = 256;
 
 async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     let mut shutdown = shared.shutdown.clone();
-    let mut next_conn: u64 = 1;
     // Connections still in their handshake, at most: unauthenticated peers cannot pile up.
     let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_HANDSHAKES));
     loop {
@@ -330,8 +387,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
                         tracing::warn!(%peer, limit = MAX_PENDING_HANDSHAKES, "connection refused: too many handshakes in progress");
                         continue;
                     };
-                    let conn = next_conn;
-                    next_conn += 1;
+                    let conn = shared.next_conn.fetch_add(1, Ordering::Relaxed);
                     let _ = stream.set_nodelay(true);
                     let span = tracing::info_span!("conn", conn, %peer);
                     let run = session::run(stream, peer, conn, shared.clone(), permit);

@@ -63,8 +63,14 @@ pub(super) async fn run(
     established(rd, wr, conn, est, shared.clone())
         .instrument(span)
         .await;
+    ended(&shared, node, conn);
+}
+
+/// Session `conn` of `node` ended: if it was the node's current one, the node is declared
+/// gone unless it comes back within the grace period. Call inside the server's runtime.
+pub(super) fn ended(shared: &Arc<Shared>, node: NodeId, conn: u64) {
     if shared.coherence.detach(node, conn) {
-        schedule_node_gone(node, &shared);
+        schedule_node_gone(node, shared);
     }
 }
 
@@ -88,6 +94,39 @@ async fn refuse_hello(wr: &mut OwnedWriteHalf, reason: String) -> String {
     reason
 }
 
+/// The checks of a node's hello that need no secret: a valid node id, a common protocol
+/// version (returned), the volume the node expects and an epoch it has not outgrown.
+pub(super) fn check_hello(shared: &Shared, hello: &ClientHello) -> Result<u32, String> {
+    let cfg = &shared.config;
+    let node = hello.node;
+    if node.0 == 0 {
+        return Err("node id 0 is invalid".into());
+    }
+    let lowest = hello.min_version.max(MIN_PROTOCOL_VERSION);
+    let version = hello.version.min(PROTOCOL_VERSION);
+    if version < lowest {
+        return Err(format!(
+            "{node}: no common protocol version (node speaks {}..={}, coordinator {}..={})",
+            hello.min_version, hello.version, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION
+        ));
+    }
+    if let Some(v) = hello.volume {
+        if v != cfg.volume {
+            return Err(format!(
+                "{node}: wrong volume (node expects {v}, coordinator serves {})",
+                cfg.volume
+            ));
+        }
+    }
+    if hello.epoch > cfg.epoch {
+        return Err(format!(
+            "{node}: stale coordinator (node has seen {}, this coordinator has {})",
+            hello.epoch, cfg.epoch
+        ));
+    }
+    Ok(version)
+}
+
 /// Runs the handshake; on failure returns the reason to log.
 async fn handshake(
     rd: &mut OwnedReadHalf,
@@ -106,43 +145,10 @@ async fn handshake(
         Err(e) => return Err(format!("reading client-hello: {}", chain(&e))),
     };
     let node = hello.node;
-    if node.0 == 0 {
-        return Err(refuse_hello(wr, "node id 0 is invalid".into()).await);
-    }
-    let lowest = hello.min_version.max(MIN_PROTOCOL_VERSION);
-    let version = hello.version.min(PROTOCOL_VERSION);
-    if version < lowest {
-        return Err(refuse_hello(
-            wr,
-            format!(
-                "{node}: no common protocol version (node speaks {}..={}, coordinator {}..={})",
-                hello.min_version, hello.version, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION
-            ),
-        )
-        .await);
-    }
-    if let Some(v) = hello.volume {
-        if v != cfg.volume {
-            return Err(refuse_hello(
-                wr,
-                format!(
-                    "{node}: wrong volume (node expects {v}, coordinator serves {})",
-                    cfg.volume
-                ),
-            )
-            .await);
-        }
-    }
-    if hello.epoch > cfg.epoch {
-        return Err(refuse_hello(
-            wr,
-            format!(
-                "{node}: stale coordinator (node has seen {}, this coordinator has {})",
-                hello.epoch, cfg.epoch
-            ),
-        )
-        .await);
-    }
+    let version = match check_hello(shared, &hello) {
+        Ok(v) => v,
+        Err(reason) => return Err(refuse_hello(wr, reason).await),
+    };
     let mut server_nonce = [0u8; NONCE_BYTES];
     rand::Rng::fill(&mut rand::thread_rng(), &mut server_nonce[..]);
     let transcript = Transcript::new(&hello, version, cfg.volume, cfg.epoch, server_nonce);
@@ -223,36 +229,18 @@ async fn established(
         link: link.clone(),
         max,
     });
-    // Register before anything is sent so missed invalidations go out first.
     let kick = Arc::new(Notify::new());
-    let first = shared.coherence.attach(
+    if !begin(
+        &shared,
         node,
         conn,
-        est.version,
+        version,
         est.resumed,
         out.clone(),
         kick.clone(),
-    );
-    let Some(first) = first else {
-        tracing::info!("node connection closed: overtaken by a newer session of the same node");
+    ) {
         return;
-    };
-    for f in first {
-        let _ = out.queue(f);
     }
-    out.push();
-    *shared.generations.lock().entry(node).or_insert(0) += 1;
-    {
-        // A resumed node re-announces its opens after a takeover; a fresh mount holds
-        // nothing from before (its previous mount's opens were released above).
-        let mut resumed = shared.resumed.lock();
-        if est.resumed && version >= REOPEN_VERSION {
-            resumed.insert(node);
-        } else {
-            resumed.remove(&node);
-        }
-    }
-    tracing::info!(resumed = est.resumed, "node connected");
     let flusher = link.clone();
     let writer = tokio::spawn(
         async move {
@@ -295,6 +283,10 @@ async fn established(
                 // open counts) is answered here: no task and no blocking-thread hand-off.
                 if let Some((start, result)) = try_now(&shared, node, conn, version, &caller, &req)
                 {
+                    if shared.refuses(&result) {
+                        // Not answered: the node sends it again to the next coordinator.
+                        continue;
+                    }
                     ReplyTo {
                         node,
                         conn,
@@ -317,7 +309,7 @@ async fn established(
                     id,
                     caller,
                     req,
-                    slot,
+                    slot: Some(slot),
                     span,
                 };
                 if !shared.executor.submit(job) {
@@ -347,6 +339,45 @@ async fn established(
     writer.abort();
 }
 
+/// Registers an established session of `node` with coherence (a newer session of the node
+/// that holds it already wins: false then, and the caller closes), sends it the
+/// invalidations it missed, and counts it. TCP and local sessions alike.
+pub(super) fn begin(
+    shared: &Shared,
+    node: NodeId,
+    conn: u64,
+    version: u32,
+    resumed: bool,
+    out: Arc<dyn FrameSink>,
+    kick: Arc<Notify>,
+) -> bool {
+    // Register before anything is sent so missed invalidations go out first.
+    let Some(first) = shared
+        .coherence
+        .attach(node, conn, version, resumed, out.clone(), kick)
+    else {
+        tracing::info!("node connection closed: overtaken by a newer session of the same node");
+        return false;
+    };
+    for f in first {
+        let _ = out.queue(f);
+    }
+    out.push();
+    *shared.generations.lock().entry(node).or_insert(0) += 1;
+    {
+        // A resumed node re-announces its opens after a takeover; a fresh mount holds
+        // nothing from before (its previous mount's opens were released above).
+        let mut resumed_nodes = shared.resumed.lock();
+        if resumed && version >= REOPEN_VERSION {
+            resumed_nodes.insert(node);
+        } else {
+            resumed_nodes.remove(&node);
+        }
+    }
+    tracing::info!(resumed, "node connected");
+    true
+}
+
 /// Closes a link when dropped.
 struct CloseOnDrop(Arc<FrameLink>);
 
@@ -359,7 +390,7 @@ impl Drop for CloseOnDrop {
 /// Runs a request in place when the store can answer it without blocking; returns the
 /// coherence mark taken before it ran and the answer. Only requests that make nothing stale
 /// elsewhere qualify: no invalidation is sent for them.
-fn try_now(
+pub(super) fn try_now(
     shared: &Shared,
     node: NodeId,
     conn: u64,
@@ -425,7 +456,7 @@ async fn on_store<T: Send + 'static>(
 }
 
 /// Tells the store that the previous mount of `node` is gone (its opens are released).
-async fn release_previous_mount(node: NodeId, shared: &Arc<Shared>) {
+pub(super) async fn release_previous_mount(node: NodeId, shared: &Arc<Shared>) {
     match on_store(shared, move |s| s.node_gone(node)).await {
         Ok(Ok(())) => tracing::debug!("released the opens of the node's previous mount"),
         Ok(Err(e)) => tracing::error!(

@@ -971,6 +971,16 @@ impl MetadataStore for Store {
         Store::reap_orphans(self)
     }
 
+    fn fenced(&self) -> Option<String> {
+        let mut g = self.inner.lock();
+        // Notices a lapsed lease as a request would.
+        let _ = self.check_lease(&mut g);
+        g.failed
+            .as_ref()
+            .filter(|f| f.starts_with("fenced: "))
+            .cloned()
+    }
+
     fn awaiting_reopen(&self, nodes: &[NodeId]) -> Vec<NodeId> {
         let g = self.inner.lock();
         if !g.meta.orphan_grace {

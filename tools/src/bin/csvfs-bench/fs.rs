@@ -80,6 +80,11 @@ pub struct FsArgs {
     /// Default: off.
     #[arg(long)]
     pub fio_only: bool,
+    /// One more argument for every `csvfs mount` of the rig, before the mountpoint
+    /// (repeat it for several; e.g. `--mount-arg=--local-session --mount-arg=false` to
+    /// compare settings). Default: none.
+    #[arg(long = "mount-arg", allow_hyphen_values = true)]
+    pub mount_args: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -599,6 +604,7 @@ pub fn run(args: &FsArgs) -> anyhow::Result<()> {
             .args(["--node-id", &id.to_string()])
             .arg("--secret")
             .arg(dir.join("secret"))
+            .args(&args.mount_args)
             .arg(&mp)
             .stdout(o)
             .stderr(e)
