@@ -240,11 +240,20 @@ fn wait_count(what: &str, counter: &AtomicU64, target: u64) {
 
 /// Waits until the log file `path` contains `line`.
 fn wait_log(path: &Path, line: &str) {
+    wait_log_line(path, &[line]);
+}
+
+/// Waits until one line of `path` holds every one of `parts`.
+fn wait_log_line(path: &Path, parts: &[&str]) {
     let t = Instant::now();
-    while !fs::read_to_string(path).unwrap_or_default().contains(line) {
+    loop {
+        let text = fs::read_to_string(path).unwrap_or_default();
+        if text.lines().any(|l| parts.iter().all(|p| l.contains(p))) {
+            return;
+        }
         assert!(
             t.elapsed() < Duration::from_secs(20),
-            "{} never logged {line:?}:\n{}",
+            "{} never logged a line with {parts:?}:\n{}",
             path.display(),
             csvfs::local::log_tail(path, 3000)
         );
@@ -333,6 +342,22 @@ fn cluster_failover() {
     let held = create_synced(2, "orphan.bin", &orphan);
     fs::remove_file(c.mp(3).join("orphan.bin")).unwrap();
 
+    // The coordinator's own node reaches it inside its process; the others over TCP.
+    let dir = c.local.dir.clone();
+    let log = move |id: u32| dir.join(format!("node{id}.log"));
+    wait_log(&log(1), "connected to coordinator");
+    for (id, how) in [(1, "local=true"), (2, "local=false"), (3, "local=false")] {
+        let text = fs::read_to_string(log(id)).unwrap_or_default();
+        let first_session = text
+            .lines()
+            .find(|l| l.contains("connected to coordinator"))
+            .unwrap_or_default();
+        assert!(
+            first_session.contains(how),
+            "node {id} did not connect with {how}: {first_session:?}"
+        );
+    }
+
     let killed = Instant::now();
     c.kill(1);
     let before = (
@@ -368,6 +393,12 @@ fn cluster_failover() {
         second.node, second.epoch, took
     );
     assert!(second.node.0 == 2 || second.node.0 == 3);
+    // The node that took over turns to its own coordinator without a socket.
+    let epoch = format!("epoch={} ", second.epoch);
+    wait_log_line(
+        &log(second.node.0),
+        &["connected to coordinator", &epoch, "local=true"],
+    );
     // Both streams go on after the takeover.
     wait_count("records after the takeover", &records, before.0 + 20);
     wait_count("creates after the takeover", &created, before.1 + 20);
