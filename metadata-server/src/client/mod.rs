@@ -1,6 +1,9 @@
 //! The node's client stub for the metadata server: one authenticated TCP connection to the
 //! coordinator, shared by every thread of the node, with many requests in flight and
-//! replies matched by request id. Protocol: metadata-server/PROTOCOL.md.
+//! replies matched by request id. Protocol: metadata-server/PROTOCOL.md. When the
+//! coordinator runs in this very process ([`ClientConfig::local`]), the session is a local
+//! one instead (PROTOCOL.md section 8): the same states and rules below, without the socket,
+//! the pings or the reader task; replies come on the coordinator's thread that sends them.
 //!
 //! ```text
 //!            connect()  ── locate (fixed address, or the lease on the LUN)
