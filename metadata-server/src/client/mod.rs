@@ -332,6 +332,14 @@ impl Inner {
         }
     }
 
+    /// An invalidation arrived: observed now, handed to the handler thread, which drops
+    /// what it names and then acknowledges it with `ack`. False when the handler has
+    /// stopped (then nothing would acknowledge invalidations any more).
+    fn invalidated(&self, inv: Invalidation, ack: Ack) -> bool {
+        self.observe(&inv);
+        self.handler_tx.send((inv, Some(ack))).is_ok()
+    }
+
     /// Counts `inv` and shows it to the observer, before anything read after it.
     fn observe(&self, inv: &Invalidation) {
         let stamp = self.seen.fetch_add(1, Ordering::AcqRel) + 1;
@@ -535,9 +543,10 @@ impl MetadataClient {
     /// gets the answer (or the failure) on the thread that reads it from the coordinator;
     /// on a local session, on the coordinator's thread that answers, which may be this one
     /// before `call_detached` returns. So it must be short, must not block, must not call
-    /// this client and must not take a lock that the node holds while it calls this client. A lost
-    /// connection is re-established and the request re-sent, as for `call`. For requests
-    /// whose caller needs no answer, such as `Release`: no thread waits and none is woken.
+    /// this client and must not take a lock that the node holds while it calls this
+    /// client. A lost connection is re-established and the request re-sent, as for `call`.
+    /// For requests whose caller needs no answer, such as `Release`: no thread waits and
+    /// none is woken.
     pub fn call_detached(&self, uid: u32, gid: u32, req: Request, then: Then) {
         self.submit(uid, gid, req, Done::Then(then));
     }
@@ -913,12 +922,7 @@ impl LocalPeer for Peer {
         match frame {
             Frame::Reply { id, result } => inner.answer(id, result),
             Frame::Invalidate { seq, inv } => {
-                inner.observe(&inv);
-                let sent = inner
-                    .handler_tx
-                    .send((inv, Some(Ack::Local(seq, ack.clone()))));
-                if sent.is_err() {
-                    // Nothing would acknowledge invalidations any more: reconnect.
+                if !inner.invalidated(inv, Ack::Local(seq, ack.clone())) {
                     self.end.end("invalidation handler stopped");
                 }
             }
@@ -1049,8 +1053,8 @@ fn install(inner: &Inner, s: Session) -> Live {
         ));
         p.done.finish(Err(e), 0);
     }
-    let local = matches!(live, Live::Local(_));
-    tracing::info!(addr = %s.addr, epoch = %s.epoch, version = s.version, resent, local, "connected to coordinator");
+    let is_local = matches!(live, Live::Local(_));
+    tracing::info!(addr = %s.addr, epoch = %s.epoch, version = s.version, resent, local = is_local, "connected to coordinator");
     live
 }
 
@@ -1128,12 +1132,7 @@ async fn serve(inner: &Arc<Inner>, mut rd: Reader, link: &Arc<FrameLink>) -> Str
         match frame {
             Frame::Reply { id, result } => inner.answer(id, result),
             Frame::Invalidate { seq, inv } => {
-                inner.observe(&inv);
-                if inner
-                    .handler_tx
-                    .send((inv, Some(Ack::Tcp(seq, link.clone()))))
-                    .is_err()
-                {
+                if !inner.invalidated(inv, Ack::Tcp(seq, link.clone())) {
                     break "invalidation handler stopped".into();
                 }
             }

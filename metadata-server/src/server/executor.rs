@@ -215,15 +215,10 @@ fn run_batch(batch: Vec<Job>, runtime: &tokio::runtime::Handle) {
     };
     let io_failed = matches!(durable, Err(FsError::Io(_)))
         || ran.iter().any(|r| matches!(r.result, Err(FsError::Io(_))));
-    if io_failed {
-        if let Some(reason) = store.fenced() {
-            // No longer coordinator: nothing is answered; the nodes send it all again to
-            // the next one.
-            if let Some(r) = ran.first() {
-                r.job.shared.stop_serving(&reason);
-            }
-            return;
-        }
+    if io_failed && ran.first().is_some_and(|r| r.job.shared.stop_if_fenced()) {
+        // No longer coordinator: nothing is answered; the nodes send it all again to the
+        // next one.
+        return;
     }
     let mut sinks: Vec<Arc<dyn FrameSink>> = Vec::new();
     for r in ran {

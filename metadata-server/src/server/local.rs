@@ -334,11 +334,6 @@ impl LocalSession {
         self.over.load(Ordering::Acquire)
     }
 
-    /// The protocol version of the session.
-    pub fn version(&self) -> u32 {
-        self.version
-    }
-
     fn end(&self, reason: &str) {
         if self.over.swap(true, Ordering::AcqRel) {
             return;

@@ -28,9 +28,9 @@ mod coherence;
 mod executor;
 pub(crate) mod io;
 mod local;
+mod session;
 
 pub use local::{LocalAccepted, LocalAck, LocalPeer, LocalRefusal, LocalServer, LocalSession};
-mod session;
 
 /// Version from which replies to namespace changes carry `Response::WithAttrs`.
 const WITH_ATTRS_VERSION: u32 = 4;
@@ -193,9 +193,11 @@ impl Shared {
     /// [`MetadataStore::fenced`]): then the server has stopped serving and the request is
     /// not to be answered.
     pub(crate) fn refuses<T>(&self, result: &Result<T, crate::types::FsError>) -> bool {
-        if !matches!(result, Err(crate::types::FsError::Io(_))) {
-            return false;
-        }
+        matches!(result, Err(crate::types::FsError::Io(_))) && self.stop_if_fenced()
+    }
+
+    /// When the store is fenced, stops serving and returns true.
+    pub(crate) fn stop_if_fenced(&self) -> bool {
         match self.store.fenced() {
             Some(reason) => {
                 self.stop_serving(&reason);
@@ -207,7 +209,7 @@ impl Shared {
 
     /// Stops serving (once): no more connections, every session closed. The nodes locate
     /// the coordinator again and resend what is pending.
-    pub(crate) fn stop_serving(&self, reason: &str) {
+    fn stop_serving(&self, reason: &str) {
         if self.shutdown_tx.send_replace(true) {
             return;
         }

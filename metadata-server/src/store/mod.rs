@@ -133,6 +133,10 @@ pub struct Store {
 /// open counts are kept in memory; older nodes' counts are journaled in the inode.
 pub const REOPEN_VERSION: u32 = 4;
 
+/// How the reason a store stopped starts when it was fenced (its lease lapsed, or a newer
+/// coordinator took over), as opposed to failing on its own.
+const FENCED: &str = "fenced: ";
+
 fn is_mutation(req: &Request) -> bool {
     !req.is_read_only()
 }
@@ -274,7 +278,7 @@ impl Store {
         let mut g = self.inner.lock();
         if g.failed.is_none() {
             tracing::warn!(reason, "metadata store fenced: refusing further work");
-            g.failed = Some(format!("fenced: {reason}"));
+            g.failed = Some(format!("{FENCED}{reason}"));
         }
     }
 
@@ -483,7 +487,7 @@ impl Store {
         match self.guard.get().map(LeaseGuard::check) {
             Some(Err(why)) if g.failed.is_none() => {
                 tracing::warn!(reason = %why, "coordinator lease lapsed: the metadata store refuses further work");
-                g.failed = Some(format!("fenced: {why}"));
+                g.failed = Some(format!("{FENCED}{why}"));
                 Err(FsError::Io(format!("store fenced: {why}")))
             }
             _ => Ok(()),
@@ -975,10 +979,7 @@ impl MetadataStore for Store {
         let mut g = self.inner.lock();
         // Notices a lapsed lease as a request would.
         let _ = self.check_lease(&mut g);
-        g.failed
-            .as_ref()
-            .filter(|f| f.starts_with("fenced: "))
-            .cloned()
+        g.failed.as_ref().filter(|f| f.starts_with(FENCED)).cloned()
     }
 
     fn awaiting_reopen(&self, nodes: &[NodeId]) -> Vec<NodeId> {
