@@ -173,6 +173,24 @@ pub trait BlockDevice: Send + Sync + fmt::Debug {
         Err(done)
     }
 
+    /// Starts a write of `buf` at `offset_bytes` like [`submit`](Self::submit), but the
+    /// device may send `buf`'s pages by reference instead of copying them (the NBD client
+    /// splices them into its socket), so it may go on reading that memory after this
+    /// returns. The caller keeps the memory unchanged until `done` reports success. After
+    /// `done` reports a failure the memory may still be read at any later time (a request
+    /// that a LUN server cut off from this node had queued), so the caller must never
+    /// change it again: unmap it, or leak it. `done` handed back unused (the device cannot
+    /// start the write now) means nothing of `buf` was taken. The default copies, like
+    /// `submit`.
+    fn submit_write_by_reference(
+        &self,
+        buf: &[u8],
+        offset_bytes: u64,
+        done: Completion,
+    ) -> Result<(), Completion> {
+        self.submit(AsyncIo::Write { buf, offset_bytes }, done)
+    }
+
     /// Largest read [`submit_read_to_pipe`](Self::submit_read_to_pipe) takes now; 0 when
     /// the device has no pipe path (the default). It may fall while the device runs: a
     /// read that found its pipe full lowers it to what such a pipe holds from this device.
@@ -256,6 +274,14 @@ impl<T: BlockDevice + ?Sized> BlockDevice for std::sync::Arc<T> {
     }
     fn submit(&self, io: AsyncIo<'_>, done: Completion) -> Result<(), Completion> {
         (**self).submit(io, done)
+    }
+    fn submit_write_by_reference(
+        &self,
+        buf: &[u8],
+        offset_bytes: u64,
+        done: Completion,
+    ) -> Result<(), Completion> {
+        (**self).submit_write_by_reference(buf, offset_bytes, done)
     }
     fn pipe_read_max_bytes(&self) -> u32 {
         (**self).pipe_read_max_bytes()

@@ -880,35 +880,52 @@ impl DataPath {
     /// extent whose claim this node holds. Once the LUN acknowledged
     /// it and it is recorded as pending, `done` gets whether to commit now; any other write
     /// gets `done(None)`, and so does a write the LUN fails (the blocking path redoes it).
+    ///
+    /// With `by_reference` the LUN may send `data`'s pages without copying them (see
+    /// [`BlockDevice::submit_write_by_reference`]): the caller keeps them unchanged until
+    /// `done` runs, and when this returned true (the data was handed to the LUN) and `done`
+    /// gets `None`, must never change them again.
     pub fn write_async(
         &self,
         file: &Arc<OpenFile>,
         offset_bytes: u64,
         data: &[u8],
+        by_reference: bool,
         done: WriteDone,
-    ) {
+    ) -> bool {
         let len = u64::try_from(data.len()).unwrap_or(u64::MAX);
         let Some((lun_offset_bytes, _)) = self.async_target(file, offset_bytes, len, true) else {
-            return done(None);
+            done(None);
+            return false;
         };
         let (f, cl, end) = (file.clone(), self.cluster_bytes, offset_bytes + len);
-        let started = self.lun.submit(
-            AsyncIo::Write {
-                buf: data,
-                offset_bytes: lun_offset_bytes,
-            },
-            Box::new(move |r| {
-                let commit_now = r
-                    .is_ok()
-                    .then(|| record_write(&mut f.state.lock(), cl, offset_bytes, end));
-                f.async_ended();
-                done(commit_now);
-            }),
-        );
-        if let Err(refused) = started {
-            refused(Err(BlockError::Unsupported {
-                op: "asynchronous write",
-            }));
+        let done: block_client::Completion = Box::new(move |r| {
+            let commit_now = r
+                .is_ok()
+                .then(|| record_write(&mut f.state.lock(), cl, offset_bytes, end));
+            f.async_ended();
+            done(commit_now);
+        });
+        let started = if by_reference {
+            self.lun
+                .submit_write_by_reference(data, lun_offset_bytes, done)
+        } else {
+            self.lun.submit(
+                AsyncIo::Write {
+                    buf: data,
+                    offset_bytes: lun_offset_bytes,
+                },
+                done,
+            )
+        };
+        match started {
+            Ok(()) => true,
+            Err(refused) => {
+                refused(Err(BlockError::Unsupported {
+                    op: "asynchronous write",
+                }));
+                false
+            }
         }
     }
 
@@ -1885,16 +1902,90 @@ pub(crate) mod tests {
         assert_eq!(dp.seek(0, 0, &f, CL, SeekTarget::Data).unwrap(), CL + CL);
     }
 
-    /// Starts `write_async` and waits for its outcome.
-    fn write_async_outcome(dp: &DataPath, f: &Arc<OpenFile>, at: u64, data: &[u8]) -> Option<bool> {
+    /// Starts `write_async` (by reference or not) and waits for its outcome; also says
+    /// whether the data was handed to the LUN.
+    fn write_async_outcome(
+        dp: &DataPath,
+        f: &Arc<OpenFile>,
+        at: u64,
+        data: &[u8],
+        by_reference: bool,
+    ) -> (bool, Option<bool>) {
         let (tx, rx) = std::sync::mpsc::channel();
-        dp.write_async(f, at, data, Box::new(move |r| tx.send(r).unwrap()));
-        rx.recv_timeout(Duration::from_secs(10)).unwrap()
+        let handed = dp.write_async(
+            f,
+            at,
+            data,
+            by_reference,
+            Box::new(move |r| tx.send(r).unwrap()),
+        );
+        (handed, rx.recv_timeout(Duration::from_secs(10)).unwrap())
+    }
+
+    /// A data path on `served` (over `mem`) through a real NBD server and client, with
+    /// inode 10 open and written sequentially for two clusters, so that the second write
+    /// claimed clusters 2 and 3 ahead.
+    fn sequential_over_nbd(
+        served: Arc<dyn BlockDevice>,
+        mem: Arc<MemDevice>,
+        tag: &str,
+    ) -> (
+        block_client::nbd::ServerHandle,
+        Arc<MemStore>,
+        DataPath,
+        Arc<OpenFile>,
+    ) {
+        use block_client::nbd::{serve_device, ListenAddr, NbdClient, NbdClientOptions};
+        let sock = std::env::temp_dir().join(format!("csvfs-{tag}-{}.sock", std::process::id()));
+        let server = serve_device(served, &ListenAddr::Unix(sock), Default::default()).unwrap();
+        let lun = Arc::new(NbdClient::open(&server.uri(), NbdClientOptions::default()).unwrap());
+        let store = Arc::new(MemStore::new(CL, 64, mem));
+        store.add_file(InodeId(10));
+        let dp = DataPath::new(lun, Arc::new(StoreMeta::new(store.clone())), CL, 2 * CL);
+        let (f, _) = dp.open(0, 0, InodeId(10), true).unwrap();
+        dp.write(0, 0, &f, 0, &chunk(1), false).unwrap();
+        dp.write(0, 0, &f, CL, &chunk(2), false).unwrap();
+        (server, store, dp, f)
+    }
+
+    /// One cluster of `b`.
+    fn chunk(b: u8) -> Vec<u8> {
+        vec![b; to_usize(CL).unwrap()]
+    }
+
+    #[test]
+    fn async_writes_by_reference_say_whether_the_lun_took_the_data() {
+        use block_client::testing::{FailKind, FlakyDisk, OpClass};
+        let mem = Arc::new(MemDevice::new(CL * 64));
+        let flaky = Arc::new(FlakyDisk::new(mem.clone()));
+        let faults = flaky.handle();
+        let (_server, _store, dp, f) = sequential_over_nbd(flaky, mem, "byref");
+        // Into a claimed cluster: handed to the LUN, and on it.
+        assert_eq!(
+            write_async_outcome(&dp, &f, 2 * CL, &chunk(3), true),
+            (true, Some(false))
+        );
+        let back = dp
+            .read(0, 0, &f, 2 * CL, u32::try_from(CL).unwrap())
+            .unwrap();
+        assert!(back.iter().all(|&b| b == 3));
+        // A write the LUN fails was handed over: the caller must not reuse its memory.
+        faults.fail_nth(OpClass::Write, 1, FailKind::Device(libc::EIO));
+        assert_eq!(
+            write_async_outcome(&dp, &f, 2 * CL, &chunk(4), true),
+            (true, None)
+        );
+        faults.heal();
+        // Off the fast path (a hole past the claims): not handed over at all.
+        assert_eq!(
+            write_async_outcome(&dp, &f, 8 * CL, &chunk(5), true),
+            (false, None)
+        );
+        dp.release(0, 0, &f).unwrap();
     }
 
     #[test]
     fn async_writes_go_into_claimed_unwritten_clusters_only() {
-        use block_client::nbd::{serve_device, ListenAddr, NbdClient, NbdClientOptions};
         let mem = Arc::new(MemDevice::new(CL * 64));
         mem.write_at(
             &vec![0xEE; to_usize(CL * 64).unwrap()],
@@ -1902,21 +1993,14 @@ pub(crate) mod tests {
             WriteFlags::default(),
         )
         .unwrap();
-        let sock = std::env::temp_dir().join(format!("csvfs-data-{}.sock", std::process::id()));
-        let server =
-            serve_device(mem.clone(), &ListenAddr::Unix(sock), Default::default()).unwrap();
-        let lun = Arc::new(NbdClient::open(&server.uri(), NbdClientOptions::default()).unwrap());
-        let store = Arc::new(MemStore::new(CL, 64, mem));
-        store.add_file(InodeId(10));
-        let dp = DataPath::new(lun, Arc::new(StoreMeta::new(store.clone())), CL, 2 * CL);
-        let (f, _) = dp.open(0, 0, InodeId(10), true).unwrap();
         // Two sequential blocking writes: the second claims clusters 2 and 3 ahead.
-        let chunk = |b: u8| vec![b; to_usize(CL).unwrap()];
-        dp.write(0, 0, &f, 0, &chunk(1), false).unwrap();
-        dp.write(0, 0, &f, CL, &chunk(2), false).unwrap();
+        let (_server, store, dp, f) = sequential_over_nbd(mem.clone(), mem, "data");
         assert_eq!(store.allocated_clusters(InodeId(10)), 4);
         // Into a claimed unwritten cluster: the fast path takes it.
-        assert_eq!(write_async_outcome(&dp, &f, 2 * CL, &chunk(3)), Some(false));
+        assert_eq!(
+            write_async_outcome(&dp, &f, 2 * CL, &chunk(3), false),
+            (true, Some(false))
+        );
         let read_all = |f: &OpenFile| dp.read(0, 0, f, 0, u32::try_from(4 * CL).unwrap()).unwrap();
         let buf = read_all(&f);
         assert_eq!(buf.len(), to_usize(3 * CL).unwrap());
@@ -1930,7 +2014,10 @@ pub(crate) mod tests {
             .iter()
             .all(|p| matches!(p.backing, Backing::Written { .. }));
         assert!(written);
-        assert_eq!(write_async_outcome(&dp, &f, 3 * CL, &chunk(4)), None);
+        assert_eq!(
+            write_async_outcome(&dp, &f, 3 * CL, &chunk(4), false),
+            (false, None)
+        );
         dp.release(0, 0, &f).unwrap();
         let (g, attr) = dp.open(0, 0, InodeId(10), false).unwrap();
         assert_eq!(attr.size_bytes, 3 * CL);

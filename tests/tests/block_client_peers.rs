@@ -26,7 +26,31 @@ fn pipe_read(c: &NbdClient, offset: u64, len: usize) -> Result<Vec<u8>, BlockErr
     Ok(pipe.read_available().expect("read the pipe"))
 }
 
-/// Random round trips (buffered and into a pipe) checked against a local model, FUA, flush, trim, write-zeroes, then
+/// A write whose data goes by reference (spliced from `data`'s pages), waited for; `data`
+/// is scribbled over right after, so a server reading it late would show in the model
+/// comparisons. A refused start (that connection not live) is retried after blocking
+/// reads, which reconnect.
+fn write_by_reference(c: &NbdClient, data: &mut [u8], offset: u64) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut done: block_client::Completion =
+        Box::new(move |r| tx.send(r).expect("send the outcome"));
+    let mut tries = 0;
+    while let Err(refused) = c.submit_write_by_reference(data, offset, done) {
+        tries += 1;
+        assert!(tries < 32, "the client keeps refusing writes by reference");
+        for _ in 0..tries {
+            c.read_at(&mut [0u8; 512], 0).expect("read");
+        }
+        done = refused;
+    }
+    let r = rx
+        .recv_timeout(std::time::Duration::from_secs(30))
+        .expect("completion");
+    assert!(r.expect("write by reference").is_empty());
+    data.fill(0xA5);
+}
+
+/// Random round trips (buffered, by reference and into a pipe) checked against a local model, FUA, flush, trim, write-zeroes, then
 /// 64 concurrent requests from 8 threads.
 fn exercise(uri: &str, seed: u64) -> Arc<NbdClient> {
     let c = Arc::new(NbdClient::open(uri, NbdClientOptions::default()).expect("open"));
@@ -47,8 +71,13 @@ fn exercise(uri: &str, seed: u64) -> Arc<NbdClient> {
         } else {
             WriteFlags::default()
         };
-        c.write_at(&data, off as u64, flags).expect("write");
-        model[off..off + len].copy_from_slice(&data);
+        if i % 4 == 1 {
+            model[off..off + len].copy_from_slice(&data);
+            write_by_reference(&c, &mut data, off as u64);
+        } else {
+            c.write_at(&data, off as u64, flags).expect("write");
+            model[off..off + len].copy_from_slice(&data);
+        }
         if i % 3 == 0 {
             let rlen = 1 + rng.below_usize(400_000);
             let roff = rng.below_usize(model_len - rlen);

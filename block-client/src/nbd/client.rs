@@ -46,6 +46,10 @@ use crate::{AsyncIo, BlockDevice, BlockError, Completion, Pipe, PipeCompletion, 
 
 /// Requests whose payload is at most this size are batched with others into one send.
 const COMBINE_MAX_BYTES: usize = 64 << 10;
+/// Size asked for a connection's pipe for writes sent by reference: one 1 MiB write (256
+/// pages) and its header in two rounds. It is `fs.pipe-max-size` by default, the most a
+/// process without CAP_SYS_RESOURCE may ask for.
+const BY_REFERENCE_PIPE_BYTES: usize = 1 << 20;
 /// Buffer of a connection's reply reader. A large read's data is read straight into the
 /// read buffer except the part already buffered with its header, which is copied, so the
 /// buffer is kept small enough that this copy stays a small part of a 1 MiB read, and
@@ -324,6 +328,9 @@ struct Conn {
     /// Highest client write sequence acknowledged (non-FUA) on this connection.
     max_write_seq: AtomicU64,
     loss_reported: AtomicBool,
+    /// The pipe writes sent by reference go through, made at the first one (`None` until
+    /// then, and again after a send failed half way). Used only by the `writer` holder.
+    by_reference: Mutex<Option<Pipe>>,
 }
 
 fn lost(kind: io::ErrorKind, msg: impl Into<String>) -> io::Error {
@@ -361,13 +368,14 @@ impl Conn {
         buf: Vec<u8>,
     ) -> Result<mpsc::Receiver<Reply>, ReplyError> {
         let (tx, rx) = mpsc::sync_channel(1);
-        self.register(req, data, buf, None, Notify::Wait(tx))
+        self.register(req, data, buf, None, Notify::Wait(tx), false)
             .map_err(|(e, _, _)| e)?;
         Ok(rx)
     }
 
-    /// Registers `notify` for one request and sends it; hands `notify` and `pipe` back,
-    /// unused, when the connection is dead already.
+    /// Registers `notify` for one request and sends it, `data` by reference when
+    /// `by_reference` (see [`BlockDevice::submit_write_by_reference`]); hands `notify` and
+    /// `pipe` back, unused, when the connection is dead already.
     fn register(
         &self,
         req: &Req,
@@ -375,6 +383,7 @@ impl Conn {
         buf: Vec<u8>,
         pipe: Option<PipeSink>,
         notify: Notify,
+        by_reference: bool,
     ) -> Result<(), (ReplyError, Notify, Option<PipeSink>)> {
         let cookie = self.next_cookie.fetch_add(1, Ordering::Relaxed);
         {
@@ -397,7 +406,12 @@ impl Conn {
             );
         }
         let header = encode_request(req.flags, req.cmd, cookie, req.offset, req.len);
-        if let Err(e) = self.send(&header, data) {
+        let sent = if by_reference {
+            self.send_by_reference(&header, data)
+        } else {
+            self.send(&header, data)
+        };
+        if let Err(e) = sent {
             self.kill(&format!("send request: {e}"));
         }
         Ok(())
@@ -432,8 +446,13 @@ impl Conn {
             q.extend_from_slice(header);
             q.extend_from_slice(data);
         }
-        // Whoever finds the socket free sends everything queued. A caller that finds it busy
-        // leaves its request to the holder, who checks the queue again after unlocking.
+        self.send_queued()
+    }
+
+    /// Sends what is queued unless another caller holds the socket. Whoever finds the
+    /// socket free sends everything queued; a caller that finds it busy leaves its request
+    /// to the holder, who checks the queue again after unlocking.
+    fn send_queued(&self) -> io::Result<()> {
         loop {
             let Some(mut w) = self.writer.try_lock() else {
                 return Ok(());
@@ -444,6 +463,35 @@ impl Conn {
                 return Ok(());
             }
         }
+    }
+
+    /// Sends one request with its data by reference (see
+    /// [`BlockDevice::submit_write_by_reference`]): the data's pages go into the socket
+    /// through the connection's pipe, without a copy. Copies, like [`send`](Self::send),
+    /// when no pipe can be made.
+    fn send_by_reference(&self, header: &[u8], data: &[u8]) -> io::Result<()> {
+        {
+            let mut w = self.writer.lock();
+            self.drain_queue(&mut w)?;
+            let mut slot = self.by_reference.lock();
+            if slot.is_none() {
+                *slot = Pipe::new_blocking(BY_REFERENCE_PIPE_BYTES)
+                    .inspect_err(|e| tracing::debug!(error = %e, "no pipe for writes by reference"))
+                    .ok();
+            }
+            match slot.as_ref() {
+                Some(pipe) => {
+                    if let Err(e) = pipe.send_by_reference(w.0.as_fd(), header, data) {
+                        // What the pipe still holds belongs to a request cut in two.
+                        *slot = None;
+                        return Err(e);
+                    }
+                }
+                None => write_two(&mut w.0, header, data)?,
+            }
+        }
+        // Small requests queued meanwhile.
+        self.send_queued()
     }
 
     /// Sends everything queued. `w` is the socket with its spare batch buffer; the queue
@@ -878,6 +926,7 @@ fn connect(uri: &NbdUri, options: &NbdClientOptions) -> io::Result<(Arc<Conn>, E
         structured: info.structured_replies,
         max_write_seq: AtomicU64::new(0),
         loss_reported: AtomicBool::new(false),
+        by_reference: Mutex::new(None),
     });
     let reader_conn = conn.clone();
     thread::Builder::new()
@@ -1240,8 +1289,15 @@ impl NbdClient {
             .cloned()
     }
 
-    /// Sends `req` with `done` as its completion (see [`BlockDevice::submit`]).
-    fn start_async(&self, req: Req, data: &[u8], done: Completion) -> Result<(), Completion> {
+    /// Sends `req` with `done` as its completion (see [`BlockDevice::submit`]), its data by
+    /// reference when `by_reference`.
+    fn start_async(
+        &self,
+        req: Req,
+        data: &[u8],
+        done: Completion,
+        by_reference: bool,
+    ) -> Result<(), Completion> {
         let Some(conn) = self.async_conn(&req) else {
             return Err(done);
         };
@@ -1257,8 +1313,32 @@ impl NbdClient {
             });
         }));
         let buf = self.read_buffer(&req);
-        send_async(&conn, &req, data, buf, None, notify);
+        if let Err((e, notify, _)) = conn.register(&req, data, buf, None, notify, by_reference) {
+            notify.send(Err(e));
+        }
         Ok(())
+    }
+
+    /// Starts an asynchronous write (see [`BlockDevice::submit`] and
+    /// [`BlockDevice::submit_write_by_reference`]).
+    fn submit_write(
+        &self,
+        buf: &[u8],
+        offset_bytes: u64,
+        done: Completion,
+        by_reference: bool,
+    ) -> Result<(), Completion> {
+        let Ok(len) = u32::try_from(buf.len()) else {
+            return Err(done);
+        };
+        let req = Req {
+            op: "write",
+            cmd: CMD_WRITE,
+            flags: 0,
+            offset: offset_bytes,
+            len,
+        };
+        self.start_async(req, buf, done, by_reference)
     }
 
     /// The connection for an asynchronous request: `None` when the request is too large,
@@ -1326,7 +1406,7 @@ fn send_async(
     pipe: Option<PipeSink>,
     notify: Notify,
 ) {
-    if let Err((e, notify, _)) = conn.register(req, data, buf, pipe, notify) {
+    if let Err((e, notify, _)) = conn.register(req, data, buf, pipe, notify, false) {
         notify.send(Err(e));
     }
 }
@@ -1397,21 +1477,20 @@ impl BlockDevice for NbdClient {
             AsyncIo::Read {
                 offset_bytes,
                 len_bytes,
-            } => self.start_async(Req::read(offset_bytes, len_bytes), &[], done),
+            } => self.start_async(Req::read(offset_bytes, len_bytes), &[], done, false),
             AsyncIo::Write { buf, offset_bytes } => {
-                let Ok(len) = u32::try_from(buf.len()) else {
-                    return Err(done);
-                };
-                let req = Req {
-                    op: "write",
-                    cmd: CMD_WRITE,
-                    flags: 0,
-                    offset: offset_bytes,
-                    len,
-                };
-                self.start_async(req, buf, done)
+                self.submit_write(buf, offset_bytes, done, false)
             }
         }
+    }
+
+    fn submit_write_by_reference(
+        &self,
+        buf: &[u8],
+        offset_bytes: u64,
+        done: Completion,
+    ) -> Result<(), Completion> {
+        self.submit_write(buf, offset_bytes, done, true)
     }
 
     fn pipe_read_max_bytes(&self) -> u32 {

@@ -329,6 +329,116 @@ mod tests {
             .is_err());
     }
 
+    /// A by-reference write from `data`, waited for; `data` is scribbled over right after
+    /// the completion, so a read of it by the device after that would show. A refused
+    /// start (that connection not live yet) is retried after blocking reads, which
+    /// reconnect.
+    fn write_by_reference(c: &NbdClient, data: &mut [u8], offset_bytes: u64) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut done: crate::Completion = Box::new(move |r| tx.send(r).unwrap());
+        let mut tries = 0;
+        while let Err(refused) = c.submit_write_by_reference(data, offset_bytes, done) {
+            tries += 1;
+            assert!(tries < 32, "the client keeps refusing writes by reference");
+            // Connections are taken in turn: a varying number of reads reaches them all.
+            for _ in 0..tries {
+                c.read_at(&mut [0u8; 512], 0).unwrap();
+            }
+            done = refused;
+        }
+        let r = rx.recv_timeout(std::time::Duration::from_secs(30)).unwrap();
+        assert!(r.unwrap().is_empty());
+        data.fill(0xA5);
+    }
+
+    #[test]
+    fn writes_by_reference_carry_their_exact_bytes_among_other_traffic() {
+        let (_server, mem, c) = mem_server("by-ref", 64 << 20);
+        let c = Arc::new(c);
+        // Sizes around the connection pipe's 1 MiB (a request takes several rounds), and
+        // buffers that start on and off a page boundary.
+        let sizes = [
+            1usize,
+            4095,
+            4096,
+            65_543,
+            (1 << 20) - 28,
+            1 << 20,
+            (1 << 20) + 1,
+            3 << 20,
+        ];
+        let threads: Vec<_> = (0..4u8)
+            .map(|t| {
+                let c = c.clone();
+                std::thread::spawn(move || {
+                    for (i, &len) in sizes.iter().enumerate() {
+                        let i = u8::try_from(i).unwrap();
+                        let skew = usize::from(i % 3) * 1000;
+                        let mut buf = vec![0u8; len + skew];
+                        for (k, b) in buf[skew..].iter_mut().enumerate() {
+                            *b = pattern(k, t, i);
+                        }
+                        let want = buf[skew..].to_vec();
+                        let off = u64::from(t) * (16 << 20) + u64::from(i) * 4097;
+                        write_by_reference(&c, &mut buf[skew..], off);
+                        // Copied writes and reads elsewhere on the same connections.
+                        let small = vec![t ^ i; 512];
+                        let small_off = u64::from(t) * (16 << 20) + (12 << 20);
+                        c.write_at(&small, small_off, WriteFlags::default())
+                            .unwrap();
+                        let mut back = vec![0u8; len];
+                        c.read_at(&mut back, off).unwrap();
+                        assert!(back == want, "thread {t}, write {i} of {len} bytes");
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        // Straight from the device as well (not only through the client).
+        let mut last = vec![0u8; 3 << 20];
+        mem.read_at(&mut last, 3 * (16 << 20) + 7 * 4097).unwrap();
+        assert!(last.iter().enumerate().all(|(k, &b)| b == pattern(k, 3, 7)));
+    }
+
+    /// Byte `k` of write `i` of thread `t` in the test above.
+    fn pattern(k: usize, t: u8, i: u8) -> u8 {
+        u8::try_from((k * 7 + usize::from(t) * 13 + usize::from(i)) % 251).unwrap()
+    }
+
+    #[test]
+    fn a_write_by_reference_without_reply_reports_the_path_lost() {
+        let (server, h) = flaky_server("by-ref-timeout", 4 << 20);
+        let options = NbdClientOptions {
+            request_timeout_ms: 300,
+            ..NbdClientOptions::default()
+        };
+        let c = NbdClient::open(&server.uri(), options).unwrap();
+        h.hang(OpClass::Write);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let data = vec![7u8; 1 << 20];
+        assert!(c
+            .submit_write_by_reference(&data, 0, Box::new(move |r| tx.send(r).unwrap()))
+            .is_ok());
+        let r = rx.recv_timeout(std::time::Duration::from_secs(10));
+        assert!(matches!(r, Ok(Err(BlockError::PathLost { .. }))), "{r:?}");
+        // The blocking path reconnects; the next by-reference write goes through a new
+        // connection's pipe.
+        h.heal();
+        c.write_at(&[1u8; 4096], 0, WriteFlags::default()).unwrap();
+        let mut data = vec![9u8; 1 << 20];
+        write_by_reference(&c, &mut data, 1 << 20);
+        let mut back = vec![0u8; 1 << 20];
+        c.read_at(&mut back, 1 << 20).unwrap();
+        assert!(back.iter().all(|&b| b == 9));
+        // A closed client starts nothing.
+        c.close();
+        assert!(c
+            .submit_write_by_reference(&[0; 512], 0, Box::new(|_| {}))
+            .is_err());
+    }
+
     #[test]
     fn async_request_without_reply_times_out() {
         let (server, h) = flaky_server("async-timeout", 1 << 20);

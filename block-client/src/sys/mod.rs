@@ -356,6 +356,25 @@ impl Pipe {
         })
     }
 
+    /// Like [`new`](Self::new), but both ends block: for
+    /// [`send_by_reference`](Self::send_by_reference), whose splice into a socket must wait
+    /// for room the way a write does (a non-blocking pipe end makes splice(2) give up at
+    /// once when the socket is full).
+    pub(crate) fn new_blocking(capacity_bytes: usize) -> io::Result<Pipe> {
+        let pipe = Pipe::new(capacity_bytes)?;
+        for fd in [pipe.rd.as_raw_fd(), pipe.wr.as_raw_fd()] {
+            // SAFETY: F_GETFL and F_SETFL take and return ints; `fd` is open (owned by
+            // `pipe`).
+            let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+            // SAFETY: as above.
+            if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        Ok(pipe)
+    }
+
     /// How many bytes the pipe holds when every one of its slots holds one full page.
     /// Spliced socket data fills a slot with what one socket buffer fragment holds: often
     /// several pages (a Unix socket's are up to 32 KiB), sometimes less than one.
@@ -415,6 +434,87 @@ impl Pipe {
             )
         };
         usize::try_from(n).map_err(|_| io::Error::last_os_error())
+    }
+
+    /// Sends `header` (copied) and then `data` on the socket `sock` by reference, through
+    /// this pipe, which must be empty: vmsplice(2) puts references to `data`'s pages in the
+    /// pipe (no copy) and splice(2) moves them into the socket's buffers (no copy), as much
+    /// as the pipe holds at a time. The kernel reads `data`'s memory until the peer has
+    /// received it, so the caller must not change it before then (see
+    /// [`BlockDevice::submit_write_by_reference`](crate::BlockDevice::submit_write_by_reference)).
+    /// Waits for room in the socket as a write would (its send timeout applies; the pipe
+    /// must block, see [`new_blocking`](Self::new_blocking)). On an error part of the
+    /// request may have been sent, and the pipe may still hold some of it: drop the pipe.
+    pub(crate) fn send_by_reference(
+        &self,
+        sock: BorrowedFd<'_>,
+        header: &[u8],
+        data: &[u8],
+    ) -> io::Result<()> {
+        let mut queued = 0;
+        while queued < header.len() {
+            queued += self.write(&header[queued..]).or_else(|e| match e.kind() {
+                io::ErrorKind::Interrupted => Ok(0),
+                _ => Err(e),
+            })?;
+        }
+        let mut sent = 0;
+        while sent < data.len() {
+            let rest = &data[sent..];
+            let iov = libc::iovec {
+                iov_base: rest.as_ptr().cast_mut().cast(),
+                iov_len: rest.len(),
+            };
+            // SAFETY: `iov` describes the live slice `rest`, which the kernel only reads
+            // (it takes references to its pages); the count is 1 and `wr` is open.
+            let n = unsafe { libc::vmsplice(self.wr.as_raw_fd(), &raw const iov, 1, 0) };
+            let n = match usize::try_from(n) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => n,
+                Err(_) => {
+                    let e = io::Error::last_os_error();
+                    if e.kind() == io::ErrorKind::Interrupted {
+                        continue;
+                    }
+                    return Err(e);
+                }
+            };
+            sent += n;
+            self.splice_out(sock, std::mem::take(&mut queued) + n, sent < data.len())?;
+        }
+        self.splice_out(sock, queued, false)
+    }
+
+    /// Moves the next `len` bytes of this pipe into the socket `sock`; `more` tells the
+    /// socket that more follows at once (never on a request's last bytes, which TCP would
+    /// otherwise hold back).
+    fn splice_out(&self, sock: BorrowedFd<'_>, mut len: usize, more: bool) -> io::Result<()> {
+        let flags = if more { libc::SPLICE_F_MORE } else { 0 };
+        while len > 0 {
+            // SAFETY: both descriptors are open for the call; null offsets are required for
+            // a pipe and a socket.
+            let m = unsafe {
+                libc::splice(
+                    self.rd.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    sock.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    len,
+                    flags,
+                )
+            };
+            match usize::try_from(m) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(m) => len -= m,
+                Err(_) => {
+                    let e = io::Error::last_os_error();
+                    if e.kind() != io::ErrorKind::Interrupted {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// True when at least one more slot is free.

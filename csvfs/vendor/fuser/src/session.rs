@@ -524,9 +524,13 @@ impl<FS: Filesystem> SessionEventLoop<FS> {
     fn event_loop(&self) -> io::Result<()> {
         // Buffer for receiving requests from the kernel. Only one is allocated and
         // it is reused immediately after dispatching to conserve memory and allocations.
-        let mut buf = FuseReadBuf::new();
-        let buf = buf.as_mut();
+        let mut owner = FuseReadBuf::new();
         loop {
+            // csvfs patch: a handler may retire the buffer (see `retire_request_buffer`).
+            if crate::read_buf::take_retired() {
+                std::mem::replace(&mut owner, FuseReadBuf::new()).retire();
+            }
+            let buf = owner.as_mut();
             // Read the next request from the given channel to kernel driver
             // The kernel driver makes sure that we get exactly one request per read
             match self.ch.receive_retrying(buf) {
