@@ -17,8 +17,8 @@
 //! the reader's pages. A fast-path write of `WAIT_WRITE_MIN_BYTES` or more waits for the LUN
 //! on its event loop and is sent by reference from the kernel's request buffer (vmsplice and
 //! splice into the NBD socket: no copy in this process); should the LUN fail it, the event
-//! loop retires that buffer (fuser's `retire_request_buffer`, also a patch of ours), since a
-//! LUN server cut off from this node may still read those pages. Regular files are always
+//! loop retires that buffer (fuser's `retire_request_buffer`, also a patch of ours), since
+//! the pages may still sit in socket queues, to be read by a LUN server cut off from this node. Regular files are always
 //! opened with direct I/O so no node serves a file from its page cache, and parallel direct
 //! writes and asynchronous direct I/O are enabled so many requests of one file are in flight
 //! at once.
@@ -846,10 +846,10 @@ impl Filesystem for CsvFs {
         // one is waited for here while an event loop may wait, and its data goes to the
         // LUN by reference, straight from the kernel's buffer (no copy in this process):
         // the buffer is not reused before the LUN has answered. Should the LUN fail it,
-        // the blocking path still has that buffer, and the event loop then retires it,
-        // because a LUN server cut off from this node may still send the pages it was
-        // given. Otherwise the LUN's completion thread answers, and a copy is kept for the
-        // blocking path.
+        // the blocking path still has that buffer, and the event loop then retires it: the
+        // pages may still sit in socket queues, to be read by a LUN server cut off from
+        // this node. Otherwise the LUN's completion thread answers, and a copy is kept for
+        // the blocking path.
         let slot = (data.len() >= WAIT_WRITE_MIN_BYTES)
             .then(|| self.inner.may_wait())
             .flatten();
@@ -872,6 +872,13 @@ impl Filesystem for CsvFs {
                 Some(true) => self.write_blocking(w, &[], true, reply),
                 None => {
                     if handed {
+                        tracing::info!(
+                            inode = ino.0,
+                            offset,
+                            len,
+                            "request buffer retired: the LUN failed a write sent from it by \
+                             reference; the write is redone on the blocking path"
+                        );
                         fuser::retire_request_buffer();
                     }
                     self.write_blocking(w, data, false, reply)

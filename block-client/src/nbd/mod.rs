@@ -330,7 +330,8 @@ mod tests {
     }
 
     /// A by-reference write from `data`, waited for; `data` is scribbled over right after
-    /// the completion, so a read of it by the device after that would show. A refused
+    /// the completion, so a completion reported before the server had the data (which
+    /// would then send the scribble) would show in the reads that follow. A refused
     /// start (that connection not live yet) is retried after blocking reads, which
     /// reconnect.
     fn write_by_reference(c: &NbdClient, data: &mut [u8], offset_bytes: u64) {
@@ -396,6 +397,17 @@ mod tests {
         for t in threads {
             t.join().unwrap();
         }
+        // Page-aligned data, as the node sends it: the request header takes a pipe slot,
+        // so a whole 1 MiB of pages goes in two rounds.
+        let mut aligned = crate::sys::AlignedBuf::new_zeroed(1 << 20, 4096).unwrap();
+        let page_data = aligned.as_mut_slice();
+        for (k, b) in page_data.iter_mut().enumerate() {
+            *b = pattern(k, 9, 9);
+        }
+        write_by_reference(&c, page_data, 60 << 20);
+        let mut back = vec![0u8; 1 << 20];
+        c.read_at(&mut back, 60 << 20).unwrap();
+        assert!(back.iter().enumerate().all(|(k, &b)| b == pattern(k, 9, 9)));
         // Straight from the device as well (not only through the client).
         let mut last = vec![0u8; 3 << 20];
         mem.read_at(&mut last, 3 * (16 << 20) + 7 * 4097).unwrap();

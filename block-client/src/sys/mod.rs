@@ -314,7 +314,8 @@ fn set_int_option(fd: &impl AsRawFd, opt: libc::c_int, val: libc::c_int) -> io::
 
 /// A pipe that a read's data is spliced into (see
 /// [`BlockDevice::submit_read_to_pipe`](crate::BlockDevice::submit_read_to_pipe)). Both
-/// ends are non-blocking: a full pipe gives `WouldBlock` instead of a wait, because the
+/// ends are non-blocking (except in a pipe made by [`Pipe::new_blocking`], which the NBD
+/// client keeps for itself): a full pipe gives `WouldBlock` instead of a wait, because the
 /// one thread that fills it is also the one that must go on reading the LUN's replies.
 #[derive(Debug)]
 pub struct Pipe {
@@ -387,7 +388,8 @@ impl Pipe {
         self.rd.as_fd()
     }
 
-    /// Writes what fits of `data` without waiting; `WouldBlock` when the pipe is full.
+    /// Writes what fits of `data` without waiting; `WouldBlock` when the pipe is full (a
+    /// pipe made by [`new_blocking`](Self::new_blocking) waits for room instead).
     pub fn write(&self, data: &[u8]) -> io::Result<usize> {
         // SAFETY: `data` is a live slice for the whole call, which the kernel only reads.
         let n = unsafe { libc::write(self.wr.as_raw_fd(), data.as_ptr().cast(), data.len()) };
@@ -437,7 +439,8 @@ impl Pipe {
     }
 
     /// Sends `header` (copied) and then `data` on the socket `sock` by reference, through
-    /// this pipe, which must be empty: vmsplice(2) puts references to `data`'s pages in the
+    /// this pipe, which must be empty (it is between requests: a send that failed leaves it
+    /// to be dropped): vmsplice(2) puts references to `data`'s pages in the
     /// pipe (no copy) and splice(2) moves them into the socket's buffers (no copy), as much
     /// as the pipe holds at a time. The kernel reads `data`'s memory until the peer has
     /// received it, so the caller must not change it before then (see
