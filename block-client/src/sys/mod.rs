@@ -314,7 +314,7 @@ fn set_int_option(fd: &impl AsRawFd, opt: libc::c_int, val: libc::c_int) -> io::
 
 /// A pipe that a read's data is spliced into (see
 /// [`BlockDevice::submit_read_to_pipe`](crate::BlockDevice::submit_read_to_pipe)). Both
-/// ends are non-blocking (except in a pipe made by [`Pipe::new_blocking`], which the NBD
+/// ends are non-blocking (except in a pipe made by `Pipe::new_blocking`, which the NBD
 /// client keeps for itself): a full pipe gives `WouldBlock` instead of a wait, because the
 /// one thread that fills it is also the one that must go on reading the LUN's replies.
 #[derive(Debug)]
@@ -389,7 +389,7 @@ impl Pipe {
     }
 
     /// Writes what fits of `data` without waiting; `WouldBlock` when the pipe is full (a
-    /// pipe made by [`new_blocking`](Self::new_blocking) waits for room instead).
+    /// pipe made by `new_blocking` waits for room instead).
     pub fn write(&self, data: &[u8]) -> io::Result<usize> {
         // SAFETY: `data` is a live slice for the whole call, which the kernel only reads.
         let n = unsafe { libc::write(self.wr.as_raw_fd(), data.as_ptr().cast(), data.len()) };
