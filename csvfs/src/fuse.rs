@@ -18,10 +18,10 @@
 //! on its event loop and is sent by reference from the kernel's request buffer (vmsplice and
 //! splice into the NBD socket: no copy in this process); should the LUN fail it, the event
 //! loop retires that buffer (fuser's `retire_request_buffer`, also a patch of ours), since
-//! the pages may still sit in socket queues, to be read by a LUN server cut off from this node. Regular files are always
-//! opened with direct I/O so no node serves a file from its page cache, and parallel direct
-//! writes and asynchronous direct I/O are enabled so many requests of one file are in flight
-//! at once.
+//! the pages may still sit in socket queues, to be read by a LUN server cut off from this
+//! node. Regular files are always opened with direct I/O so no node serves a file from its
+//! page cache, and parallel direct writes and asynchronous direct I/O are enabled so many
+//! requests of one file are in flight at once.
 
 use crate::data::{DataPath, OpenFile, PipeReader, SeekTarget};
 use crate::errno::{errno_of, NodeError};

@@ -1313,9 +1313,7 @@ impl NbdClient {
             });
         }));
         let buf = self.read_buffer(&req);
-        if let Err((e, notify, _)) = conn.register(&req, data, buf, None, notify, by_reference) {
-            notify.send(Err(e));
-        }
+        send_async(&conn, &req, data, buf, None, notify, by_reference);
         Ok(())
     }
 
@@ -1391,13 +1389,14 @@ impl NbdClient {
             spilled: false,
             full_at: None,
         };
-        send_async(&conn, &req, &[], Vec::new(), Some(sink), notify);
+        send_async(&conn, &req, &[], Vec::new(), Some(sink), notify, false);
         Ok(())
     }
 }
 
-/// Registers and sends an asynchronous request on `conn`. On a connection that died since
-/// it was picked, the completion hears so at once (the caller retries on the blocking path).
+/// Registers and sends an asynchronous request on `conn`, its data by reference when
+/// `by_reference`. On a connection that died since it was picked, the completion hears so
+/// at once (the caller retries on the blocking path).
 fn send_async(
     conn: &Conn,
     req: &Req,
@@ -1405,8 +1404,9 @@ fn send_async(
     buf: Vec<u8>,
     pipe: Option<PipeSink>,
     notify: Notify,
+    by_reference: bool,
 ) {
-    if let Err((e, notify, _)) = conn.register(req, data, buf, pipe, notify, false) {
+    if let Err((e, notify, _)) = conn.register(req, data, buf, pipe, notify, by_reference) {
         notify.send(Err(e));
     }
 }

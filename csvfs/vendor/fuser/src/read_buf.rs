@@ -56,12 +56,11 @@ pub(crate) struct FuseReadBuf {
 
 #[derive(Debug)]
 enum Mem {
-    /// `len` bytes from `start`, inside the mapping of `map_len` bytes at `base`.
+    /// `BUFFER_SIZE` bytes from `start`, inside the mapping of `map_len` bytes at `base`.
     Mapped {
         base: NonNull<u8>,
         map_len: usize,
         start: NonNull<u8>,
-        len: usize,
     },
     Heap(Vec<u8>),
 }
@@ -115,29 +114,27 @@ impl FuseReadBuf {
             base,
             map_len,
             start,
-            len: BUFFER_SIZE,
         })
     }
 
     /// csvfs patch: gives the buffer up for good (see [`retire_request_buffer`]): a
     /// mapping is unmapped, so nothing can write its pages again; a heap buffer is leaked,
     /// so the allocator never hands its memory out again.
-    pub(crate) fn retire(self) {
-        let mut this = std::mem::ManuallyDrop::new(self);
-        match std::mem::replace(&mut this.mem, Mem::Heap(Vec::new())) {
-            Mem::Heap(v) => std::mem::forget(v),
-            mapped @ Mem::Mapped { .. } => drop(FuseReadBuf { mem: mapped }),
+    pub(crate) fn retire(mut self) {
+        if let Mem::Heap(v) = &mut self.mem {
+            std::mem::forget(std::mem::take(v));
         }
+        // A mapping is unmapped by `Drop`.
     }
 
     /// Returns a mutable reference to the aligned portion of the buffer.
     pub(crate) fn as_mut(&mut self) -> &mut [u8] {
         let buffer: &mut [u8] = match &mut self.mem {
-            // SAFETY: `start..start + len` lies inside the live mapping this buffer owns
-            // alone (see `map`); anonymous memory is initialized (zero-filled), and the
+            // SAFETY: `start..start + BUFFER_SIZE` lies inside the live mapping this buffer
+            // owns alone (see `map`); anonymous memory is initialized (zero-filled), and the
             // borrow of `self` keeps anyone else from touching it.
-            Mem::Mapped { start, len, .. } => unsafe {
-                std::slice::from_raw_parts_mut(start.as_ptr(), *len)
+            Mem::Mapped { start, .. } => unsafe {
+                std::slice::from_raw_parts_mut(start.as_ptr(), BUFFER_SIZE)
             },
             Mem::Heap(v) => v,
         };
