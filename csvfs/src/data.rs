@@ -163,10 +163,25 @@ pub trait PipeReader: Send + 'static {
     fn done(self, got: Option<(Pipe, u32)>);
 }
 
-/// Outcome of [`DataPath::write_async`]: `Some(commit_now)` once the write is on the LUN
-/// and recorded, or `None` when it has to be done on the blocking path
-/// ([`DataPath::write`]).
-pub type WriteDone = Box<dyn FnOnce(Option<bool>) + Send>;
+/// Outcome of [`DataPath::write_async`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteOutcome {
+    /// On the LUN and recorded; `commit_now`: commit at the coordinator before replying.
+    Written {
+        /// Commit now (the file is synchronous, or its pending writes reached a limit).
+        commit_now: bool,
+    },
+    /// Not done: it has to be done on the blocking path ([`DataPath::write`]).
+    Redo {
+        /// The write went to the LUN by reference and its path was lost, so the LUN may
+        /// still read the data's memory at any later time: never change it again. A
+        /// write the LUN answered with an error, or that never left, holds nothing.
+        data_held: bool,
+    },
+}
+
+/// Receives the [`WriteOutcome`] of [`DataPath::write_async`].
+pub type WriteDone = Box<dyn FnOnce(WriteOutcome) + Send>;
 
 /// The node's data path for one mounted volume.
 pub struct DataPath {
@@ -877,14 +892,13 @@ impl DataPath {
 
     /// Starts a write (without O_SYNC) that needs neither the coordinator nor a new claim:
     /// the layout is fresh and the range lies in one written extent, or in one unwritten
-    /// extent whose claim this node holds. Once the LUN acknowledged
-    /// it and it is recorded as pending, `done` gets whether to commit now; any other write
-    /// gets `done(None)`, and so does a write the LUN fails (the blocking path redoes it).
+    /// extent whose claim this node holds. Once the LUN acknowledged it and it is recorded
+    /// as pending, `done` gets [`WriteOutcome::Written`]; any other write gets
+    /// [`WriteOutcome::Redo`], and so does a write the LUN fails.
     ///
     /// With `by_reference` the LUN may send `data`'s pages without copying them (see
     /// [`BlockDevice::submit_write_by_reference`]): the caller keeps them unchanged until
-    /// `done` runs, and when this returned true (the data was handed to the LUN) and `done`
-    /// gets `None`, must never change them again.
+    /// `done` runs, and after `Redo { data_held: true }` never changes them again.
     pub fn write_async(
         &self,
         file: &Arc<OpenFile>,
@@ -892,19 +906,25 @@ impl DataPath {
         data: &[u8],
         by_reference: bool,
         done: WriteDone,
-    ) -> bool {
+    ) {
         let len = u64::try_from(data.len()).unwrap_or(u64::MAX);
         let Some((lun_offset_bytes, _)) = self.async_target(file, offset_bytes, len, true) else {
-            done(None);
-            return false;
+            return done(WriteOutcome::Redo { data_held: false });
         };
         let (f, cl, end) = (file.clone(), self.cluster_bytes, offset_bytes + len);
         let done: block_client::Completion = Box::new(move |r| {
-            let commit_now = r
-                .is_ok()
-                .then(|| record_write(&mut f.state.lock(), cl, offset_bytes, end));
+            let outcome = match r {
+                Ok(_) => WriteOutcome::Written {
+                    commit_now: record_write(&mut f.state.lock(), cl, offset_bytes, end),
+                },
+                // Only a request that may still sit in a lost connection's socket queues
+                // can be read later; an answered one was read in full.
+                Err(e) => WriteOutcome::Redo {
+                    data_held: by_reference && e.is_path_lost(),
+                },
+            };
             f.async_ended();
-            done(commit_now);
+            done(outcome);
         });
         let started = if by_reference {
             self.lun
@@ -918,14 +938,11 @@ impl DataPath {
                 done,
             )
         };
-        match started {
-            Ok(()) => true,
-            Err(refused) => {
-                refused(Err(BlockError::Unsupported {
-                    op: "asynchronous write",
-                }));
-                false
-            }
+        if let Err(refused) = started {
+            // Handed back unused: nothing of `data` was taken.
+            refused(Err(BlockError::Unsupported {
+                op: "asynchronous write",
+            }));
         }
     }
 
@@ -1902,24 +1919,23 @@ pub(crate) mod tests {
         assert_eq!(dp.seek(0, 0, &f, CL, SeekTarget::Data).unwrap(), CL + CL);
     }
 
-    /// Starts `write_async` (by reference or not) and waits for its outcome; also says
-    /// whether the data was handed to the LUN.
+    /// Starts `write_async` (by reference or not) and waits for its outcome.
     fn write_async_outcome(
         dp: &DataPath,
         f: &Arc<OpenFile>,
         at: u64,
         data: &[u8],
         by_reference: bool,
-    ) -> (bool, Option<bool>) {
+    ) -> WriteOutcome {
         let (tx, rx) = std::sync::mpsc::channel();
-        let handed = dp.write_async(
+        dp.write_async(
             f,
             at,
             data,
             by_reference,
             Box::new(move |r| tx.send(r).unwrap()),
         );
-        (handed, rx.recv_timeout(Duration::from_secs(10)).unwrap())
+        rx.recv_timeout(Duration::from_secs(10)).unwrap()
     }
 
     /// A data path on `served` (over `mem`) through a real NBD server and client, with
@@ -1938,7 +1954,12 @@ pub(crate) mod tests {
         use block_client::nbd::{serve_device, ListenAddr, NbdClient, NbdClientOptions};
         let sock = std::env::temp_dir().join(format!("csvfs-{tag}-{}.sock", std::process::id()));
         let server = serve_device(served, &ListenAddr::Unix(sock), Default::default()).unwrap();
-        let lun = Arc::new(NbdClient::open(&server.uri(), NbdClientOptions::default()).unwrap());
+        // A request the LUN never answers fails soon instead of after the default 30 s.
+        let options = NbdClientOptions {
+            request_timeout_ms: 1500,
+            ..NbdClientOptions::default()
+        };
+        let lun = Arc::new(NbdClient::open(&server.uri(), options).unwrap());
         let store = Arc::new(MemStore::new(CL, 64, mem));
         store.add_file(InodeId(10));
         let dp = DataPath::new(lun, Arc::new(StoreMeta::new(store.clone())), CL, 2 * CL);
@@ -1954,7 +1975,7 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn async_writes_by_reference_say_whether_the_lun_took_the_data() {
+    fn async_writes_by_reference_say_whether_the_lun_may_still_read_the_data() {
         use block_client::testing::{FailKind, FlakyDisk, OpClass};
         let mem = Arc::new(MemDevice::new(CL * 64));
         let flaky = Arc::new(FlakyDisk::new(mem.clone()));
@@ -1963,25 +1984,37 @@ pub(crate) mod tests {
         // Into a claimed cluster: handed to the LUN, and on it.
         assert_eq!(
             write_async_outcome(&dp, &f, 2 * CL, &chunk(3), true),
-            (true, Some(false))
+            WriteOutcome::Written { commit_now: false }
         );
         let back = dp
             .read(0, 0, &f, 2 * CL, u32::try_from(CL).unwrap())
             .unwrap();
         assert!(back.iter().all(|&b| b == 3));
-        // A write the LUN fails was handed over: the caller must not reuse its memory.
+        // A write the LUN answered with an error was read in full: its memory is free.
         faults.fail_nth(OpClass::Write, 1, FailKind::Device(libc::EIO));
         assert_eq!(
             write_async_outcome(&dp, &f, 2 * CL, &chunk(4), true),
-            (true, None)
+            WriteOutcome::Redo { data_held: false }
         );
         faults.heal();
         // Off the fast path (a hole past the claims): not handed over at all.
         assert_eq!(
             write_async_outcome(&dp, &f, 8 * CL, &chunk(5), true),
-            (false, None)
+            WriteOutcome::Redo { data_held: false }
         );
-        dp.release(0, 0, &f).unwrap();
+        // A write the LUN never answers: its connection is declared dead. Copied, it holds
+        // nothing; by reference, the LUN may still read it from that connection's queues.
+        faults.hang(OpClass::Write);
+        assert_eq!(
+            write_async_outcome(&dp, &f, 2 * CL, &chunk(6), false),
+            WriteOutcome::Redo { data_held: false }
+        );
+        assert_eq!(
+            write_async_outcome(&dp, &f, 2 * CL, &chunk(7), true),
+            WriteOutcome::Redo { data_held: true }
+        );
+        assert!(faults.hung_ops() >= 2);
+        faults.heal();
     }
 
     #[test]
@@ -1999,7 +2032,7 @@ pub(crate) mod tests {
         // Into a claimed unwritten cluster: the fast path takes it.
         assert_eq!(
             write_async_outcome(&dp, &f, 2 * CL, &chunk(3), false),
-            (true, Some(false))
+            WriteOutcome::Written { commit_now: false }
         );
         let read_all = |f: &OpenFile| dp.read(0, 0, f, 0, u32::try_from(4 * CL).unwrap()).unwrap();
         let buf = read_all(&f);
@@ -2016,7 +2049,7 @@ pub(crate) mod tests {
         assert!(written);
         assert_eq!(
             write_async_outcome(&dp, &f, 3 * CL, &chunk(4), false),
-            (false, None)
+            WriteOutcome::Redo { data_held: false }
         );
         dp.release(0, 0, &f).unwrap();
         let (g, attr) = dp.open(0, 0, InodeId(10), false).unwrap();

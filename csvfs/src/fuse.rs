@@ -16,14 +16,15 @@
 //! patch of ours: csvfs/vendor/fuser/PATCHED.md), so the kernel copies the data once, into
 //! the reader's pages. A fast-path write of `WAIT_WRITE_MIN_BYTES` or more waits for the LUN
 //! on its event loop and is sent by reference from the kernel's request buffer (vmsplice and
-//! splice into the NBD socket: no copy in this process); should the LUN fail it, the event
-//! loop retires that buffer (fuser's `retire_request_buffer`, also a patch of ours), since
-//! the pages may still sit in socket queues, to be read by a LUN server cut off from this
-//! node. Regular files are always opened with direct I/O so no node serves a file from its
+//! splice into the NBD socket: no copy in this process); should the path to the LUN be lost
+//! meanwhile, the event loop retires that buffer (fuser's `retire_request_buffer`, also a
+//! patch of ours), since the pages may still sit in socket queues, to be read by a LUN
+//! server cut off from this node. A write the LUN answered with an error was read in full
+//! and keeps its buffer. Regular files are always opened with direct I/O so no node serves a file from its
 //! page cache, and parallel direct writes and asynchronous direct I/O are enabled so many
 //! requests of one file are in flight at once.
 
-use crate::data::{DataPath, OpenFile, PipeReader, SeekTarget};
+use crate::data::{DataPath, OpenFile, PipeReader, SeekTarget, WriteOutcome};
 use crate::errno::{errno_of, NodeError};
 use crate::meta::{unexpected, Metadata};
 use block_client::Pipe;
@@ -846,16 +847,16 @@ impl Filesystem for CsvFs {
         // one is waited for here while an event loop may wait, and its data goes to the
         // LUN by reference, straight from the kernel's buffer (no copy in this process):
         // the buffer is not reused before the LUN has answered. Should the LUN fail it,
-        // the blocking path still has that buffer, and the event loop then retires it: the
-        // pages may still sit in socket queues, to be read by a LUN server cut off from
-        // this node. Otherwise the LUN's completion thread answers, and a copy is kept for
+        // the blocking path still has that buffer; if the path was lost the event loop
+        // then retires it: the pages may still sit in socket queues, to be read by a LUN
+        // server cut off from this node. Otherwise the LUN's completion thread answers, and a copy is kept for
         // the blocking path.
         let slot = (data.len() >= WAIT_WRITE_MIN_BYTES)
             .then(|| self.inner.may_wait())
             .flatten();
         if let Some(slot) = slot {
             let (tx, rx) = mpsc::sync_channel(1);
-            let handed = self.inner.data.write_async(
+            self.inner.data.write_async(
                 &file,
                 offset,
                 data,
@@ -864,20 +865,23 @@ impl Filesystem for CsvFs {
                     let _ = tx.send(outcome);
                 }),
             );
-            let outcome = rx.recv().ok().flatten();
+            let outcome = rx.recv().unwrap_or(WriteOutcome::Redo { data_held: true });
             // Given back first: the blocking path takes a slot of its own.
             drop(slot);
             return match outcome {
-                Some(false) => reply.written(len),
-                Some(true) => self.write_blocking(w, &[], true, reply),
-                None => {
-                    if handed {
+                WriteOutcome::Written { commit_now: false } => reply.written(len),
+                WriteOutcome::Written { commit_now: true } => {
+                    self.write_blocking(w, &[], true, reply)
+                }
+                WriteOutcome::Redo { data_held } => {
+                    if data_held {
                         tracing::info!(
                             inode = ino.0,
                             offset,
                             len,
-                            "request buffer retired: the LUN failed a write sent from it by \
-                             reference; the write is redone on the blocking path"
+                            "request buffer retired: the path to the LUN was lost while a \
+                             write was sent from it by reference; the write is redone on the \
+                             blocking path"
                         );
                         fuser::retire_request_buffer();
                     }
@@ -886,11 +890,11 @@ impl Filesystem for CsvFs {
             };
         }
         let (pool, inner, copy) = (self.pool.clone(), self.inner.clone(), data.to_vec());
-        let done = Box::new(move |outcome: Option<bool>| {
+        let done = Box::new(move |outcome: WriteOutcome| {
             let commit_only = match outcome {
-                Some(false) => return reply.written(len),
-                Some(true) => true,
-                None => false,
+                WriteOutcome::Written { commit_now: false } => return reply.written(len),
+                WriteOutcome::Written { commit_now: true } => true,
+                WriteOutcome::Redo { .. } => false,
             };
             spawn_on(&pool, inner, "write", w.ino, move |i| {
                 w.run(i, if commit_only { &[] } else { &copy }, commit_only, reply);
