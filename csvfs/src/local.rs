@@ -5,6 +5,14 @@
 //! Every child runs in its own process group; [`LocalCluster`] kills and unmounts
 //! everything it started when dropped, including after a failure. Waiting is always
 //! polling with a deadline, never a fixed sleep.
+//!
+//! Children are started from one thread of this process (the spawner) whose file
+//! descriptor table holds nothing but stdin, stdout and stderr, so a child never inherits a
+//! descriptor the caller holds on a csvfs mount: `execve` closes every inherited
+//! close-on-exec descriptor, and closing a descriptor of a FUSE file flushes it, which
+//! waits for the writes in flight on that file and for the node's answer to FLUSH. While
+//! the LUN server is down both wait for the LUN, so a LUN server started again by a process
+//! with files open on a mount would wait inside its own `execve` for itself.
 
 use metadata_server::format::{mkfs, MkfsError, MkfsOptions, MkfsReport};
 use parking_lot::Mutex;
@@ -13,7 +21,7 @@ use std::io::Read;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 /// Why a local cluster step failed.
@@ -157,6 +165,12 @@ fn io_err<'a>(
     }
 }
 
+/// Drops `pid` from the processes [`EmergencyCleanup`] signals, once it has been reaped
+/// (its number may be reused).
+fn forget_pid(registry: &Mutex<Registry>, pid: u32) {
+    registry.lock().pids.retain(|&p| p != pid);
+}
+
 /// Polls `f` every few milliseconds until it returns `Some`, or fails after `timeout`.
 pub fn wait_for<T>(
     what: &str,
@@ -258,6 +272,82 @@ pub fn force_unmount(path: &Path) {
     }
 }
 
+/// A job for the spawner thread.
+type SpawnJob = Box<dyn FnOnce() + Send>;
+
+/// The spawner thread's queue, or `None` when its descriptor table could not be made its
+/// own (jobs then run on the calling thread).
+fn spawner() -> Option<&'static mpsc::Sender<SpawnJob>> {
+    static SPAWNER: OnceLock<Option<mpsc::Sender<SpawnJob>>> = OnceLock::new();
+    SPAWNER
+        .get_or_init(|| {
+            let (jobs, queue) = mpsc::channel::<SpawnJob>();
+            let (ready, started) = mpsc::channel();
+            std::thread::Builder::new()
+                .name("csvfs-spawner".into())
+                .spawn(move || {
+                    let detached = detach_fd_table();
+                    let ok = detached.is_ok();
+                    let _ = ready.send(detached);
+                    if !ok {
+                        return;
+                    }
+                    for job in queue {
+                        // A panicking job must not take the spawner with it; its caller
+                        // sees the dropped reply channel.
+                        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+                    }
+                })
+                .ok()?;
+            match started.recv() {
+                Ok(Ok(())) => Some(jobs),
+                Ok(Err(e)) => {
+                    tracing::warn!(
+                        error = %e,
+                        "no private descriptor table for starting children; they inherit \
+                         this process's descriptors"
+                    );
+                    None
+                }
+                Err(_) => None,
+            }
+        })
+        .as_ref()
+}
+
+/// Gives the calling thread a descriptor table of its own and closes everything in it but
+/// stdin, stdout and stderr. The copy is taken without closing anything; the closes only
+/// drop this thread's references (the rest of the process keeps its descriptors).
+fn detach_fd_table() -> std::io::Result<()> {
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_FILES)?;
+    // thread-self: this thread's table, which is no longer the process's.
+    let fds: Vec<i32> = std::fs::read_dir("/proc/thread-self/fd")?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|&fd| fd > 2)
+        .collect();
+    for fd in fds {
+        // The directory's own descriptor is in the list and already closed: EBADF.
+        let _ = nix::unistd::close(fd);
+    }
+    Ok(())
+}
+
+/// Runs `f` on the spawner thread, whose descriptor table holds only stdin, stdout and
+/// stderr (see the module doc), and returns its result; `None` if `f` panicked. Processes
+/// `f` starts inherit none of this process's descriptors. `f` must not hand a descriptor
+/// it opens to another thread: the number means nothing outside the spawner's table.
+fn run_on_spawner<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+    let Some(jobs) = spawner() else {
+        return Some(f());
+    };
+    let (reply, result) = mpsc::sync_channel(1);
+    let job: SpawnJob = Box::new(move || {
+        let _ = reply.send(f());
+    });
+    jobs.send(job).ok()?;
+    result.recv().ok()
+}
+
 impl LocalCluster {
     /// A cluster in a new directory under `parent`, using the `csvfs` binary `exe`.
     pub fn new(exe: PathBuf, parent: &Path, name: &str) -> Result<LocalCluster, LocalError> {
@@ -265,6 +355,9 @@ impl LocalCluster {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() % 1_000_000_000)
             .unwrap_or(0);
+        // Start the spawner before this cluster mounts anything: its table is a copy of
+        // this process's, and closing a copy of a descriptor on a mount flushes that file.
+        let _ = spawner();
         let dir = parent.join(format!("{name}-{}-{stamp}", std::process::id()));
         std::fs::create_dir_all(&dir).map_err(io_err("create directory", &dir))?;
         let lun_path = dir.join("lun.img");
@@ -310,30 +403,44 @@ impl LocalCluster {
         Ok(())
     }
 
+    /// Starts the `csvfs` binary with `args`, stdout and stderr to `log` (appended to, or
+    /// truncated first with `truncate`), from the spawner thread (see the module doc).
     fn spawn(
         &self,
         what: &str,
         args: &[&std::ffi::OsStr],
         log: &Path,
+        truncate: bool,
     ) -> Result<Child, LocalError> {
-        let out = File::create(log).map_err(io_err("create log", log))?;
-        let err = out.try_clone().map_err(io_err("open log", log))?;
         let mut cmd = Command::new(&self.exe);
-        cmd.args(args)
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .process_group(0);
+        cmd.args(args).stdin(Stdio::null()).process_group(0);
         for (k, v) in &self.node_env {
             cmd.env(k, v);
         }
-        cmd.spawn().map_err(|source| LocalError::Spawn {
-            what: what.to_string(),
-            source,
+        let (what, log) = (what.to_string(), log.to_path_buf());
+        let gone = LocalError::Spawn {
+            what: what.clone(),
+            source: std::io::Error::other("the spawner thread failed"),
+        };
+        run_on_spawner(move || {
+            let out = OpenOptions::new()
+                .create(true)
+                .append(!truncate)
+                .write(true)
+                .truncate(truncate)
+                .open(&log)
+                .map_err(io_err("create log", &log))?;
+            let err = out.try_clone().map_err(io_err("open log", &log))?;
+            cmd.stdout(out)
+                .stderr(err)
+                .spawn()
+                .map_err(|source| LocalError::Spawn { what, source })
         })
+        .unwrap_or(Err(gone))
     }
 
     /// Starts `csvfs serve-lun` on the LUN file and waits until it accepts connections.
+    /// Its log is appended to, so a restarted server's log keeps the earlier runs.
     pub fn start_lun_server(&mut self) -> Result<(), LocalError> {
         let sock = self.dir.join("lun.sock");
         let listen = format!("unix:{}", sock.display());
@@ -348,13 +455,14 @@ impl LocalCluster {
                 "lun".as_ref(),
             ],
             &self.server_log.clone(),
+            false,
         )?;
         self.registry.lock().pids.push(child.id());
         self.server = Some(child);
         let log = self.server_log.clone();
         wait_for("the LUN server socket", Duration::from_secs(20), || {
             if let Some(c) = self.server.as_mut() {
-                if let Ok(Some(status)) = c.try_wait() {
+                if let Some(status) = c.try_wait().map_err(io_err("wait for serve-lun", &log))? {
                     return Err(LocalError::Exited {
                         what: "serve-lun".into(),
                         status,
@@ -395,7 +503,7 @@ impl LocalCluster {
         ];
         args.extend(extra.iter().map(|s| std::ffi::OsStr::new(*s)));
         args.push(mountpoint.as_os_str());
-        let child = self.spawn(&format!("node {id}"), &args, &log)?;
+        let child = self.spawn(&format!("node {id}"), &args, &log, true)?;
         self.nodes.retain(|n| n.id != id);
         {
             let mut reg = self.registry.lock();
@@ -421,7 +529,7 @@ impl LocalCluster {
         let (mp, log) = (node.mountpoint.clone(), node.log.clone());
         wait_for(&format!("node {id} to mount"), timeout, || {
             if let Some(c) = node.child.as_mut() {
-                if let Ok(Some(status)) = c.try_wait() {
+                if let Some(status) = c.try_wait().map_err(io_err("wait for node", &log))? {
                     return Err(LocalError::Exited {
                         what: format!("node {id}"),
                         status,
@@ -490,6 +598,7 @@ impl LocalCluster {
         let status = wait_for(&format!("node {id} to exit"), timeout, || {
             child.try_wait().map_err(io_err("wait for node", &node.log))
         })?;
+        forget_pid(&self.registry, child.id());
         node.child = None;
         Ok(status)
     }
@@ -504,6 +613,7 @@ impl LocalCluster {
         if let Some(mut c) = node.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+            forget_pid(&self.registry, c.id());
         }
         let mp = node.mountpoint.clone();
         // With fusermount's auto-unmount the mount goes away by itself; without it, detach.
@@ -551,7 +661,8 @@ impl LocalCluster {
         }
     }
 
-    /// Stops the LUN server (after the nodes are gone) and waits for it.
+    /// Stops the LUN server (SIGTERM: it finishes the requests in flight, flushes the LUN
+    /// file and removes its socket) and waits for it to exit.
     pub fn stop_lun_server(&mut self) {
         if let Some(mut s) = self.server.take() {
             terminate(s.id());
@@ -562,6 +673,7 @@ impl LocalCluster {
                 let _ = s.kill();
                 let _ = s.wait();
             }
+            forget_pid(&self.registry, s.id());
         }
     }
 }
