@@ -137,8 +137,19 @@ pub trait BlockDevice: Send + Sync + fmt::Debug {
     /// Writes `buf` at `offset_bytes`. With `flags.fua` the data is durable on return.
     fn write_at(&self, buf: &[u8], offset_bytes: u64, flags: WriteFlags) -> Result<(), BlockError>;
 
-    /// Makes every completed write durable.
+    /// Makes every completed write durable. A flush does not answer for writes that a
+    /// path to the LUN acknowledged and then lost before any flush covered them (a LUN
+    /// server that restarted may have dropped them): a caller that must know uses
+    /// [`flush_since`] with a mark from [`write_loss_count`](Self::write_loss_count).
     fn flush(&self) -> Result<(), BlockError>;
+
+    /// How many times so far writes that this device acknowledged were lost with their path
+    /// to the LUN before a flush covered them. Take it before a group of writes and pass it
+    /// to [`flush_since`] after them. Never falls; stays 0 for a device whose acknowledged
+    /// writes cannot be lost that way (the default).
+    fn write_loss_count(&self) -> u64 {
+        0
+    }
 
     /// Writes zeros over a range (may deallocate it).
     fn write_zeroes(&self, offset_bytes: u64, len_bytes: u64) -> Result<(), BlockError>;
@@ -241,6 +252,28 @@ pub trait BlockDevice: Send + Sync + fmt::Debug {
     }
 }
 
+/// Flushes `dev`, then fails with [`BlockError::PathLost`] if acknowledged writes were lost
+/// with their path since `mark` (a [`BlockDevice::write_loss_count`] taken before the
+/// writes this flush must make durable): those writes may be gone although the flush
+/// succeeded, and the caller must write them again or report them lost.
+pub fn flush_since<D: BlockDevice + ?Sized>(dev: &D, mark: u64) -> Result<(), BlockError> {
+    dev.flush()?;
+    let now = dev.write_loss_count();
+    if now > mark {
+        return Err(BlockError::PathLost {
+            op: "flush",
+            source: std::io::Error::new(
+                std::io::ErrorKind::ConnectionReset,
+                format!(
+                    "writes acknowledged on a path to the LUN that was later lost may not be durable ({} loss(es) since they began)",
+                    now - mark
+                ),
+            ),
+        });
+    }
+    Ok(())
+}
+
 impl<T: BlockDevice + ?Sized> BlockDevice for std::sync::Arc<T> {
     fn size_bytes(&self) -> u64 {
         (**self).size_bytes()
@@ -259,6 +292,9 @@ impl<T: BlockDevice + ?Sized> BlockDevice for std::sync::Arc<T> {
     }
     fn flush(&self) -> Result<(), BlockError> {
         (**self).flush()
+    }
+    fn write_loss_count(&self) -> u64 {
+        (**self).write_loss_count()
     }
     fn write_zeroes(&self, offset_bytes: u64, len_bytes: u64) -> Result<(), BlockError> {
         (**self).write_zeroes(offset_bytes, len_bytes)

@@ -39,7 +39,9 @@ mod sys;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 
-pub use device::{AsyncIo, BlockDevice, BlockError, Completion, PipeCompletion, WriteFlags};
+pub use device::{
+    flush_since, AsyncIo, BlockDevice, BlockError, Completion, PipeCompletion, WriteFlags,
+};
 pub use file::{FileDevice, FileOptions};
 pub use nbd::client::open_device;
 pub use nbd::{NbdClient, NbdClientOptions};

@@ -31,6 +31,7 @@ use metadata_server::proto::{Request, Response};
 use metadata_server::types::{Attr, Epoch, Extent, FallocMode, FsError, InodeId, SetAttr};
 use parking_lot::{Condvar, Mutex, RwLock, RwLockWriteGuard};
 use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -79,6 +80,13 @@ struct FileState {
     claimed: RangeSet,
     /// Opens of the inode on this node.
     opens: u32,
+    /// The LUN's write loss count ([`BlockDevice::write_loss_count`]) taken before the
+    /// first write of this file that no LUN flush has covered yet; `None` when every
+    /// write was covered.
+    loss_mark: Option<u64>,
+    /// Bumped by every recorded write, so that a flush clears `loss_mark` only when no
+    /// write was recorded while it ran.
+    loss_gen: u64,
 }
 
 impl FileState {
@@ -104,6 +112,10 @@ pub struct OpenFile {
     in_flight: Mutex<u32>,
     /// Signalled when `in_flight` drops to zero.
     idle: Condvar,
+    /// How many times a flush found that writes of the file acknowledged by the LUN were
+    /// lost with their path before it could cover them. File handles report each loss
+    /// once, at their next fsync or close (see [`check_loss`]), as a write-back error is.
+    losses: AtomicU64,
 }
 
 impl OpenFile {
@@ -129,6 +141,11 @@ impl OpenFile {
         if *n == 0 {
             self.idle.notify_all();
         }
+    }
+
+    /// How many losses of the file's writes flushes found so far (see [`check_loss`]).
+    pub fn losses(&self) -> u64 {
+        self.losses.load(Ordering::SeqCst)
     }
 
     /// True when this node holds uncommitted writes for the file (new ranges, or
@@ -442,12 +459,15 @@ impl DataPath {
                     meta: Mutex::new(()),
                     in_flight: Mutex::new(0),
                     idle: Condvar::new(),
+                    losses: AtomicU64::new(0),
                     state: Mutex::new(FileState {
                         map: ExtentMap::new(),
                         inval_gen: 0,
                         fetched_gen: 0,
                         attr: attr.clone(),
                         pending: RangeSet::new(),
+                        loss_mark: None,
+                        loss_gen: 0,
                         times_dirty: false,
                         pending_size_bytes: 0,
                         seq_end_bytes: u64::MAX,
@@ -745,6 +765,7 @@ impl DataPath {
             let Some(pieces) = self.mapped_pieces(uid, gid, file, offset_bytes, end)? else {
                 return Ok(None);
             };
+            let loss_mark = self.lun.write_loss_count();
             for p in &pieces {
                 let lun_offset_bytes = match p.backing {
                     Backing::Written { lun_offset_bytes }
@@ -765,7 +786,7 @@ impl DataPath {
             }
             let mut st = file.state.lock();
             Ok(Some(
-                record_write(&mut st, self.cluster_bytes, offset_bytes, end) || sync,
+                record_write(&mut st, self.cluster_bytes, (offset_bytes, end), loss_mark) || sync,
             ))
         }
     }
@@ -912,10 +933,16 @@ impl DataPath {
             return done(WriteOutcome::Redo { data_held: false });
         };
         let (f, cl, end) = (file.clone(), self.cluster_bytes, offset_bytes + len);
+        let loss_mark = self.lun.write_loss_count();
         let done: block_client::Completion = Box::new(move |r| {
             let outcome = match r {
                 Ok(_) => WriteOutcome::Written {
-                    commit_now: record_write(&mut f.state.lock(), cl, offset_bytes, end),
+                    commit_now: record_write(
+                        &mut f.state.lock(),
+                        cl,
+                        (offset_bytes, end),
+                        loss_mark,
+                    ),
                 },
                 // Only a request that may still sit in a lost connection's socket queues
                 // can be read later; an answered one was read in full.
@@ -1083,7 +1110,7 @@ impl DataPath {
                 st.pending_size_bytes = 0;
                 drop(st);
                 if durable {
-                    self.lun.flush().map_err(NodeError::lun("flush"))?;
+                    self.flush_for(file)?;
                 }
                 return Ok(());
             }
@@ -1145,7 +1172,10 @@ impl DataPath {
                 .map_err(NodeError::lun("zero cluster remainder"))?;
         }
         if flush {
-            self.lun.flush().map_err(NodeError::lun("flush"))?;
+            // Writes lost with their path are reported at the next fsync or close of the
+            // file; their ranges are committed all the same (the LUN most likely holds
+            // them, and the application that hears of the loss writes them again).
+            self.flush_for(file)?;
         }
         let resp = self.meta.call(
             uid,
@@ -1197,10 +1227,36 @@ impl DataPath {
     }
 
     /// fsync: commit pending writes, flush the LUN, and make the inode's metadata durable.
+    /// A loss of writes the flush finds is counted in [`OpenFile::losses`], for the
+    /// caller's [`check_loss`].
     pub fn fsync(&self, uid: u32, gid: u32, file: &OpenFile) -> Result<(), NodeError> {
         self.commit(uid, gid, file)?;
-        self.lun.flush().map_err(NodeError::lun("flush"))?;
+        self.flush_for(file)?;
         self.meta.call(uid, gid, Request::Fsync { ino: file.ino })?;
+        Ok(())
+    }
+
+    /// Flushes the LUN for the writes of `file`, and counts in [`OpenFile::losses`] a loss
+    /// of writes of the file that a path to the LUN acknowledged and lost before the flush
+    /// could cover them.
+    fn flush_for(&self, file: &OpenFile) -> Result<(), NodeError> {
+        let (mark, gen) = {
+            let st = file.state.lock();
+            (st.loss_mark, st.loss_gen)
+        };
+        self.lun.flush().map_err(NodeError::lun("flush"))?;
+        let lost = mark.is_some_and(|m| self.lun.write_loss_count() > m);
+        let mut st = file.state.lock();
+        if st.loss_gen == gen {
+            st.loss_mark = None;
+        }
+        if lost {
+            file.losses.fetch_add(1, Ordering::SeqCst);
+            tracing::error!(
+                inode = %file.ino,
+                "writes of the file may not be durable: a connection to the LUN that acknowledged them was lost before a flush; the next fsync or close of each of its handles fails"
+            );
+        }
         Ok(())
     }
 
@@ -1348,7 +1404,15 @@ impl DataPath {
 
 /// Records a write of `[offset_bytes, end)` now on the LUN: as pending, or as an overwrite
 /// that only dates the file; true when enough is pending to commit now.
-fn record_write(st: &mut FileState, cluster_bytes: u64, offset_bytes: u64, end: u64) -> bool {
+/// `loss_mark` is the LUN's write loss count taken before the write was sent.
+fn record_write(
+    st: &mut FileState,
+    cluster_bytes: u64,
+    (offset_bytes, end): (u64, u64),
+    loss_mark: u64,
+) -> bool {
+    st.loss_mark = Some(st.loss_mark.map_or(loss_mark, |m| m.min(loss_mark)));
+    st.loss_gen += 1;
     // An overwrite of written clusters has nothing for the coordinator to mark: it only
     // dates the file. Keeping it out of `pending` keeps random overwrites from filling
     // the set and forcing a commit (and its LUN flush) every few thousand writes.
@@ -1369,6 +1433,21 @@ fn record_write(st: &mut FileState, cluster_bytes: u64, offset_bytes: u64, end: 
         );
     }
     st.pending.count_ranges() > MAX_PENDING_RANGES || st.pending.len_bytes() > MAX_PENDING_BYTES
+}
+
+/// Fails (EIO) once per file handle for each loss of the file's writes found since the
+/// handle last reported one: `seen` is the handle's [`OpenFile::losses`] as of its open or
+/// last report. A handle's fsync, close and O_SYNC writes call it after their flush.
+pub fn check_loss(file: &OpenFile, seen: &AtomicU64) -> Result<(), NodeError> {
+    let now = file.losses();
+    if seen.fetch_max(now, Ordering::SeqCst) < now {
+        return Err(FsError::Io(format!(
+            "writes of {} acknowledged by the LUN were lost with their path before a flush; they may not be durable",
+            file.ino
+        ))
+        .into());
+    }
+    Ok(())
 }
 
 /// True when this node must ask the coordinator before writing into `p`: a hole, or an
@@ -1972,6 +2051,62 @@ pub(crate) mod tests {
     /// One cluster of `b`.
     fn chunk(b: u8) -> Vec<u8> {
         vec![b; to_usize(CL).unwrap()]
+    }
+
+    /// fsync of `f`, retried while the flush itself is cut by a restart (a flush in flight
+    /// is never resent); then the handle's report.
+    fn fsync_then_report(dp: &DataPath, f: &OpenFile, seen: &AtomicU64) -> Result<(), i32> {
+        let t = Instant::now();
+        while let Err(e) = dp.fsync(0, 0, f) {
+            assert!(t.elapsed() < Duration::from_secs(20), "fsync: {e}");
+        }
+        check_loss(f, seen).map_err(|e| crate::errno::errno_of(&e))
+    }
+
+    #[test]
+    fn writes_a_lost_connection_acknowledged_fail_each_handles_fsync_once() {
+        use block_client::nbd::{serve_device, ListenAddr};
+        let mem = Arc::new(MemDevice::new(CL * 64));
+        let (server, store, dp, f) = sequential_over_nbd(mem.clone(), mem.clone(), "loss");
+        let sock = std::env::temp_dir().join(format!("csvfs-loss-{}.sock", std::process::id()));
+        // Two handles of file 10; file 11 written and fsynced before the loss.
+        let (a, b) = (AtomicU64::new(f.losses()), AtomicU64::new(f.losses()));
+        store.add_file(InodeId(11));
+        let (g, _) = dp.open(0, 0, InodeId(11), true).unwrap();
+        let g_seen = AtomicU64::new(g.losses());
+        dp.write(0, 0, &g, 0, &chunk(9), false).unwrap();
+        assert_eq!(fsync_then_report(&dp, &g, &g_seen), Ok(()));
+        assert_eq!(fsync_then_report(&dp, &f, &a), Ok(()));
+        // An overwrite of a written cluster: acknowledged, not flushed (no commit flushes
+        // it), then the LUN server restarts and the connection that took it is gone.
+        dp.write(0, 0, &f, 0, &chunk(5), false).unwrap();
+        server.shutdown().unwrap();
+        let server =
+            serve_device(mem.clone(), &ListenAddr::Unix(sock), Default::default()).unwrap();
+        // Each handle of the file hears of it once; the other file not at all.
+        assert_eq!(fsync_then_report(&dp, &f, &a), Err(libc::EIO));
+        assert_eq!(fsync_then_report(&dp, &f, &a), Ok(()));
+        assert_eq!(
+            check_loss(&f, &b).map_err(|e| crate::errno::errno_of(&e)),
+            Err(libc::EIO)
+        );
+        assert_eq!(
+            check_loss(&f, &b).map_err(|e| crate::errno::errno_of(&e)),
+            Ok(())
+        );
+        assert_eq!(fsync_then_report(&dp, &g, &g_seen), Ok(()));
+        // A handle opened after the loss does not report it; writes after it are durable.
+        let c = AtomicU64::new(f.losses());
+        dp.write(0, 0, &f, CL, &chunk(6), false).unwrap();
+        assert_eq!(fsync_then_report(&dp, &f, &c), Ok(()));
+        assert_eq!(fsync_then_report(&dp, &f, &a), Ok(()));
+        let back = dp
+            .read(0, 0, &f, 0, u32::try_from(2 * CL).unwrap())
+            .unwrap();
+        assert!(back[..to_usize(CL).unwrap()].iter().all(|&x| x == 5));
+        assert!(back[to_usize(CL).unwrap()..].iter().all(|&x| x == 6));
+        drop(dp);
+        server.shutdown().unwrap();
     }
 
     #[test]

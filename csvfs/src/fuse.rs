@@ -24,7 +24,7 @@
 //! page cache, and parallel direct writes and asynchronous direct I/O are enabled so many
 //! requests of one file are in flight at once.
 
-use crate::data::{DataPath, OpenFile, PipeReader, SeekTarget, WriteOutcome};
+use crate::data::{check_loss, DataPath, OpenFile, PipeReader, SeekTarget, WriteOutcome};
 use crate::errno::{errno_of, NodeError};
 use crate::meta::{unexpected, Metadata};
 use block_client::Pipe;
@@ -87,6 +87,8 @@ struct Handle {
     file: Arc<OpenFile>,
     /// Opened with O_SYNC or O_DSYNC: every write is committed before it returns.
     sync: bool,
+    /// The file's [`OpenFile::losses`] this handle has reported (or found at its open).
+    seen_loss: Arc<AtomicU64>,
 }
 
 /// A read answered by splicing the LUN's reply into the kernel's (see
@@ -323,10 +325,27 @@ impl Inner {
             .ok_or(NodeError::BadHandle { fh: fh.0 })
     }
 
+    /// The file of a handle and the losses of its writes the handle has reported.
+    fn handle_loss(&self, fh: FileHandle) -> Result<(Arc<OpenFile>, Arc<AtomicU64>), NodeError> {
+        self.handles
+            .lock()
+            .get(&fh.0)
+            .map(|h| (h.file.clone(), h.seen_loss.clone()))
+            .ok_or(NodeError::BadHandle { fh: fh.0 })
+    }
+
     fn add_handle(&self, file: Arc<OpenFile>, flags: i32) -> FileHandle {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let sync = flags & (libc::O_SYNC | libc::O_DSYNC) != 0;
-        self.handles.lock().insert(fh, Handle { file, sync });
+        let seen_loss = Arc::new(AtomicU64::new(file.losses()));
+        self.handles.lock().insert(
+            fh,
+            Handle {
+                file,
+                sync,
+                seen_loss,
+            },
+        );
         FileHandle(fh)
     }
 
@@ -405,6 +424,8 @@ struct BlockingWrite {
     /// Bytes the kernel asked to write.
     len: u32,
     sync: bool,
+    /// With `sync`: the handle's reported losses, for [`check_loss`] after the commit.
+    seen_loss: Option<Arc<AtomicU64>>,
 }
 
 impl BlockingWrite {
@@ -418,6 +439,10 @@ impl BlockingWrite {
         } else {
             i.data
                 .write(self.uid, self.gid, &self.file, self.offset, data, self.sync)
+                .and_then(|n| match &self.seen_loss {
+                    Some(seen) => check_loss(&self.file, seen).map(|()| n),
+                    None => Ok(n),
+                })
         };
         match r {
             Ok(n) => reply.written(n),
@@ -839,6 +864,11 @@ impl Filesystem for CsvFs {
             offset,
             len,
             sync,
+            seen_loss: if sync {
+                self.inner.handle_loss(fh).ok().map(|(_, seen)| seen)
+            } else {
+                None
+            },
         };
         if sync {
             return self.write_blocking(w, data, false, reply);
@@ -915,7 +945,12 @@ impl Filesystem for CsvFs {
     ) {
         let (uid, gid) = (req.uid(), req.gid());
         self.spawn("flush", ino.0, move |i| {
-            let r = i.handle(fh).and_then(|(f, _)| i.data.commit(uid, gid, &f));
+            // A close reports a loss of the file's writes as close(2) reports a
+            // write-back error.
+            let r = i.handle_loss(fh).and_then(|(f, seen)| {
+                i.data.commit(uid, gid, &f)?;
+                check_loss(&f, &seen)
+            });
             Inner::reply_empty(reply, "flush", r);
         });
     }
@@ -951,7 +986,10 @@ impl Filesystem for CsvFs {
     ) {
         let (uid, gid) = (req.uid(), req.gid());
         self.spawn("fsync", ino.0, move |i| {
-            let r = i.handle(fh).and_then(|(f, _)| i.data.fsync(uid, gid, &f));
+            let r = i.handle_loss(fh).and_then(|(f, seen)| {
+                i.data.fsync(uid, gid, &f)?;
+                check_loss(&f, &seen)
+            });
             Inner::reply_empty(reply, "fsync", r);
         });
     }

@@ -132,12 +132,13 @@ impl Journal {
         };
         // Copy A is cleared so that a header left by an earlier format cannot win.
         let zero = vec![0u8; usize::try_from(BLOCK_BYTES).expect("4096 fits in usize")];
+        let mark = dev.write_loss_count();
         for (slot, block) in [(0u64, zero), (1u64, header.encode())] {
             let at_bytes = region.header_at(slot);
             dev.write_at(&block, at_bytes, WriteFlags::default())
                 .map_err(|source| JournalError::WriteHeader { at_bytes, source })?;
         }
-        dev.flush().map_err(|source| JournalError::Flush {
+        block_client::flush_since(&*dev, mark).map_err(|source| JournalError::Flush {
             lsn: Lsn(0),
             source,
         })?;
@@ -201,10 +202,10 @@ impl Journal {
             ..r.header.clone()
         };
         let at_bytes = region.header_at(header.generation);
+        let mark = dev.write_loss_count();
         dev.write_at(&header.encode(), at_bytes, WriteFlags::default())
             .map_err(|source| ReplayError::WriteHeader { at_bytes, source })?;
-        dev.flush()
-            .map_err(|source| ReplayError::Flush { source })?;
+        block_client::flush_since(&*dev, mark).map_err(|source| ReplayError::Flush { source })?;
         let tail_off = header.tail_offset_bytes;
         let tail_lsn = header.tail_lsn;
         let durable_lsn = Lsn(r.next_lsn.0 - 1);
@@ -377,6 +378,7 @@ impl Journal {
         } else {
             WriteFlags::default()
         };
+        let mark = self.dev.write_loss_count();
         let mut i = 0;
         while i < batch.len() {
             let (start_off, _, first_lsn) = batch[i];
@@ -400,8 +402,7 @@ impl Journal {
             })?;
         }
         if !one_run {
-            self.dev
-                .flush()
+            block_client::flush_since(&*self.dev, mark)
                 .map_err(|source| JournalError::Flush { lsn: last, source })?;
         }
         tracing::trace!(%last, records = batch.len(), "journal batch durable");
@@ -449,13 +450,13 @@ impl Journal {
             ..header.clone()
         };
         let at_bytes = self.region.header_at(next.generation);
+        let mark = self.dev.write_loss_count();
         let written = self
             .dev
             .write_at(&next.encode(), at_bytes, WriteFlags::default())
             .map_err(|source| JournalError::WriteHeader { at_bytes, source })
             .and_then(|()| {
-                self.dev
-                    .flush()
+                block_client::flush_since(&*self.dev, mark)
                     .map_err(|source| JournalError::Flush { lsn: upto, source })
             });
         let mut s = self.state.lock();

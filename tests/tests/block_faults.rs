@@ -97,6 +97,7 @@ fn server_killed_and_restarted_client_reconnects_and_finishes() {
     let c = Arc::new(NbdClient::open(&server.uri(), opts).unwrap());
     let block = 64u64 << 10;
     let per_thread = 96u64;
+    let mark = c.write_loss_count();
     let progress = Arc::new(AtomicU64::new(0));
     let writers: Vec<_> = (0..4u64)
         .map(|t| {
@@ -144,13 +145,20 @@ fn server_killed_and_restarted_client_reconnects_and_finishes() {
             assert!(got == want, "block {t}/{i} lost across the restart");
         }
     }
-    // Writes acknowledged by the killed server were never flushed: the first flush says so.
-    let e = c.flush().unwrap_err();
-    assert!(
-        matches!(e, BlockError::PathLost { op: "flush", .. }),
-        "{e:?}"
-    );
+    // Writes acknowledged by the killed server were never flushed: a flush succeeds, but
+    // one that must answer for writes begun before the kill says they may be lost, every
+    // time; one for writes begun after the restart does not.
     c.flush().unwrap();
+    for _ in 0..2 {
+        let e = block_client::flush_since(&*c, mark).unwrap_err();
+        assert!(
+            matches!(e, BlockError::PathLost { op: "flush", .. }),
+            "{e:?}"
+        );
+    }
+    let after = c.write_loss_count();
+    c.write_at(&[7u8; 4096], 0, WriteFlags::default()).unwrap();
+    block_client::flush_since(&*c, after).unwrap();
     drop(restarted);
 }
 

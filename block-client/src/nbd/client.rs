@@ -25,8 +25,10 @@
 //! `reconnect_timeout_ms` has passed since the request began; then the caller gets
 //! [`BlockError::PathLost`]. A flush in flight is never resent (a failed flush is final):
 //! it fails with `PathLost`. If writes acknowledged on a connection that then died were not
-//! covered by a successful flush, the next flush fails once with `PathLost` as well, because
-//! a restarted server may have lost them. An error reply is [`BlockError::Device`] with the
+//! covered by a successful flush, a restarted server may have lost them: the client counts
+//! such losses ([`BlockDevice::write_loss_count`]), and [`crate::flush_since`] fails with
+//! `PathLost` for every caller whose writes began before one, however many flushes ran
+//! since. An error reply is [`BlockError::Device`] with the
 //! server's errno, and the connection stays usable.
 
 use std::collections::HashMap;
@@ -328,6 +330,8 @@ struct Conn {
     /// Highest client write sequence acknowledged (non-FUA) on this connection.
     max_write_seq: AtomicU64,
     loss_reported: AtomicBool,
+    /// Set with `state.dead`, for checks that should not take the lock.
+    dead: AtomicBool,
     /// The pipe writes sent by reference go through, made at the first one (`None` until
     /// then, and again after a send failed half way). Used only by the `writer` holder.
     by_reference: Mutex<Option<Pipe>>,
@@ -344,6 +348,7 @@ impl Conn {
             let mut st = self.state.lock();
             if st.dead.is_none() {
                 st.dead = Some(why.to_string());
+                self.dead.store(true, Ordering::SeqCst);
             }
             std::mem::take(&mut st.pending)
         };
@@ -357,7 +362,7 @@ impl Conn {
     }
 
     fn is_dead(&self) -> bool {
-        self.state.lock().dead.is_some()
+        self.dead.load(Ordering::SeqCst)
     }
 
     /// Registers and sends one request; the receiver gets its reply.
@@ -892,7 +897,8 @@ struct Shared {
     /// Counts acknowledged writes; shared with asynchronous completions.
     write_seq: Arc<AtomicU64>,
     flushed_seq: AtomicU64,
-    lost_unflushed: AtomicBool,
+    /// Connections lost with acknowledged writes no flush covered.
+    write_losses: AtomicU64,
     closed: AtomicBool,
     reconnects: AtomicU64,
     /// Recycled read buffers.
@@ -926,6 +932,7 @@ fn connect(uri: &NbdUri, options: &NbdClientOptions) -> io::Result<(Arc<Conn>, E
         structured: info.structured_replies,
         max_write_seq: AtomicU64::new(0),
         loss_reported: AtomicBool::new(false),
+        dead: AtomicBool::new(false),
         by_reference: Mutex::new(None),
     });
     let reader_conn = conn.clone();
@@ -1014,7 +1021,7 @@ impl NbdClient {
                 next_slot: AtomicUsize::new(0),
                 write_seq: Arc::new(AtomicU64::new(0)),
                 flushed_seq: AtomicU64::new(0),
-                lost_unflushed: AtomicBool::new(false),
+                write_losses: AtomicU64::new(0),
                 closed: AtomicBool::new(false),
                 reconnects: AtomicU64::new(0),
                 buffers: Mutex::new(Vec::new()),
@@ -1114,7 +1121,20 @@ impl NbdClient {
             return;
         }
         if c.max_write_seq.load(Ordering::SeqCst) > self.shared.flushed_seq.load(Ordering::SeqCst) {
-            self.shared.lost_unflushed.store(true, Ordering::SeqCst);
+            self.shared.write_losses.fetch_add(1, Ordering::SeqCst);
+            tracing::warn!(uri = %self.shared.uri, "a connection to the LUN was lost with acknowledged writes no flush covered");
+        }
+    }
+
+    /// Notes every connection that died but was not yet replaced (its death is otherwise
+    /// noticed only when a request picks its slot), so that a flush cannot cover for its
+    /// writes and a loss count is current.
+    fn note_dead(&self) {
+        for slot in &self.shared.slots {
+            let dead = slot.read().as_ref().filter(|c| c.is_dead()).cloned();
+            if let Some(c) = dead {
+                self.note_lost(&c);
+            }
         }
     }
 
@@ -1556,15 +1576,9 @@ impl BlockDevice for NbdClient {
 
     fn flush(&self) -> Result<(), BlockError> {
         let sh = &self.shared;
-        if sh.lost_unflushed.swap(false, Ordering::SeqCst) {
-            return Err(BlockError::PathLost {
-                op: "flush",
-                source: lost(
-                    io::ErrorKind::ConnectionReset,
-                    "writes acknowledged on a connection that was later lost may not be durable",
-                ),
-            });
-        }
+        // Before the sequence is read: a connection that died unnoticed must count its
+        // writes as lost, not as covered by this flush.
+        self.note_dead();
         if !sh.info.has(TFLAG_SEND_FLUSH) {
             return Ok(());
         }
@@ -1579,6 +1593,11 @@ impl BlockDevice for NbdClient {
         self.request(&req, &[])?;
         sh.flushed_seq.fetch_max(seq, Ordering::SeqCst);
         Ok(())
+    }
+
+    fn write_loss_count(&self) -> u64 {
+        self.note_dead();
+        self.shared.write_losses.load(Ordering::SeqCst)
     }
 
     fn write_zeroes(&self, offset_bytes: u64, len_bytes: u64) -> Result<(), BlockError> {

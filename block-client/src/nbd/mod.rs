@@ -479,6 +479,80 @@ mod tests {
         assert!(back.iter().all(|&b| b == 0));
     }
 
+    /// Restarts the server of `c` on the same socket and device, and waits until `c` has
+    /// replaced every connection the restart cut (reads visit every slot).
+    fn restart_under(
+        c: &NbdClient,
+        server: ServerHandle,
+        mem: &Arc<MemDevice>,
+        name: &str,
+    ) -> ServerHandle {
+        server.shutdown().unwrap();
+        let listen = ListenAddr::Unix(sock(name));
+        let server = serve_device(mem.clone(), &listen, ServeOptions::default()).unwrap();
+        let want = c.reconnect_count() + c.connection_count() as u64;
+        let t = std::time::Instant::now();
+        let mut buf = [0u8; 512];
+        while c.reconnect_count() < want {
+            assert!(
+                t.elapsed() < std::time::Duration::from_secs(20),
+                "no reconnect"
+            );
+            c.read_at(&mut buf, 0).unwrap();
+        }
+        server
+    }
+
+    #[test]
+    fn writes_acknowledged_on_a_lost_connection_fail_a_flush_since_before_them() {
+        let name = "loss";
+        let (server, mem, c) = mem_server(name, 4 << 20);
+        // Covered by a flush, or written with FUA, before the connections are lost: no loss.
+        let mark = c.write_loss_count();
+        c.write_at(&[1; 4096], 0, WriteFlags::default()).unwrap();
+        c.flush().unwrap();
+        c.write_at(&[2; 4096], 4096, WriteFlags::FUA).unwrap();
+        let server = restart_under(&c, server, &mem, name);
+        assert_eq!(c.write_loss_count(), mark);
+        crate::flush_since(&c, mark).unwrap();
+
+        // Acknowledged, then lost with the connections before any flush.
+        let before = c.write_loss_count();
+        c.write_at(&[3; 4096], 8192, WriteFlags::default()).unwrap();
+        let server = restart_under(&c, server, &mem, name);
+        let after = c.write_loss_count();
+        assert!(after > before, "the loss was not counted");
+        // Every caller whose writes began before the loss hears of it, however many
+        // flushes ran since; the flush itself succeeds.
+        c.flush().unwrap();
+        for _ in 0..2 {
+            let e = crate::flush_since(&c, before).unwrap_err();
+            assert!(e.is_path_lost(), "{e}");
+            assert!(format!("{e:#}").contains("flush"), "{e}");
+        }
+        // Writes begun after it do not.
+        c.write_at(&[4; 4096], 12288, WriteFlags::default())
+            .unwrap();
+        crate::flush_since(&c, after).unwrap();
+        // A connection that dies while a flush runs is noticed before the flush reads what
+        // it covers: kill the server, then flush at once.
+        let before = c.write_loss_count();
+        c.write_at(&[5; 4096], 16384, WriteFlags::default())
+            .unwrap();
+        server.shutdown().unwrap();
+        let listen = ListenAddr::Unix(sock(name));
+        let server = serve_device(mem.clone(), &listen, ServeOptions::default()).unwrap();
+        let t = std::time::Instant::now();
+        // The flush may itself be cut (a flush in flight is never resent); once one goes
+        // through, the loss is counted.
+        while c.flush().is_err() {
+            assert!(t.elapsed() < std::time::Duration::from_secs(20), "no flush");
+        }
+        assert!(crate::flush_since(&c, before).is_err());
+        drop(c);
+        server.shutdown().unwrap();
+    }
+
     #[test]
     fn many_threads_share_one_client() {
         let (_server, _mem, c) = mem_server("threads", 16 << 20);

@@ -198,6 +198,10 @@ impl<D: BlockDevice> BlockDevice for FlakyDisk<D> {
         self.inner.flush()
     }
 
+    fn write_loss_count(&self) -> u64 {
+        self.inner.write_loss_count()
+    }
+
     fn write_zeroes(&self, offset_bytes: u64, len_bytes: u64) -> Result<(), BlockError> {
         self.gate(OpClass::Write, "write_zeroes", offset_bytes, len_bytes)?;
         self.inner.write_zeroes(offset_bytes, len_bytes)

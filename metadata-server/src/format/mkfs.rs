@@ -370,6 +370,8 @@ pub fn mkfs(
     let total = (bitmap_blocks + 8) * BLOCK_BYTES;
     let mut done = 0u64;
     let mut written = 0u64;
+    // A path to the LUN lost with acknowledged writes anywhere in the format fails it.
+    let mark = d.write_loss_count();
 
     // 1. Invalidate any old superblock first, so a crash mid-mkfs leaves no volume.
     let zero_block = vec![0u8; super::BLOCK_LEN];
@@ -380,7 +382,7 @@ pub fn mkfs(
         g.backup_superblock.0 * BLOCK_BYTES,
         &zero_block,
     )?;
-    d.flush().map_err(|source| MkfsError::Flush { source })?;
+    block_client::flush_since(d, mark).map_err(|source| MkfsError::Flush { source })?;
 
     // 2. Lease area and duplicate-request cache: zeros (never written records).
     zero(d, "lease area", g.lease)?;
@@ -467,14 +469,14 @@ pub fn mkfs(
         Epoch(1),
     )
     .map_err(|source| MkfsError::Journal { source })?;
-    d.flush().map_err(|source| MkfsError::Flush { source })?;
+    block_client::flush_since(d, mark).map_err(|source| MkfsError::Flush { source })?;
 
     // 6. Superblock and backup, last.
     let sb = layout.superblock(volume, &options.label, created, hash_seed);
     let block = sb.encode_block();
     write(d, "backup superblock", sb.backup_offset(), &block)?;
     write(d, "superblock", 0, &block)?;
-    d.flush().map_err(|source| MkfsError::Flush { source })?;
+    block_client::flush_since(d, mark).map_err(|source| MkfsError::Flush { source })?;
     written += 2 * BLOCK_BYTES;
     progress(total, total);
     tracing::info!(volume = %sb.volume, clusters = g.cluster_count, inodes = g.inode_count - 1, "volume formatted");

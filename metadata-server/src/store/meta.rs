@@ -1232,6 +1232,7 @@ pub(crate) fn write_home(
     dev: &dyn BlockDevice,
     overlay: &HashMap<u64, Vec<u8>>,
 ) -> Result<(), FsError> {
+    let mark = dev.write_loss_count();
     let mut keys: Vec<u64> = overlay.keys().copied().collect();
     keys.sort_unstable();
     // Adjacent pieces (inode slots next to each other, consecutive blocks) go out as one
@@ -1255,5 +1256,5 @@ pub(crate) fn write_home(
         dev.write_at(&run, run_at, WriteFlags::default())
             .map_err(|e| io_err(&format!("write metadata home at byte {run_at}"), e))?;
     }
-    dev.flush().map_err(|e| io_err("flush after checkpoint", e))
+    block_client::flush_since(dev, mark).map_err(|e| io_err("flush after checkpoint", e))
 }

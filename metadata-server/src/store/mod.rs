@@ -192,6 +192,7 @@ impl Store {
         let (journal, records) = Journal::open(dev.clone(), jstart, jlen, epoch)?;
         let replayed = records.len();
         let mut last = None;
+        let mark = dev.write_loss_count();
         for rec in &records {
             let t = Transaction::decode(&rec.payload, rec.lsn.0).map_err(|source| {
                 StoreError::Record {
@@ -210,7 +211,8 @@ impl Store {
             last = Some(rec.lsn);
         }
         if let Some(l) = last {
-            dev.flush().map_err(|source| StoreError::Flush { source })?;
+            block_client::flush_since(&*dev, mark)
+                .map_err(|source| StoreError::Flush { source })?;
             journal.checkpoint(l)?;
         }
         // The superblock may have been rewritten by the replay.

@@ -1376,6 +1376,7 @@ impl Meta {
         }
         let cs = self.cs();
         let exts = self.inode(ino)?.extents();
+        let mark = self.dev.write_loss_count();
         let mut pos = from;
         let mut any = false;
         while pos < to {
@@ -1400,8 +1401,7 @@ impl Meta {
             pos = cend;
         }
         if any {
-            self.dev
-                .flush()
+            block_client::flush_since(&*self.dev, mark)
                 .map_err(|e| io_err("flush zeroed data", e))?;
         }
         Ok(())

@@ -47,6 +47,7 @@ impl Overlay {
             off >= last.0 && off < last.0 + last.1
         };
         let mut written = 0u64;
+        let mark = self.base.write_loss_count();
         for pass_last in [false, true] {
             let mut run: Option<(u64, Vec<u8>)> = None;
             for (i, data) in chunks.iter() {
@@ -70,7 +71,7 @@ impl Overlay {
                 self.base.write_at(&buf, start, WriteFlags::default())?;
                 written += buf.len() as u64;
             }
-            self.base.flush()?;
+            block_client::flush_since(&*self.base, mark)?;
         }
         Ok(written)
     }
