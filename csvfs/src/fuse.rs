@@ -1,9 +1,11 @@
 //! The FUSE side of a node: turns kernel requests into metadata requests and data-path
 //! calls, and coordinator invalidations into kernel cache invalidations.
 //!
-//! The mount runs `FUSE_THREADS` event loops. A request that waits for the coordinator
-//! (metadata, and the data slow path's setup) runs on the event loop that read it, which
-//! replies itself: no hand-off to another thread and back. At most `INLINE_MAX` event loops
+//! The mount runs [`fuse_threads`] event loops, of which [`fuse_readers`] read requests
+//! at once; a loop whose handler is about to wait hands its turn to a parked one. A
+//! request that waits for the coordinator (metadata, and the data slow path's setup) runs
+//! on the event loop that read it, which replies itself: no hand-off to another thread
+//! and back. At most `INLINE_MAX` event loops
 //! wait like that at once; past that a request is handed to a worker pool (tokio's blocking
 //! pool) with its reply object, so some event loops always keep reading requests (the data
 //! fast path needs no coordinator and keeps running while none is reachable). The data fast
@@ -55,8 +57,21 @@ pub const MAX_WRITE_BYTES: u32 = 1 << 20;
 /// Directory entries asked for per readdir round trip.
 const READDIR_BATCH: u32 = 512;
 /// FUSE event loops (threads reading the kernel's requests) of a mount: enough for
-/// `INLINE_MAX` waiting ones plus four that keep reading.
-pub const FUSE_THREADS: usize = 36;
+/// `INLINE_MAX` waiting ones plus [`fuse_readers`] that keep reading.
+pub fn fuse_threads() -> usize {
+    INLINE_MAX + fuse_readers()
+}
+
+/// Event loops that wait in read(2) on `/dev/fuse` at once: one per CPU, from 2 to 8. The
+/// others park in the node until a reading loop's handler is about to wait (fuser's
+/// `leave_readers`, a patch of ours). The kernel wakes a sleeping reader for every request
+/// it queues: with all 36 loops reading, nearly every 4 KiB read woke one (a third of a
+/// 2-CPU machine went to wake-ups and thread switches). A few readers that keep their
+/// turn while their handlers are quick mostly find the next request queued and take it
+/// without sleeping; more than one per CPU could not run at once anyway.
+pub fn fuse_readers() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 8))
+}
 /// Event loops that may wait (for the coordinator, or a large write for the LUN) at once;
 /// the others keep reading. As many as the 32 requests a VM's disk or fio keeps in flight,
 /// so such a stream of large writes is sent from the kernel's buffer without a copy
@@ -408,9 +423,15 @@ impl Drop for WaitSlot<'_> {
 impl Inner {
     /// A slot for this event loop to wait in (for the coordinator or the LUN), or `None`
     /// when `INLINE_MAX` event loops wait already.
+    /// An event loop that gets a slot stops reading `/dev/fuse` (another starts in its
+    /// place) until its handler returns.
     fn may_wait(&self) -> Option<WaitSlot<'_>> {
         let slot = WaitSlot(&self.inline);
-        (self.inline.fetch_add(1, Ordering::AcqRel) < INLINE_MAX).then_some(slot)
+        let granted = self.inline.fetch_add(1, Ordering::AcqRel) < INLINE_MAX;
+        if granted {
+            fuser::leave_readers();
+        }
+        granted.then_some(slot)
     }
 }
 

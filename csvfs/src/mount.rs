@@ -696,8 +696,9 @@ pub fn run(cfg: &MountConfig) -> Result<(), MountError> {
     let mut fuse_cfg = fuser::Config::default();
     fuse_cfg.mount_options = options;
     fuse_cfg.acl = fuser::SessionACL::All;
-    fuse_cfg.n_threads = Some(crate::fuse::FUSE_THREADS);
+    fuse_cfg.n_threads = Some(crate::fuse::fuse_threads());
     fuse_cfg.clone_fd = true;
+    fuse_cfg.readers = Some(crate::fuse::fuse_readers());
     let mut session =
         fuser::Session::new(fs, &cfg.mountpoint, &fuse_cfg).map_err(|source| MountError::Fuse {
             mountpoint: cfg.mountpoint.clone(),

@@ -166,6 +166,18 @@ impl TestCluster {
         self.local.kill_node(id).expect("kill node");
     }
 
+    /// Sends signal `sig` to node `id` (SIGSTOP pauses it, SIGCONT resumes it).
+    pub fn signal(&self, id: u32, sig: i32) {
+        let pid = self.local.node_pid(id).expect("node runs");
+        // A plain kill(2) through the `kill` utility keeps unsafe code out of tests.
+        let ok = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(pid.to_string())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill -{sig} {pid}");
+    }
+
     /// Unmounts node `id` cleanly and checks it exited with success.
     pub fn unmount(&mut self, id: u32) {
         let status = self

@@ -261,18 +261,6 @@ fn wait_log_line(path: &Path, parts: &[&str]) {
     }
 }
 
-fn signal(c: &TestCluster, id: u32, sig: i32) {
-    let pid = c.local.node_pid(id).expect("node runs");
-    // A plain kill(2) through the `kill` utility keeps unsafe code out of tests.
-    let ok = Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(pid.to_string())
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "kill -{sig} {pid}");
-}
-
 #[test]
 fn cluster_failover() {
     let t0 = Instant::now();
@@ -471,7 +459,7 @@ fn cluster_failover() {
     // over, and the paused one, resumed, must stop acting as coordinator.
     let other = if second.node.0 == 2 { 3 } else { 2 };
     let paused_at = Instant::now();
-    signal(&c, second.node.0, libc::SIGSTOP);
+    c.signal(second.node.0, libc::SIGSTOP);
     let (third, took3) = wait_takeover(&c, &second, paused_at);
     assert_eq!(third.node.0, other);
     assert!(third.epoch > second.epoch);
@@ -480,7 +468,7 @@ fn cluster_failover() {
         third.node, third.epoch, took3
     );
     let during = write_files(&c.mp(other), "during-pause", 2);
-    signal(&c, second.node.0, libc::SIGCONT);
+    c.signal(second.node.0, libc::SIGCONT);
     // The resumed node follows the new coordinator: its writes land through it.
     let resumed = write_files(&c.mp(second.node.0), "after-resume", 2);
     check_files(&c.mp(other), &resumed);

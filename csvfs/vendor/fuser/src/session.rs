@@ -289,6 +289,8 @@ impl<FS: Filesystem> Session<FS> {
         channels.push(ch);
 
         let mut threads = Vec::with_capacity(n_threads);
+        // csvfs patch: the gate for `Config::readers`.
+        let gate = config.readers.map(crate::readers::ReaderGate::new);
 
         for (i, ch) in channels.into_iter().enumerate() {
             let thread_name = format!("fuser-{i}");
@@ -298,6 +300,7 @@ impl<FS: Filesystem> Session<FS> {
                 ch,
                 allowed,
                 session_owner,
+                gate: gate.clone(),
             };
             threads.push(
                 thread::Builder::new()
@@ -518,6 +521,8 @@ pub(crate) struct SessionEventLoop<FS: Filesystem> {
     pub(crate) filesystem: Arc<FilesystemHolder<FS>>,
     pub(crate) allowed: SessionACL,
     pub(crate) session_owner: Uid,
+    /// csvfs patch: limits the loops reading at once (`Config::readers`).
+    pub(crate) gate: Option<Arc<crate::readers::ReaderGate>>,
 }
 
 impl<FS: Filesystem> SessionEventLoop<FS> {
@@ -525,10 +530,16 @@ impl<FS: Filesystem> SessionEventLoop<FS> {
         // Buffer for receiving requests from the kernel. Only one is allocated and
         // it is reused immediately after dispatching to conserve memory and allocations.
         let mut owner = FuseReadBuf::new();
+        // csvfs patch: whatever ends this loop gives its reader token back.
+        let _leave = crate::readers::LeaveOnDrop;
         loop {
             // csvfs patch: a handler may retire the buffer (see `retire_request_buffer`).
             if crate::read_buf::take_retired() {
                 std::mem::replace(&mut owner, FuseReadBuf::new()).retire();
+            }
+            // csvfs patch: read only while holding a reader token (see `leave_readers`).
+            if let Some(gate) = &self.gate {
+                crate::readers::ReaderGate::enter(gate);
             }
             let buf = owner.as_mut();
             // Read the next request from the given channel to kernel driver

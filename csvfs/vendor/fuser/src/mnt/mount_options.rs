@@ -18,6 +18,10 @@ pub struct Config {
     /// This enables more efficient request processing
     /// when multiple threads are used. Requires Linux 4.5+.
     pub clone_fd: bool,
+    /// csvfs patch: at most this many event loops wait in read(2) on `/dev/fuse` at once;
+    /// the others park in the session until a reading loop's handler calls
+    /// [`crate::leave_readers`]. Unset: every event loop reads.
+    pub readers: Option<usize>,
 }
 
 /// Mount options accepted by the FUSE filesystem type
