@@ -31,8 +31,9 @@
 //! since. An error reply is [`BlockError::Device`] with the
 //! server's errno, and the connection stays usable.
 
+use super::reply_buf::ReplyBuf;
 use std::collections::HashMap;
-use std::io::{self, BufRead, BufReader, Read};
+use std::io::{self, BufRead, Read};
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Weak};
@@ -55,8 +56,14 @@ const BY_REFERENCE_PIPE_BYTES: usize = 1 << 20;
 /// Buffer of a connection's reply reader. A large read's data is read straight into the
 /// read buffer except the part already buffered with its header, which is copied, so the
 /// buffer is kept small enough that this copy stays a small part of a 1 MiB read, and
-/// large enough that one receive takes many small replies.
+/// large enough that one receive takes many small replies. After a read into a pipe the
+/// next fill is held to one reply header (see [`ReplyBuf`]), so a stream of such reads
+/// leaves all its data in the socket, for the splice.
 const REPLY_BUFFER_BYTES: usize = 64 << 10;
+/// Bytes of a reply's header up to its data: a simple reply's, or a structured reply's
+/// with the offset of a data chunk.
+const SIMPLE_HEADER_BYTES: usize = 16;
+const STRUCTURED_DATA_HEADER_BYTES: usize = 28;
 
 /// Tuning of an [`NbdClient`].
 #[derive(Debug, Clone)]
@@ -191,7 +198,7 @@ impl PipeSink {
     /// Moves the next `n` bytes of the stream into the pipe: what the reader has buffered
     /// already by a copy, the rest spliced from the socket. When the pipe fills up the
     /// rest is read and dropped, and the sink is spilled.
-    fn take_from(&mut self, rd: &mut BufReader<Stream>, n: usize) -> io::Result<()> {
+    fn take_from(&mut self, rd: &mut ReplyBuf<Stream>, n: usize) -> io::Result<()> {
         let mut left = n;
         if !self.spilled {
             let have = rd.buffer();
@@ -542,34 +549,45 @@ impl Conn {
     /// Reads replies until the connection fails; runs on the connection's reader thread.
     /// A request whose reply was being read when the connection failed hears "lost", like
     /// every request still waiting (see [`Conn::kill`]): a completion is never dropped.
-    fn reader_loop(&self, rd: &mut BufReader<Stream>) -> io::Result<()> {
+    fn reader_loop(&self, rd: &mut ReplyBuf<Stream>) -> io::Result<()> {
+        let header_bytes = if self.structured {
+            STRUCTURED_DATA_HEADER_BYTES
+        } else {
+            SIMPLE_HEADER_BYTES
+        };
         loop {
             let mut in_hand = None;
-            if let Err(e) = self.read_reply(rd, &mut in_hand) {
-                if let Some(w) = in_hand {
-                    let why = format!("receive reply: {e}");
-                    w.tx.send(Err(ReplyError::Lost(lost(e.kind(), why))));
+            match self.read_reply(rd, &mut in_hand) {
+                // Another read into a pipe is likely next: leave its data in the socket.
+                Ok(into_pipe) => rd.cap(if into_pipe { header_bytes } else { 0 }),
+                Err(e) => {
+                    if let Some(w) = in_hand {
+                        let why = format!("receive reply: {e}");
+                        w.tx.send(Err(ReplyError::Lost(lost(e.kind(), why))));
+                    }
+                    return Err(e);
                 }
-                return Err(e);
             }
         }
     }
 
     /// Reads one reply (or one chunk of a structured reply). The waiter of the request it
-    /// answers stays in `in_hand` until it is told or put back.
+    /// answers stays in `in_hand` until it is told or put back. Returns whether the reply
+    /// was to a read into a pipe.
     fn read_reply(
         &self,
-        rd: &mut BufReader<Stream>,
+        rd: &mut ReplyBuf<Stream>,
         in_hand: &mut Option<Waiter>,
-    ) -> io::Result<()> {
+    ) -> io::Result<bool> {
         let magic = read_u32(rd)?;
         match magic {
             SIMPLE_REPLY_MAGIC => {
                 let error = read_u32(rd)?;
                 let cookie = read_u64(rd)?;
                 let w = in_hand.insert(self.take_waiter(cookie)?);
+                let into_pipe = w.pipe.is_some();
                 if error != 0 {
-                    return Self::tell(in_hand, Err(ReplyError::Errno(error)));
+                    return Self::tell(in_hand, Err(ReplyError::Errno(error))).map(|()| into_pipe);
                 }
                 if self.structured && (w.pipe.is_some() || !w.buf.is_empty()) {
                     return Err(protocol_error(
@@ -580,11 +598,11 @@ impl Conn {
                     let n = sink.len;
                     sink.take_from(rd, n)?;
                     w.covered = n;
-                    return Self::end_pipe(in_hand);
+                    return Self::end_pipe(in_hand).map(|()| true);
                 }
                 rd.read_exact(&mut w.buf)?;
                 let buf = std::mem::take(&mut w.buf);
-                Self::tell(in_hand, Ok(buf))
+                Self::tell(in_hand, Ok(buf)).map(|()| false)
             }
             STRUCTURED_REPLY_MAGIC => {
                 let flags = read_u16(rd)?;
@@ -592,6 +610,7 @@ impl Conn {
                 let cookie = read_u64(rd)?;
                 let len = read_u32(rd)?;
                 let w = in_hand.insert(self.take_waiter(cookie)?);
+                let into_pipe = w.pipe.is_some();
                 match kind {
                     REPLY_TYPE_NONE => skip(rd, u64::from(len))?,
                     REPLY_TYPE_OFFSET_DATA | REPLY_TYPE_OFFSET_HOLE => {
@@ -652,10 +671,10 @@ impl Conn {
                     if let Some(w) = in_hand.take() {
                         self.put_waiter(cookie, w);
                     }
-                    return Ok(());
+                    return Ok(into_pipe);
                 }
-                if w.pipe.is_some() {
-                    return Self::end_pipe(in_hand);
+                if into_pipe {
+                    return Self::end_pipe(in_hand).map(|()| true);
                 }
                 let r = match w.error {
                     Some(e) => Err(ReplyError::Errno(e)),
@@ -669,7 +688,7 @@ impl Conn {
                     }
                     None => Ok(std::mem::take(&mut w.buf)),
                 };
-                Self::tell(in_hand, r)
+                Self::tell(in_hand, r).map(|()| false)
             }
             other => Err(protocol_error(format!("bad reply magic {other:#x}"))),
         }
@@ -939,7 +958,7 @@ fn connect(uri: &NbdUri, options: &NbdClientOptions) -> io::Result<(Arc<Conn>, E
     thread::Builder::new()
         .name("nbd-reply-reader".into())
         .spawn(move || {
-            let mut rd = BufReader::with_capacity(REPLY_BUFFER_BYTES, s);
+            let mut rd = ReplyBuf::with_capacity(REPLY_BUFFER_BYTES, s);
             let why = match reader_conn.reader_loop(&mut rd) {
                 Ok(()) => "reader stopped".to_string(),
                 Err(e) => format!("receive reply: {e}"),

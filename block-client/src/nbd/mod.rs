@@ -9,6 +9,7 @@
 
 pub mod client;
 pub mod proto;
+mod reply_buf;
 pub mod server;
 mod transport;
 mod uri;
