@@ -5,10 +5,10 @@
 //! at once; a loop whose handler is about to wait hands its turn to a parked one. A
 //! request that waits for the coordinator (metadata, and the data slow path's setup) runs
 //! on the event loop that read it, which replies itself: no hand-off to another thread
-//! and back. At most `INLINE_MAX` event loops
-//! wait like that at once; past that a request is handed to a worker pool (tokio's blocking
-//! pool) with its reply object, so some event loops always keep reading requests (the data
-//! fast path needs no coordinator and keeps running while none is reachable). The data fast
+//! and back. At most `INLINE_MAX` event loops wait like that at once; past that a request
+//! is handed to a worker pool (tokio's blocking pool) with its reply object, so some event
+//! loops always keep reading requests (the data fast path needs no coordinator and keeps
+//! running while none is reachable). The data fast
 //! path: a read or write that lies in one written extent of a file whose layout is fresh is
 //! sent to the LUN by the event loop itself and answered by the LUN's completion thread (no
 //! worker, no waiting thread); anything else, and any such request the LUN fails, goes to a
@@ -56,10 +56,11 @@ use tracing::{debug_span, warn};
 pub const MAX_WRITE_BYTES: u32 = 1 << 20;
 /// Directory entries asked for per readdir round trip.
 const READDIR_BATCH: u32 = 512;
-/// FUSE event loops (threads reading the kernel's requests) of a mount: enough for
-/// `INLINE_MAX` waiting ones plus [`fuse_readers`] that keep reading.
-pub fn fuse_threads() -> usize {
-    INLINE_MAX + fuse_readers()
+/// FUSE event loops (threads reading the kernel's requests) of a mount whose loops read
+/// `readers` at a time ([`fuse_readers`]): enough for `INLINE_MAX` waiting ones plus the
+/// readers.
+pub fn fuse_threads(readers: usize) -> usize {
+    INLINE_MAX + readers
 }
 
 /// Event loops that wait in read(2) on `/dev/fuse` at once: one per CPU, from 2 to 8. The
@@ -423,6 +424,7 @@ impl Drop for WaitSlot<'_> {
 impl Inner {
     /// A slot for this event loop to wait in (for the coordinator or the LUN), or `None`
     /// when `INLINE_MAX` event loops wait already.
+    ///
     /// An event loop that gets a slot stops reading `/dev/fuse` (another starts in its
     /// place) until its handler returns.
     fn may_wait(&self) -> Option<WaitSlot<'_>> {

@@ -696,9 +696,10 @@ pub fn run(cfg: &MountConfig) -> Result<(), MountError> {
     let mut fuse_cfg = fuser::Config::default();
     fuse_cfg.mount_options = options;
     fuse_cfg.acl = fuser::SessionACL::All;
-    fuse_cfg.n_threads = Some(crate::fuse::fuse_threads());
+    let readers = crate::fuse::fuse_readers();
+    fuse_cfg.n_threads = Some(crate::fuse::fuse_threads(readers));
     fuse_cfg.clone_fd = true;
-    fuse_cfg.readers = Some(crate::fuse::fuse_readers());
+    fuse_cfg.readers = Some(readers);
     let mut session =
         fuser::Session::new(fs, &cfg.mountpoint, &fuse_cfg).map_err(|source| MountError::Fuse {
             mountpoint: cfg.mountpoint.clone(),

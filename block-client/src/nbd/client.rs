@@ -589,7 +589,7 @@ impl Conn {
                 if error != 0 {
                     return Self::tell(in_hand, Err(ReplyError::Errno(error))).map(|()| into_pipe);
                 }
-                if self.structured && (w.pipe.is_some() || !w.buf.is_empty()) {
+                if self.structured && (into_pipe || !w.buf.is_empty()) {
                     return Err(protocol_error(
                         "simple reply to a read after structured replies were negotiated",
                     ));
